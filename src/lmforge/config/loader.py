@@ -1,0 +1,147 @@
+"""Load a run config from YAML, apply `a.b=c` overrides, and explain what is wrong.
+
+pydantic does the validation; this module turns its errors into one message per problem
+that names the file, the key, what was expected and, for unknown keys, the closest known
+key ("did you mean").
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from lmforge.config.root import RunConfig
+
+
+class ConfigError(ValueError):
+    """A config the user wrote cannot be used; the message says why and how to fix it."""
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Turn ["train.lr=1e-4", "adapter.r=16"] into a nested dict; values are parsed as YAML."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override `{item}` is not of the form section.key=value (e.g. train.lr=1e-4)")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        # YAML reads 1e-4 as a string (no dot): accept the spelling people type.
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in "eE.") else value
+            except ValueError:
+                pass
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override `{item}`: `{part}` is a value, not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at `loc` (for did-you-mean suggestions)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return None
+    return model
+
+
+def _describe(error: Any, source: str) -> str:
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) if loc else "(top level)"
+    if error["type"] == "extra_forbidden":
+        owner = _model_at(error["loc"])
+        known = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
+        hint = f" — did you mean `{'.'.join([*loc[:-1], close[0]])}`?" if close else ""
+        section = ".".join(loc[:-1]) or "top level"
+        return (
+            f"{source}: unknown key `{key}`{hint} (known keys in {section}: {', '.join(known)}; "
+            "`lmforge config keys` lists them all)"
+        )
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("value_error", "assertion_error") and not loc:
+        return f"{source}: {message}"
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    return f"{source}: `{key}`: {message}{shown}"
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a nested dict; raise ConfigError listing every problem."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e, source) for e in exc.errors()]
+        raise ConfigError("\n".join(problems)) from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read YAML, apply overrides, validate. Relative data/output paths stay relative to the CWD."""
+    raw = _merge(load_yaml(path), parse_overrides(overrides))
+    return validate_config(raw, source=str(path))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _type_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is None:
+        return getattr(annotation, "__name__", str(annotation))
+    args = ", ".join(_type_name(a) if not isinstance(a, str) else repr(a) for a in get_args(annotation))
+    name = getattr(origin, "__name__", str(origin)).replace("Literal", "one of")
+    return f"{name}[{args}]"
+
+
+def iter_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
+    """Yield (key, type, default, help) for every leaf key of the config."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        key = f"{prefix}{name}"
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from iter_keys(annotation, prefix=f"{key}.")
+            continue
+        default = field.get_default(call_default_factory=True)
+        yield key, _type_name(annotation), repr(default), field.description or ""

@@ -1,0 +1,33 @@
+"""The whole run config: one section per concern."""
+
+from __future__ import annotations
+
+from pydantic import Field, model_validator
+
+from lmforge.config.adapter import AdapterConfig
+from lmforge.config.base import Section
+from lmforge.config.data import DataConfig
+from lmforge.config.method import MethodConfig
+from lmforge.config.model import ModelConfig
+from lmforge.config.train import TrainConfig
+
+
+class RunConfig(Section):
+    method: MethodConfig = Field(default_factory=MethodConfig, description="Which stage to run.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="The adapter.")
+    data: DataConfig = Field(default_factory=DataConfig, description="The data.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
+
+    @model_validator(mode="after")
+    def _stage_needs(self) -> RunConfig:
+        if not self.model.name_or_path:
+            raise ValueError("model.name_or_path is empty: give a local model folder or a hub id")
+        if not self.data.path:
+            raise ValueError("data.path is empty: give a .json or .jsonl file of training records")
+        if self.model.quantization != "none" and self.adapter.method == "none":
+            raise ValueError(
+                f"model.quantization is {self.model.quantization} but adapter.method is none: "
+                "a quantized base cannot be trained directly; use adapter.method: lora (QLoRA)"
+            )
+        return self

@@ -1,0 +1,271 @@
+"""Chat templates: how a conversation becomes the exact text a model was trained on.
+
+Each template is written out by hand from the model's published chat format, because
+training needs what a Jinja `chat_template` cannot give: the boundary between the
+prompt (masked from the loss) and the response (learned, including its end-of-turn
+token). `render` and `encode` build a conversation segment by segment; `jinja()` emits
+the equivalent Jinja template, saved with every model lmforge writes so other tools
+(vLLM, transformers `apply_chat_template`) format prompts identically. A test checks,
+for every template, that both agree token for token.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One normalised training record: an optional system prompt and (user, assistant) turns.
+
+    The last turn's assistant text may be empty for a generation prompt.
+    """
+
+    turns: list[tuple[str, str]]
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """A chat format. `{content}` marks where text goes; `{bos}`/`{eos}` are the tokenizer's."""
+
+    name: str
+    prefix: str  # once, at the start of a conversation
+    user: str  # one user turn, up to where the assistant starts writing
+    assistant: str  # one assistant turn, ending with the token that stops generation
+    separator: str = ""  # between an assistant turn and the next user turn
+    system: str = ""  # a system block before the first user turn; "" = fold into first user turn
+    system_in_user: str = "{system}\n\n{content}"  # how a folded system joins the first user turn
+    stop: str = "{eos}"  # the token whose generation ends a response
+    default_system: str | None = None
+    strip_history_thinking: bool = False  # drop <think>…</think> from earlier assistant turns
+    aliases: tuple[str, ...] = field(default=())
+
+    def _fill(self, pattern: str, tokenizer: PreTrainedTokenizerBase, content: str = "") -> str:
+        bos = tokenizer.bos_token or ""
+        eos = tokenizer.eos_token or ""
+        # Replace content last so braces in user text are never interpreted.
+        return pattern.replace("{bos}", bos).replace("{eos}", eos).replace("{content}", content)
+
+    def stop_token(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        return self._fill(self.stop, tokenizer)
+
+    def segments(
+        self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase
+    ) -> list[tuple[str, str]]:
+        """(prompt text, response text) per turn; joined they are the full conversation."""
+        system = conversation.system if conversation.system is not None else self.default_system
+        pairs: list[tuple[str, str]] = []
+        last = len(conversation.turns) - 1
+        for i, (user, assistant) in enumerate(conversation.turns):
+            prompt = ""
+            if i == 0:
+                prompt += self._fill(self.prefix, tokenizer)
+                if system and self.system:
+                    prompt += self._fill(self.system, tokenizer, system)
+                elif system:
+                    user = self.system_in_user.replace("{system}", system).replace("{content}", user)
+            else:
+                prompt += self._fill(self.separator, tokenizer)
+            prompt += self._fill(self.user, tokenizer, user)
+            if self.strip_history_thinking and i < last:
+                assistant = THINK_BLOCK.sub("", assistant)
+            pairs.append((prompt, self._fill(self.assistant, tokenizer, assistant)))
+        return pairs
+
+    def render(self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> str:
+        return "".join(p + r for p, r in self.segments(conversation, tokenizer))
+
+    def generation_prompt(
+        self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase
+    ) -> str:
+        """The text to feed a model so it writes the last turn's answer."""
+        segments = self.segments(conversation, tokenizer)
+        return "".join(p + r for p, r in segments[:-1]) + segments[-1][0]
+
+    def encode(
+        self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase
+    ) -> list[tuple[list[int], list[int]]]:
+        """Token ids of each (prompt, response) segment, encoded separately."""
+
+        def ids(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+        return [(ids(p), ids(r)) for p, r in self.segments(conversation, tokenizer)]
+
+    def jinja(self) -> str:
+        """An equivalent Jinja chat template (messages with system/user/assistant roles)."""
+
+        def lit(pattern: str, content_expr: str) -> str:
+            out = []
+            for piece in re.split(r"(\{content\}|\{bos\}|\{eos\})", pattern):
+                if piece == "{content}":
+                    out.append(content_expr)
+                elif piece == "{bos}":
+                    out.append("bos_token")
+                elif piece == "{eos}":
+                    out.append("eos_token")
+                elif piece:
+                    out.append(repr(piece))
+            return " + ".join(out) if out else "''"
+
+        folded = self.system_in_user.replace("{system}", "' + system + '")
+        folded_expr = "'" + folded.replace("\n", "\\n").replace("{content}", "' + content + '") + "'"
+        default = repr(self.default_system) if self.default_system is not None else "none"
+        history_strip = (
+            "{%- if loop.index0 < last_user and '</think>' in content -%}"
+            "{%- set content = content.split('</think>')[-1].lstrip() -%}{%- endif -%}"
+            if self.strip_history_thinking
+            else ""
+        )
+        return (
+            "{%- set system = none -%}"
+            "{%- set msgs = messages -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = messages[0]['content'] -%}{%- set msgs = messages[1:] -%}"
+            "{%- endif -%}"
+            f"{{%- if system is none -%}}{{%- set system = {default} -%}}{{%- endif -%}}"
+            "{%- set ns = namespace(turn=0, last_user=0) -%}"
+            "{%- for m in msgs -%}{%- if m['role'] == 'user' -%}"
+            "{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+            "{%- set last_user = ns.last_user -%}"
+            f"{{{{- {lit(self.prefix, 'content')} -}}}}"
+            "{%- for m in msgs -%}{%- set content = m['content'] -%}"
+            "{%- if m['role'] == 'user' -%}"
+            "{%- if ns.turn == 0 and system -%}"
+            + (
+                f"{{{{- {lit(self.system, 'system')} -}}}}"
+                if self.system
+                else f"{{%- set content = {folded_expr} -%}}"
+            )
+            + "{%- endif -%}"
+            f"{{%- if ns.turn > 0 -%}}{{{{- {lit(self.separator, 'content')} -}}}}{{%- endif -%}}"
+            f"{{{{- {lit(self.user, 'content')} -}}}}"
+            "{%- set ns.turn = ns.turn + 1 -%}"
+            "{%- elif m['role'] == 'assistant' -%}"
+            + history_strip
+            + f"{{{{- {lit(self.assistant, 'content')} -}}}}"
+            "{%- endif -%}{%- endfor -%}"
+        )
+
+
+TEMPLATES: dict[str, ChatTemplate] = {}
+
+
+def _register(template: ChatTemplate) -> None:
+    for name in (template.name, *template.aliases):
+        TEMPLATES[name] = template
+
+
+_register(
+    ChatTemplate(
+        # Llama-2-chat: every user turn opens with BOS; system folded into the first one.
+        name="llama2",
+        prefix="",
+        user="<s>[INST] {content} [/INST]",
+        assistant=" {content} </s>",
+        system_in_user="<<SYS>>\n{system}\n<</SYS>>\n\n{content}",
+        stop="</s>",
+    )
+)
+_register(
+    ChatTemplate(
+        # Mistral-7B-Instruct v0.1/v0.2: no system role; a system prompt is prepended to the
+        # first user turn.
+        name="mistral",
+        prefix="<s>",
+        user="[INST] {content} [/INST]",
+        assistant="{content}</s>",
+        stop="</s>",
+    )
+)
+_register(
+    ChatTemplate(
+        name="chatml",
+        prefix="",
+        system="<|im_start|>system\n{content}<|im_end|>\n",
+        user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+        assistant="{content}<|im_end|>",
+        separator="\n",
+        stop="<|im_end|>",
+    )
+)
+_register(
+    ChatTemplate(
+        name="qwen2.5",
+        prefix="",
+        system="<|im_start|>system\n{content}<|im_end|>\n",
+        user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+        assistant="{content}<|im_end|>",
+        separator="\n",
+        stop="<|im_end|>",
+        default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+        aliases=("qwen",),
+    )
+)
+_register(
+    ChatTemplate(
+        # DeepSeek-R1 distills: reasoning in <think>…</think> before the answer; earlier
+        # turns' reasoning is dropped from the history, as the official template does.
+        name="deepseek-r1",
+        prefix="<｜begin▁of▁sentence｜>",
+        system="{content}",
+        user="<｜User｜>{content}<｜Assistant｜>",
+        assistant="{content}<｜end▁of▁sentence｜>",
+        stop="<｜end▁of▁sentence｜>",
+        strip_history_thinking=True,
+        aliases=("deepseek_r1", "r1"),
+    )
+)
+_register(
+    ChatTemplate(
+        name="alpaca",
+        prefix="{bos}",
+        system="{content}\n\n",
+        user="### Instruction:\n{content}\n\n### Response:\n",
+        assistant="{content}{eos}",
+        separator="\n\n",
+        default_system=(
+            "Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request."
+        ),
+    )
+)
+_register(
+    ChatTemplate(
+        # For base models with no chat format: prompt, newline, answer, EOS.
+        name="plain",
+        prefix="{bos}",
+        system="{content}\n",
+        user="{content}\n",
+        assistant="{content}{eos}",
+        separator="\n",
+    )
+)
+
+
+def get_template(name: str) -> ChatTemplate:
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        known = ", ".join(sorted({t.name for t in TEMPLATES.values()}))
+        raise ValueError(f"unknown chat template `{name}`; known templates: {known}") from None
+
+
+def guess_template(model_name: str) -> str:
+    """A template name for a model id, for when the config says `auto` and none is saved."""
+    lowered = model_name.lower()
+    if "deepseek-r1" in lowered or "r1-distill" in lowered:
+        return "deepseek-r1"
+    if "qwen" in lowered:
+        return "qwen2.5"
+    if "mistral" in lowered:
+        return "mistral"
+    if "llama-2" in lowered or "llama2" in lowered:
+        return "llama2"
+    return "chatml"

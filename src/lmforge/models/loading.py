@@ -1,0 +1,86 @@
+"""Load tokenizers and causal language models from a local folder or a hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lmforge.config.model import ModelConfig
+from lmforge.models.hardware import Hardware, choose_hardware
+
+console = Console(stderr=True)
+
+TEMPLATE_FILE = "lmforge_template.txt"  # the lmforge template name saved beside a model
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        # Llama-2 and Mistral ship no pad token. Labels are padded with -100 by the collator, so
+        # borrowing UNK (or EOS) for padding never masks a real EOS from the loss.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def saved_template_name(name_or_path: str) -> str | None:
+    path = Path(name_or_path) / TEMPLATE_FILE
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
+
+
+def quantization_config(config: ModelConfig, hardware: Hardware):  # -> BitsAndBytesConfig | None
+    if config.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if config.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=config.bnb_4bit_double_quant,
+        bnb_4bit_compute_dtype=hardware.dtype,
+        # Keep 4-bit storage dtype consistent on CPU, where bf16 compute may be unavailable.
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_causal_lm(
+    config: ModelConfig, for_training: bool = True, hardware: Hardware | None = None, quiet: bool = False
+) -> tuple[PreTrainedModel, Hardware]:
+    """Load the model with the hardware choice applied; KV cache off for training, on otherwise."""
+    hardware = hardware or choose_hardware(config)
+    if not quiet:
+        console.print(f"[bold]hardware[/]: {hardware.describe()}")
+    quant = quantization_config(config, hardware)
+    model = AutoModelForCausalLM.from_pretrained(
+        config.name_or_path,
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+        dtype=hardware.dtype,
+        attn_implementation=hardware.attn_implementation,
+        quantization_config=quant,
+        device_map={"": hardware.device} if quant is not None else None,
+        use_safetensors=True,
+    )
+    if quant is None:
+        model.to(hardware.device)
+    model.config.use_cache = not for_training
+    return model, hardware
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; 4-bit packed weights counted at their real size."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total

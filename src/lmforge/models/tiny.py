@@ -1,0 +1,104 @@
+"""Tiny models and tokenizers built offline, for the quickstart, tests and examples.
+
+Nothing here touches a network: the tokenizer is a byte-level BPE trained with
+`tokenizers` on text the caller provides, and the model is a randomly initialised
+Llama built from a config. Both save in the ordinary Hugging Face layout, so every
+other part of lmforge loads them exactly as it loads a hub model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# Special tokens of every chat template lmforge ships, so one tiny tokenizer serves
+# the template tests of all of them. Each is a single token, as in the real models.
+BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
+TEMPLATE_SPECIAL_TOKENS = [
+    "[INST]",
+    "[/INST]",
+    "<<SYS>>",
+    "<</SYS>>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<｜begin▁of▁sentence｜>",
+    "<｜end▁of▁sentence｜>",
+    "<｜User｜>",
+    "<｜Assistant｜>",
+]
+# Added as ordinary (non-special) tokens: they must survive `skip_special_tokens`
+# decoding, because reasoning traces are shown to users.
+THINK_TOKENS = ["<think>", "</think>"]
+
+
+def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `corpus`; digits are always split one per token."""
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, UNK, PAD, *TEMPLATE_SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        additional_special_tokens=TEMPLATE_SPECIAL_TOKENS,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.add_tokens(THINK_TOKENS)
+    fast.model_max_length = 4096
+    return fast
+
+
+def build_tiny_llama(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    intermediate_size: int | None = None,
+    max_positions: int = 512,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama sized for CPU tests (defaults: ~0.1M parameters + embeddings)."""
+    import torch
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or hidden_size * 3,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> Path:
+    """Save model (safetensors) and tokenizer side by side, like a hub checkpoint."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,104 @@
+"""What a stage leaves behind: the resolved config, the final model or adapter, a model card.
+
+Every final artifact is written to a temporary folder and renamed into place, so a run
+that dies mid-save never leaves an `adapter/` or `model/` that looks complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from lmforge.config import RunConfig, dump_config
+from lmforge.data.templates import ChatTemplate
+from lmforge.models.loading import TEMPLATE_FILE
+
+PACKAGES = ("lmforge", "torch", "transformers", "trl", "peft", "datasets", "accelerate")
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def write_resolved_config(config: RunConfig, output_dir: Path) -> Path:
+    """config.yaml: the full config after defaults and overrides, headed by package versions."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    header = "# resolved by lmforge — " + ", ".join(f"{k} {v}" for k, v in versions().items())
+    path = output_dir / "config.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + "\n" + dump_config(config), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _model_card(kind: str, config: RunConfig | None, template: ChatTemplate, extra: str) -> str:
+    base = config.model.name_or_path if config else "(unknown)"
+    lines = [
+        "---",
+        "library_name: " + ("peft" if kind == "adapter" else "transformers"),
+        f"base_model: {base}",
+        "tags: [lmforge]",
+        "---",
+        f"# lmforge {kind}",
+        "",
+        f"- base model: `{base}`",
+        f"- chat template: `{template.name}` (also saved as the tokenizer's `chat_template`)",
+    ]
+    if config is not None:
+        lines += [
+            f"- method: `{config.method.name}`, adapter: `{config.adapter.method}` "
+            f"(r={config.adapter.r}, alpha={config.adapter.alpha}, preset={config.adapter.preset})",
+            f"- data: `{config.data.path}` (max_length={config.data.max_length})",
+            f"- lr {config.train.lr}, batch {config.train.batch_size} x accum {config.train.grad_accum}, "
+            f"seed {config.train.seed}",
+        ]
+    lines += ["- versions: " + ", ".join(f"{k} {v}" for k, v in versions().items())]
+    if extra:
+        lines += ["", extra]
+    return "\n".join(lines) + "\n"
+
+
+def save_artifact(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
+    dest: Path,
+    kind: str,
+    config: RunConfig | None = None,
+    card_extra: str = "",
+) -> Path:
+    """Save a model or adapter (safetensors) + tokenizer + template + card, atomically."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    stop_id = tokenizer.convert_tokens_to_ids(template.stop_token(tokenizer))
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and stop_id is not None:
+        eos = {stop_id, tokenizer.eos_token_id} - {None}
+        generation_config.eos_token_id = sorted(eos)
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.chat_template = template.jinja()
+    tokenizer.save_pretrained(tmp)
+    (tmp / TEMPLATE_FILE).write_text(template.name + "\n", encoding="utf-8")
+    (tmp / "README.md").write_text(_model_card(kind, config, template, card_extra), encoding="utf-8")
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+        os.replace(tmp, dest)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, dest)
+    return dest
