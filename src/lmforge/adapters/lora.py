@@ -18,7 +18,10 @@ FFN_ALT = ("fc1", "fc2", "c_fc", "dense_h_to_4h", "dense_4h_to_h", "gate_up_proj
 def _linear_names(model: nn.Module) -> set[str]:
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or module.__class__.__name__ in ("Linear4bit", "Linear8bitLt"):
+        if isinstance(module, nn.Linear) or module.__class__.__name__ in (
+            "Linear4bit",
+            "Linear8bitLt",
+        ):
             names.add(name.rsplit(".", 1)[-1])
     return names - {"lm_head", "score", "classifier"}
 

@@ -20,7 +20,8 @@ class AdapterConfig(Section):
         description="Where LoRA goes: minimal (q,v), attention_only, ffn_only, all, custom (target_modules).",
     )
     target_modules: list[str] = Field(
-        default_factory=list, description="Module names for preset `custom` (e.g. [q_proj, v_proj])."
+        default_factory=list,
+        description="Module names for preset `custom` (e.g. [q_proj, v_proj]).",
     )
     r: int = Field(8, gt=0, description="LoRA rank.")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")

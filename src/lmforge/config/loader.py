@@ -112,7 +112,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}")
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (model:, data:, ...), got {type(raw).__name__}"
+        )
     return raw
 
 

@@ -11,5 +11,6 @@ from lmforge.config.base import Section
 
 class MethodConfig(Section):
     name: Literal["sft", "pretrain"] = Field(
-        "sft", description="Stage: sft (supervised fine-tuning) or pretrain (causal LM on raw text)."
+        "sft",
+        description="Stage: sft (supervised fine-tuning) or pretrain (causal LM on raw text).",
     )

@@ -23,8 +23,8 @@ class TrainConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="Warmup steps (overrides warmup_ratio when > 0).")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "paged_adamw_8bit", "sgd"] = (
-        Field("adamw_torch", description="Optimizer (transformers names).")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "paged_adamw_8bit", "sgd"] = Field(
+        "adamw_torch", description="Optimizer (transformers names)."
     )
     seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
     gradient_checkpointing: bool = Field(
@@ -32,7 +32,9 @@ class TrainConfig(Section):
     )
     logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     save_steps: int = Field(
-        0, ge=0, description="Write a resumable checkpoint every N steps (0: only the final result)."
+        0,
+        ge=0,
+        description="Write a resumable checkpoint every N steps (0: only the final result).",
     )
     save_total_limit: int | None = Field(2, description="Keep at most N checkpoints (None: all).")
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps (0: at the end only).")

@@ -22,8 +22,10 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Records from a .json file (a list of objects) or a .jsonl file (one object per line)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist (check data.path; relative paths start at the "
-                        "directory you run lmforge from)")
+        raise DataError(
+            f"data file {path} does not exist (check data.path; relative paths start at the "
+            "directory you run lmforge from)"
+        )
     suffix = path.suffix.lower()
     text = path.read_text(encoding="utf-8")
     if suffix == ".jsonl":
@@ -34,15 +36,21 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+                raise DataError(
+                    f"{path}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})"
+                ) from None
     elif suffix == ".json":
         try:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+            raise DataError(
+                f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+            ) from None
         if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}; "
-                            "use .jsonl for one record per line")
+            raise DataError(
+                f"{path}: expected a JSON list of records, got {type(records).__name__}; "
+                "use .jsonl for one record per line"
+            )
     elif suffix == ".txt":
         records = [{"text": line} for line in text.splitlines() if line.strip()]
     else:
@@ -118,19 +126,25 @@ def messages_to_conversation(record: dict[str, Any], where: str) -> Conversation
             system = content
         elif role == "user":
             if pending_user is not None:
-                raise DataError(f"{where}: messages[{i}] is a second user message in a row; "
-                                "user and assistant must alternate")
+                raise DataError(
+                    f"{where}: messages[{i}] is a second user message in a row; "
+                    "user and assistant must alternate"
+                )
             pending_user = content
         elif role == "assistant":
             if pending_user is None:
-                raise DataError(f"{where}: messages[{i}] is an assistant message with no user message before it")
+                raise DataError(
+                    f"{where}: messages[{i}] is an assistant message with no user message before it"
+                )
             turns.append((pending_user, content))
             pending_user = None
         else:
             raise DataError(f"{where}: messages[{i}] has role `{role}`; expected system, user or assistant")
     if pending_user is not None:
-        raise DataError(f"{where}: the last message is from the user; a training record must end "
-                        "with the assistant's answer")
+        raise DataError(
+            f"{where}: the last message is from the user; a training record must end "
+            "with the assistant's answer"
+        )
     return Conversation(turns=turns, system=system)
 
 
@@ -143,8 +157,10 @@ def load_conversations(
         records = records[:max_samples]
     fmt = detect_format(records[0], path) if data_format == "auto" else data_format
     if fmt == "text":
-        raise DataError(f"{path}: records are plain `text`; supervised fine-tuning needs "
-                        "instruction/output or messages records (use method.name: pretrain for text)")
+        raise DataError(
+            f"{path}: records are plain `text`; supervised fine-tuning needs "
+            "instruction/output or messages records (use method.name: pretrain for text)"
+        )
     convert = alpaca_to_conversation if fmt == "alpaca" else messages_to_conversation
     return [convert(record, f"{path}: record {i}") for i, record in enumerate(records)]
 

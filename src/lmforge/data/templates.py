@@ -81,9 +81,7 @@ class ChatTemplate:
     def render(self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> str:
         return "".join(p + r for p, r in self.segments(conversation, tokenizer))
 
-    def generation_prompt(
-        self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase
-    ) -> str:
+    def generation_prompt(self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> str:
         """The text to feed a model so it writes the last turn's answer."""
         segments = self.segments(conversation, tokenizer)
         return "".join(p + r for p, r in segments[:-1]) + segments[-1][0]

@@ -9,7 +9,6 @@ in the template's stop token so the model learns when to stop.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -17,37 +16,18 @@ from rich.console import Console
 from lmforge.adapters.lora import attach_lora
 from lmforge.config import RunConfig
 from lmforge.data.formats import load_conversations
-from lmforge.data.templates import ChatTemplate, get_template, guess_template
 from lmforge.data.tokenize import TokenizeStats, tokenize_conversations
-from lmforge.models.loading import count_parameters, load_causal_lm, load_tokenizer, saved_template_name
-from lmforge.training.artifacts import save_artifact, write_resolved_config
-from lmforge.training.callbacks import (
-    CompleteCheckpointCallback,
-    MetricsFileCallback,
-    NonFiniteGradientCallback,
-    ProgressCallback,
+from lmforge.models.loading import (
+    count_parameters,
+    load_causal_lm,
+    load_tokenizer,
 )
+from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.trainer import ForgeTrainer, collator, training_arguments
+from lmforge.training.stage import StageResult, resolve_template
+from lmforge.training.trainer import build_trainer
 
 console = Console(stderr=True)
-
-
-@dataclass
-class StageResult:
-    output_dir: Path
-    artifact: Path
-    train_loss: float
-    steps: int
-    stats: TokenizeStats
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def resolve_template(config: RunConfig) -> ChatTemplate:
-    name = config.data.template
-    if name == "auto":
-        name = saved_template_name(config.model.name_or_path) or guess_template(config.model.name_or_path)
-    return get_template(name)
 
 
 def check(config: RunConfig) -> None:
@@ -55,7 +35,9 @@ def check(config: RunConfig) -> None:
     if config.method.name != "sft":
         raise ValueError(f"methods.sft cannot run method.name={config.method.name}")
     if config.data.format == "text":
-        raise ValueError("data.format is text: SFT needs instruction or chat records; use method.name: pretrain")
+        raise ValueError(
+            "data.format is text: SFT needs instruction or chat records; use method.name: pretrain"
+        )
     if config.adapter.method == "none" and config.model.quantization != "none":
         raise ValueError("a quantized base needs an adapter: set adapter.method: lora")
 
@@ -117,23 +99,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
             f"[bold]parameters[/]: {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)"
         )
 
-    args = training_arguments(config.train, hardware, config.data.max_length, eval_ds is not None)
-    callbacks = [
-        MetricsFileCallback(output_dir),
-        CompleteCheckpointCallback(),
-        NonFiniteGradientCallback(model),
-    ]
-    if config.train.progress and not quiet:
-        callbacks.append(ProgressCallback("sft"))
-    trainer = ForgeTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        data_collator=collator(tokenizer.pad_token_id, config.train.padding_free),
-        callbacks=callbacks,
-    )
+    trainer = build_trainer(config, model, tokenizer, hardware, train_ds, eval_ds, "sft", quiet)
     resume = resolve_resume(output_dir, config.train.resume)
     if resume and not quiet:
         console.print(f"[bold]resuming[/] from {resume}")

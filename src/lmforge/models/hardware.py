@@ -21,9 +21,11 @@ class Hardware:
 
     def describe(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
-        return f"device={self.device} dtype={dtype} attention={self.attn_implementation} (" + "; ".join(
-            self.reasons
-        ) + ")"
+        return (
+            f"device={self.device} dtype={dtype} attention={self.attn_implementation} ("
+            + "; ".join(self.reasons)
+            + ")"
+        )
 
 
 def flash_attn_available() -> bool:
@@ -37,7 +39,9 @@ def choose_hardware(config: ModelConfig) -> Hardware:
     if config.device == "cuda" and not cuda:
         raise RuntimeError("model.device is cuda but no CUDA device is visible; use model.device: auto")
     device = "cuda" if config.device == "cuda" or (config.device == "auto" and cuda) else "cpu"
-    reasons.append("CUDA available" if device == "cuda" else "no CUDA device" if not cuda else "asked for cpu")
+    reasons.append(
+        "CUDA available" if device == "cuda" else "no CUDA device" if not cuda else "asked for cpu"
+    )
 
     if config.dtype != "auto":
         dtype = DTYPES[config.dtype]

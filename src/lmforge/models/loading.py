@@ -6,7 +6,12 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lmforge.config.model import ModelConfig
 from lmforge.models.hardware import Hardware, choose_hardware
@@ -50,7 +55,10 @@ def quantization_config(config: ModelConfig, hardware: Hardware):  # -> BitsAndB
 
 
 def load_causal_lm(
-    config: ModelConfig, for_training: bool = True, hardware: Hardware | None = None, quiet: bool = False
+    config: ModelConfig,
+    for_training: bool = True,
+    hardware: Hardware | None = None,
+    quiet: bool = False,
 ) -> tuple[PreTrainedModel, Hardware]:
     """Load the model with the hardware choice applied; KV cache off for training, on otherwise."""
     hardware = hardware or choose_hardware(config)

@@ -49,7 +49,8 @@ class NonFiniteGradientCallback(TrainerCallback):
         if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
             raise NonFiniteError(
                 f"gradient norm is not finite at step {state.global_step + 1}: training stopped. "
-                "Lower train.lr, keep train.max_grad_norm > 0, or use dtype float32/bfloat16 instead of float16."
+                "Lower train.lr, keep train.max_grad_norm > 0, or use dtype float32/bfloat16 "
+                "instead of float16."
             )
 
 
@@ -63,7 +64,11 @@ class MetricsFileCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time() - self.start, 3)}
+        record = {
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "time": round(time.time() - self.start, 3),
+        }
         record.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:

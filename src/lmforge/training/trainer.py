@@ -14,13 +14,21 @@ default of averaging it away.
 from __future__ import annotations
 
 import torch
-from transformers import Trainer
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from lmforge.config import RunConfig
 from lmforge.config.train import TrainConfig
 from lmforge.models.hardware import Hardware
-from lmforge.training.callbacks import NonFiniteError
+from lmforge.training.callbacks import (
+    CompleteCheckpointCallback,
+    MetricsFileCallback,
+    NonFiniteError,
+    NonFiniteGradientCallback,
+    ProgressCallback,
+)
 
 
 class ForgeTrainer(SFTTrainer):
@@ -84,8 +92,8 @@ def training_arguments(
         optim=train.optimizer,
         seed=train.seed,
         data_seed=train.seed,
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        activation_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         logging_steps=train.logging_steps,
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN must stop the run, not be averaged away
@@ -112,3 +120,35 @@ def training_arguments(
 def collator(pad_token_id: int, padding_free: bool) -> DataCollatorForLanguageModeling:
     """Pads input_ids with the pad id and labels with -100 (or concatenates when padding-free)."""
     return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=padding_free)
+
+
+def build_trainer(
+    config: RunConfig,
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    hardware: Hardware,
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None,
+    stage: str,
+    quiet: bool = False,
+) -> ForgeTrainer:
+    """The trainer with lmforge's callbacks: metrics file, checkpoint markers, NaN guard, progress."""
+    args = training_arguments(config.train, hardware, config.data.max_length, eval_dataset is not None)
+    callbacks = [
+        MetricsFileCallback(config.train.output_dir),
+        CompleteCheckpointCallback(),
+        NonFiniteGradientCallback(model),
+    ]
+    if config.train.progress and not quiet:
+        callbacks.append(ProgressCallback(stage))
+    trainer = ForgeTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=collator(tokenizer.pad_token_id, config.train.padding_free),
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress bar
+    return trainer

@@ -1,0 +1,81 @@
+"""Merge a LoRA adapter into its base model and save a standalone model.
+
+The base is always loaded unquantized, in the dtype it was saved in (16-bit for the
+7B targets): merging LoRA deltas into 4-bit or 8-bit weights would re-quantize them and
+lose most of what the adapter learned. A QLoRA adapter is therefore merged into the
+16-bit base it was trained from; a base that is itself stored quantized is refused with
+the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PeftModel
+from rich.console import Console
+from transformers import AutoConfig
+
+from lmforge.config.model import ModelConfig
+from lmforge.data.templates import get_template, guess_template
+from lmforge.models.loading import load_causal_lm, load_tokenizer, saved_template_name
+from lmforge.training.artifacts import save_artifact
+
+console = Console(stderr=True)
+
+
+class MergeError(ValueError):
+    """The merge cannot be done as asked; the message says why and what to do."""
+
+
+def _saved_dtype(base: str, trust_remote_code: bool) -> str:
+    config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
+    quant = getattr(config, "quantization_config", None)
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else type(quant).__name__
+        raise MergeError(
+            f"the base model {base} is stored quantized ({method}): "
+            "merging LoRA into quantized weights would re-quantize them and lose the adapter's effect. "
+            "Pass the original 16-bit base model with --base (the one the quantized copy was made from)."
+        )
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    name = str(dtype).removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def merge_adapter(
+    base: str,
+    adapter: str | Path,
+    out: str | Path,
+    dtype: str = "auto",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+) -> Path:
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise MergeError(f"{adapter} is not an adapter folder (no adapter_config.json)")
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    if adapter_config.get("peft_type") not in ("LORA", None):
+        raise MergeError(
+            f"{adapter}: adapter type {adapter_config['peft_type']} cannot be merged by lmforge merge"
+        )
+    dtype = _saved_dtype(base, trust_remote_code) if dtype == "auto" else dtype
+    console.print(f"merging {adapter} into {base} ({dtype}, unquantized)")
+    model_config = ModelConfig(
+        name_or_path=base,
+        dtype=dtype,  # type: ignore[arg-type]
+        device=device,  # type: ignore[arg-type]
+        trust_remote_code=trust_remote_code,
+    )
+    model, _ = load_causal_lm(model_config, for_training=False, quiet=True)
+    merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(
+        ModelConfig(name_or_path=tokenizer_source, trust_remote_code=trust_remote_code)
+    )
+    template = get_template(
+        saved_template_name(str(adapter)) or saved_template_name(base) or guess_template(base)
+    )
+    card = f"Merged from base `{base}` and adapter `{adapter}` in {dtype}."
+    return save_artifact(merged, tokenizer, template, Path(out), "merged model", card_extra=card)

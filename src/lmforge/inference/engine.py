@@ -1,0 +1,132 @@
+"""The generation engine used by chat, quickstart evaluation and (later) serve/predict/eval.
+
+One model, one tokenizer, one chat template. Loads a merged model, or a base plus an
+adapter; KV cache on; batched generation with left padding; streaming through
+transformers' `TextIteratorStreamer`; generation stops at the template's stop token.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+
+from lmforge.config.model import ModelConfig
+from lmforge.data.templates import ChatTemplate, Conversation, get_template, guess_template
+from lmforge.models.loading import load_causal_lm, load_tokenizer, saved_template_name
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+
+class Engine:
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = template
+        self.model.config.use_cache = True
+        stop_id = tokenizer.convert_tokens_to_ids(template.stop_token(tokenizer))
+        self.stop_ids = sorted({stop_id, tokenizer.eos_token_id} - {None, tokenizer.unk_token_id})
+
+    @classmethod
+    def load(
+        cls,
+        model_path: str,
+        adapter: str | None = None,
+        template: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        quiet: bool = True,
+    ) -> Engine:
+        """A merged model folder / hub id, optionally with an adapter folder on top."""
+        source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
+        tokenizer = load_tokenizer(ModelConfig(name_or_path=source))
+        model_config = ModelConfig(name_or_path=model_path, device=device, dtype=dtype)  # type: ignore[arg-type]
+        model, _ = load_causal_lm(model_config, for_training=False, quiet=quiet)
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        name = template or saved_template_name(adapter or "") or saved_template_name(model_path)
+        return cls(model, tokenizer, get_template(name or guess_template(model_path)))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt_text(self, conversation: Conversation) -> str:
+        return self.template.generation_prompt(conversation, self.tokenizer)
+
+    def _generate_kwargs(self, params: SamplingParams) -> dict:
+        sample = params.temperature > 0
+        kwargs = {
+            "max_new_tokens": params.max_new_tokens,
+            "do_sample": sample,
+            "eos_token_id": self.stop_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "repetition_penalty": params.repetition_penalty,
+            "use_cache": True,
+        }
+        if sample:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        conversations: list[Conversation],
+        params: SamplingParams | None = None,
+        batch_size: int = 16,
+    ) -> list[str]:
+        """Answers for many conversations, batched with left padding."""
+        params = params or SamplingParams()
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        self.tokenizer.padding_side = "left"
+        answers: list[str] = []
+        for start in range(0, len(conversations), batch_size):
+            texts = [self.prompt_text(c) for c in conversations[start : start + batch_size]]
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = batch.to(self.device)
+            out = self.model.generate(**batch, **self._generate_kwargs(params))
+            new_tokens = out[:, batch["input_ids"].shape[1] :]
+            answers += self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [a.strip() for a in answers]
+
+    def stream(self, conversation: Conversation, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield text pieces of one answer as they are generated."""
+        params = params or SamplingParams()
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        batch = self.tokenizer(
+            [self.prompt_text(conversation)], return_tensors="pt", add_special_tokens=False
+        ).to(self.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = {**batch, **self._generate_kwargs(params), "streamer": streamer}
+
+        def work() -> None:
+            with torch.inference_mode():
+                self.model.generate(**kwargs)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+
+    def chat(self, history: list[tuple[str, str]], message: str, system: str | None = None) -> str:
+        return self.generate([Conversation(turns=[*history, (message, "")], system=system)])[0]
