@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
+from transformers import set_seed
 
 from lmforge.adapters.lora import attach_lora
 from lmforge.config import RunConfig
@@ -46,6 +47,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
             f"[bold]pretrain data[/]: {len(texts)} texts, {stats.tokens:,} tokens, {stats.examples} blocks"
         )
 
+    set_seed(config.train.seed)  # adapter initialisation must be reproducible too
     model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet)
     if config.adapter.method == "lora":
         model = attach_lora(model, config.adapter, config.train.gradient_checkpointing)

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from rich.console import Console
+from transformers import set_seed
 
 from lmforge.adapters.lora import attach_lora
 from lmforge.config import RunConfig
@@ -90,6 +91,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     if stats.examples == 0:
         raise ValueError(f"{config.data.path}: no example has a response token within data.max_length")
 
+    set_seed(config.train.seed)  # adapter initialisation must be reproducible too
     model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet)
     if config.adapter.method == "lora":
         model = attach_lora(model, config.adapter, config.train.gradient_checkpointing)

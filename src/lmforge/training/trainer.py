@@ -17,7 +17,6 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from lmforge.config import RunConfig
 from lmforge.config.train import TrainConfig
@@ -108,18 +107,14 @@ def training_arguments(
         use_cpu=not on_cuda,
         bf16=on_cuda and hardware.dtype == torch.bfloat16,
         fp16=on_cuda and hardware.dtype == torch.float16,
-        max_length=max_length,
+        # lmforge truncates while tokenizing; trl only needs it for its own preparation (skipped).
+        max_length=None if train.padding_free else max_length,
         padding_free=train.padding_free,
         dataset_kwargs={"skip_prepare_dataset": True},  # lmforge tokenizes and masks itself
         remove_unused_columns=False,
         save_only_model=False,
         dataloader_num_workers=0,
     )
-
-
-def collator(pad_token_id: int, padding_free: bool) -> DataCollatorForLanguageModeling:
-    """Pads input_ids with the pad id and labels with -100 (or concatenates when padding-free)."""
-    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=padding_free)
 
 
 def build_trainer(
@@ -147,7 +142,8 @@ def build_trainer(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=collator(tokenizer.pad_token_id, config.train.padding_free),
+        # data_collator left to trl: its DataCollatorForLanguageModeling pads labels with -100 (so a
+        # pad id equal to EOS never hides EOS from the loss) and implements padding_free.
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress bar

@@ -1,0 +1,47 @@
+"""Shared fixtures: a tiny tokenizer and Llama built offline, and small data sets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import addition_records
+from lmforge.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny
+
+WORDS = "the cat sat on a mat and dog ran to hat red blue green add sum of is what".split()
+
+
+def corpus() -> list[str]:
+    lines = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(8)) for i in range(200)]
+    lines += [f"add {a} and {b} is {a + b}" for a in range(10) for b in range(10)]
+    lines += ["Hello! How are you? I am fine, thanks.", "<think>\nreason\n</think>\n\nanswer"]
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tiny_tokenizer(corpus(), vocab_size=320)
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama (2 layers, hidden 64) saved like a hub checkpoint."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny(build_tiny_llama(tokenizer, hidden_size=64, num_layers=2, num_heads=4, seed=0), tokenizer, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def alpaca_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "add.json"
+    path.write_text(json.dumps(addition_records([(a, b) for a in range(10) for b in range(10)])))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)

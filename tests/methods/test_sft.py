@@ -1,0 +1,126 @@
+"""SFT stage behaviour: what trains and what stays frozen, exact resume, NaN stops, artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import sft_config
+from lmforge.config import validate_config
+from lmforge.methods import sft
+from lmforge.training.callbacks import COMPLETE_MARKER, NonFiniteError
+
+
+def losses(output_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+
+
+def test_lora_trains_adapter_only_and_writes_artifacts(tmp_path, base_dir, alpaca_file):
+    base = load_file(base_dir / "model.safetensors")
+    result = sft.run(validate_config(sft_config(base_dir, alpaca_file, tmp_path / "run")), quiet=True)
+    out = result.output_dir
+    assert result.steps == 8
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+        "adapter/lmforge_template.txt",
+        "adapter/README.md",
+    ):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.bin")), "only safetensors are written"
+    assert "# resolved by lmforge" in (out / "config.yaml").read_text()
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "LoRA B starts at zero and must have moved"
+    assert not any(k.endswith(("q_proj.weight", "embed_tokens.weight")) for k in adapter), "base not saved"
+    # The base files are untouched by training.
+    after = load_file(base_dir / "model.safetensors")
+    assert all(torch.equal(base[k], after[k]) for k in base)
+    # Loss went down over 8 steps on a learnable task.
+    seen = losses(out)
+    assert seen[8] < seen[1]
+
+
+def test_resume_from_latest_complete_checkpoint_matches_uninterrupted(tmp_path, base_dir, alpaca_file):
+    full = tmp_path / "full"
+    sft.run(
+        validate_config(sft_config(base_dir, alpaca_file, full, save_steps=4, save_total_limit=None)),
+        quiet=True,
+    )
+    # Simulate a run killed after step 4: its checkpoint-4 is complete; a later save was cut off midway.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copytree(full / "checkpoint-4", killed / "checkpoint-4")
+    shutil.copytree(full / "checkpoint-8", killed / "checkpoint-6")
+    (killed / "checkpoint-6" / COMPLETE_MARKER).unlink()
+    sft.run(
+        validate_config(sft_config(base_dir, alpaca_file, killed, save_steps=4, resume="auto")), quiet=True
+    )
+    resumed = losses(killed)
+    assert min(resumed) == 5, "resumed from checkpoint-4, not the incomplete checkpoint-6"
+    uninterrupted = losses(full)
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6)
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_batch_times_accumulation_is_equivalent(tmp_path, base_dir, alpaca_file):
+    one = sft.run(
+        validate_config(
+            sft_config(base_dir, alpaca_file, tmp_path / "a", max_steps=2, batch_size=8, grad_accum=1)
+        ),
+        quiet=True,
+    )
+    two = sft.run(
+        validate_config(
+            sft_config(base_dir, alpaca_file, tmp_path / "b", max_steps=2, batch_size=2, grad_accum=4)
+        ),
+        quiet=True,
+    )
+    a = load_file(one.artifact / "adapter_model.safetensors")
+    b = load_file(two.artifact / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_non_finite_loss_stops_and_names_step(tmp_path, base_dir, alpaca_file):
+    config = validate_config(
+        sft_config(
+            base_dir,
+            alpaca_file,
+            tmp_path / "nan",
+            lr=1e30,
+            max_grad_norm=1e30,
+            warmup_ratio=0.0,
+            scheduler="constant",
+        )
+    )
+    with pytest.raises(NonFiniteError, match=r"at step \d+"):
+        sft.run(config, quiet=True)
+
+
+def test_padding_free_gives_same_loss(tmp_path, base_dir, alpaca_file):
+    padded = sft.run(
+        validate_config(sft_config(base_dir, alpaca_file, tmp_path / "p", max_steps=2)), quiet=True
+    )
+    free = sft.run(
+        validate_config(sft_config(base_dir, alpaca_file, tmp_path / "f", max_steps=2, padding_free=True)),
+        quiet=True,
+    )
+    assert losses(free.output_dir)[1] == pytest.approx(losses(padded.output_dir)[1], rel=1e-5)
+
+
+def test_sft_rejects_text_data_before_loading_a_model(tmp_path, base_dir):
+    data = tmp_path / "t.json"
+    data.write_text(json.dumps([{"text": "hello"}]))
+    with pytest.raises(ValueError, match="pretrain"):
+        sft.run(validate_config(sft_config(base_dir, data, tmp_path / "x")), quiet=True)
