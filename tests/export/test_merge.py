@@ -1,0 +1,59 @@
+"""Merging: merged logits equal adapter logits; quantized bases are refused with the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import sft_config
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from lmforge.config import validate_config
+from lmforge.export.merge import MergeError, merge_adapter
+from lmforge.methods import sft
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, base_dir, alpaca_file):
+    out = tmp_path_factory.mktemp("merge-run")
+    # A large learning rate so the adapter changes the logits visibly.
+    config = validate_config(sft_config(base_dir, alpaca_file, out, max_steps=6, lr=5e-3))
+    return sft.run(config, quiet=True).artifact
+
+
+def test_merged_logits_equal_adapter_logits(tmp_path, base_dir, adapter_dir, tokenizer):
+    merged_dir = merge_adapter(str(base_dir), adapter_dir, tmp_path / "merged")
+    ids = tokenizer(["<|im_start|>user\nadd 3 and 4<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        base_logits = base(**ids).logits
+        adapter_logits = PeftModel.from_pretrained(base, adapter_dir)(**ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged_dir)(**ids).logits
+    assert (adapter_logits - base_logits).abs().max() > 1e-3, (
+        "the adapter must matter for this test to mean much"
+    )
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=0)
+    names = {p.name for p in merged_dir.iterdir()}
+    assert {"model.safetensors", "tokenizer.json", "chat_template.jinja", "lmforge_template.txt"} <= names
+    assert not any(n.endswith(".bin") for n in names)
+    assert (merged_dir / "lmforge_template.txt").read_text().strip() == "chatml"
+    assert not list(tmp_path.glob(".merged.tmp-*")), "no temporary folder is left behind"
+
+
+def test_quantized_base_is_refused_with_fix(tmp_path, base_dir, adapter_dir):
+    quantized = tmp_path / "quantized"
+    shutil.copytree(base_dir, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MergeError, match="stored quantized .*original 16-bit base"):
+        merge_adapter(str(quantized), adapter_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_an_adapter(tmp_path, base_dir):
+    with pytest.raises(MergeError, match="not an adapter folder"):
+        merge_adapter(str(base_dir), base_dir, tmp_path / "out")

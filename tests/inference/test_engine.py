@@ -1,0 +1,50 @@
+"""The generation engine: batching with left padding, streaming, stopping at the template's stop token."""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.data.templates import Conversation, get_template
+from lmforge.inference.engine import Engine, SamplingParams
+
+PROMPTS = [Conversation(turns=[("add 3 and 4", "")]), Conversation(turns=[("the cat sat on a mat and", "")])]
+
+
+def test_batched_equals_one_by_one_and_stream(base_dir):
+    engine = Engine.load(str(base_dir), template="chatml")
+    params = SamplingParams(max_new_tokens=6)
+    batched = engine.generate(PROMPTS, params)
+    singles = [engine.generate([p], params)[0] for p in PROMPTS]
+    assert batched == singles
+    assert "".join(engine.stream(PROMPTS[1], params)).strip() == singles[1]
+    assert engine.model.config.use_cache is True
+
+
+def test_generation_stops_at_template_stop_token(base_dir, tokenizer):
+    engine = Engine.load(str(base_dir), template="chatml")
+    stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    word_id = tokenizer.convert_tokens_to_ids("cat")
+    lm_head = engine.model.lm_head
+    biased = torch.nn.Linear(lm_head.in_features, lm_head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.zero_()
+        biased.bias.zero_()
+        biased.bias[word_id] = 5.0
+    engine.model.lm_head = biased
+    assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3)) == ["catcatcat"]
+    with torch.no_grad():
+        biased.bias[stop_id] = 10.0  # now the stop token wins at once
+    assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=50)) == [""]
+    assert engine.stop_ids == sorted({stop_id, tokenizer.eos_token_id})
+
+
+def test_seeded_sampling_is_reproducible(base_dir):
+    engine = Engine.load(str(base_dir), template="chatml")
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=3)
+    assert engine.generate(PROMPTS, params) == engine.generate(PROMPTS, params)
+
+
+def test_prompt_uses_template(base_dir, tokenizer):
+    engine = Engine.load(str(base_dir), template="llama2")
+    assert engine.prompt_text(PROMPTS[0]) == "<s>[INST] add 3 and 4 [/INST]"
+    assert engine.template is get_template("llama2")

@@ -1,0 +1,126 @@
+"""The command line as a user meets it: clear one-line errors, config inspection, train/merge/chat."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from helpers import sft_config
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+
+runner = CliRunner()
+
+
+def write_config(tmp_path, config) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def assert_one_clear_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+
+
+def test_config_keys_lists_every_key():
+    result = runner.invoke(app, ["config", "keys"])
+    assert result.exit_code == 0
+    for key in ("train.lr", "adapter.preset", "model.quantization", "data.max_length", "train.resume"):
+        assert key in result.output
+    only_train = runner.invoke(app, ["config", "keys", "train"]).output
+    assert "train.lr" in only_train and "adapter.r" not in only_train
+
+
+def test_config_show_applies_overrides(tmp_path, base_dir, alpaca_file):
+    path = write_config(tmp_path, sft_config(base_dir, alpaca_file, tmp_path / "out"))
+    result = runner.invoke(app, ["config", "show", path, "train.lr=3e-5", "adapter.r=4"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.output)
+    assert shown["train"]["lr"] == pytest.approx(3e-5)
+    assert shown["adapter"]["r"] == 4
+    assert shown["train"]["scheduler"] == "cosine"  # defaults filled in
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        ({"train": {"lrr": 1}}, ["unknown key `train.lrr`", "did you mean `train.lr`"]),
+        ({"train": {"batch_size": "many"}}, ["`train.batch_size`", "'many'"]),
+        ({"data": {"path": "missing.json"}}, ["missing.json does not exist"]),
+    ],
+)
+def test_bad_config_gives_one_clear_error(tmp_path, base_dir, alpaca_file, change, fragments):
+    config = sft_config(base_dir, alpaca_file, tmp_path / "out")
+    for section, values in change.items():
+        config[section] = {**config[section], **values}
+    result = runner.invoke(app, ["train", write_config(tmp_path, config)])
+    assert_one_clear_error(result, *fragments)
+
+
+def test_malformed_record_gives_one_clear_error(tmp_path, base_dir):
+    data = tmp_path / "bad.json"
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a"}]))
+    result = runner.invoke(app, ["train", write_config(tmp_path, sft_config(base_dir, data, tmp_path / "o"))])
+    assert_one_clear_error(result, str(data), "record 1", "`output` is missing")
+
+
+def test_train_merge_chat_end_to_end(tmp_path, base_dir, alpaca_file):
+    out = tmp_path / "run"
+    config = write_config(tmp_path, sft_config(base_dir, alpaca_file, out, max_steps=3))
+    result = runner.invoke(app, ["train", config, "train.max_steps=2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    merged = tmp_path / "merged"
+    result = runner.invoke(
+        app, ["merge", "--base", str(base_dir), "--adapter", str(out / "adapter"), "--out", str(merged)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (merged / "model.safetensors").is_file()
+    result = runner.invoke(
+        app, ["chat", "--model", str(merged), "--max-new-tokens", "4", "--temperature", "0", "add 2 and 2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "assistant" in result.output
+    result = runner.invoke(
+        app,
+        [
+            "chat",
+            "--model",
+            str(base_dir),
+            "--adapter",
+            str(out / "adapter"),
+            "--max-new-tokens",
+            "3",
+            "--demo",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("assistant") == 3
+
+
+def test_interactive_chat_reads_stdin(base_dir):
+    result = runner.invoke(
+        app,
+        [
+            "chat",
+            "--model",
+            str(base_dir),
+            "--template",
+            "chatml",
+            "--max-new-tokens",
+            "2",
+            "--temperature",
+            "0",
+        ],
+        input="hello\n/reset\nadd 1 and 1\n/exit\n",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.count("assistant") == 2
+    assert "history cleared" in result.output

@@ -1,0 +1,32 @@
+"""Every shipped YAML validates, and its header shows the command that runs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmforge.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
+
+
+def test_examples_exist():
+    names = {p.relative_to(ROOT / "examples").as_posix() for p in EXAMPLES}
+    assert {
+        "quickstart/sft.yaml",
+        "llama2/sft_qlora.yaml",
+        "deepseek_r1/sft_lora.yaml",
+        "mistral/sft_qlora.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.relative_to(ROOT / "examples").as_posix())
+def test_example_validates_and_shows_its_command(path):
+    config = load_config(path)
+    first_line = path.read_text().splitlines()[0]
+    assert first_line == f"# lmforge train {path.relative_to(ROOT).as_posix()}"
+    assert config.model.trust_remote_code is False
+    if config.model.quantization != "none":
+        assert config.adapter.method == "lora"
