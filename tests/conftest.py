@@ -45,3 +45,12 @@ def alpaca_file(tmp_path_factory) -> Path:
 def _deterministic():
     torch.manual_seed(0)
     torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

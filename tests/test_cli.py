@@ -6,9 +6,9 @@ import json
 
 import pytest
 import yaml
-from helpers import sft_config
 from typer.testing import CliRunner
 
+from helpers import sft_config
 from lmforge.cli import app
 
 runner = CliRunner()

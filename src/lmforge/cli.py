@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +22,12 @@ app = typer.Typer(
 config_app = typer.Typer(help="Inspect configs: resolved values and every key.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 console = Console(stderr=True)
+
+
+@app.callback()
+def _quiet_library_deprecations() -> None:
+    """Renames inside transformers/peft (FutureWarning) are not the user's concern on the CLI."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 TRACEBACK = typer.Option("--traceback", help="Show the full traceback on errors.")
 

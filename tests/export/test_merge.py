@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
-from helpers import sft_config
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
+from helpers import sft_config
 from lmforge.config import validate_config
 from lmforge.export.merge import MergeError, merge_adapter
 from lmforge.methods import sft
