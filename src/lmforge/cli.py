@@ -29,6 +29,7 @@ def _quiet_library_deprecations() -> None:
     """Renames inside transformers/peft (FutureWarning) are not the user's concern on the CLI."""
     warnings.filterwarnings("ignore", category=FutureWarning)
 
+
 TRACEBACK = typer.Option("--traceback", help="Show the full traceback on errors.")
 
 

@@ -12,7 +12,7 @@ for every template, that both agree token for token.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
 
@@ -182,26 +182,21 @@ _register(
         stop="</s>",
     )
 )
-_register(
-    ChatTemplate(
-        name="chatml",
-        prefix="",
-        system="<|im_start|>system\n{content}<|im_end|>\n",
-        user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-        assistant="{content}<|im_end|>",
-        separator="\n",
-        stop="<|im_end|>",
-    )
+CHATML = ChatTemplate(
+    name="chatml",
+    prefix="",
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    assistant="{content}<|im_end|>",
+    separator="\n",
+    stop="<|im_end|>",
 )
+_register(CHATML)
+# Qwen2.5 is ChatML with a default system prompt.
 _register(
-    ChatTemplate(
+    replace(
+        CHATML,
         name="qwen2.5",
-        prefix="",
-        system="<|im_start|>system\n{content}<|im_end|>\n",
-        user="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-        assistant="{content}<|im_end|>",
-        separator="\n",
-        stop="<|im_end|>",
         default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
         aliases=("qwen",),
     )

@@ -10,17 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from transformers import set_seed
 
-from lmforge.adapters.lora import attach_lora
 from lmforge.config import RunConfig
 from lmforge.data.formats import load_texts
 from lmforge.data.templates import get_template
 from lmforge.data.tokenize import tokenize_texts
-from lmforge.models.loading import count_parameters, load_causal_lm, load_tokenizer
+from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.stage import StageResult, resolve_template
+from lmforge.training.stage import StageResult, load_model_for_training, resolve_template
 from lmforge.training.trainer import build_trainer
 
 console = Console(stderr=True)
@@ -47,13 +45,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
             f"[bold]pretrain data[/]: {len(texts)} texts, {stats.tokens:,} tokens, {stats.examples} blocks"
         )
 
-    set_seed(config.train.seed)  # adapter initialisation must be reproducible too
-    model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet)
-    if config.adapter.method == "lora":
-        model = attach_lora(model, config.adapter, config.train.gradient_checkpointing)
-    trainable, total = count_parameters(model)
-    if not quiet:
-        console.print(f"[bold]parameters[/]: {trainable:,} trainable / {total:,} total")
+    model, hardware = load_model_for_training(config, quiet)
 
     trainer = build_trainer(config, model, tokenizer, hardware, train_ds, None, "pretrain", quiet)
     result = trainer.train(resume_from_checkpoint=resolve_resume(output_dir, config.train.resume))

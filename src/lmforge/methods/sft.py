@@ -12,20 +12,16 @@ import random
 from pathlib import Path
 
 from rich.console import Console
-from transformers import set_seed
 
-from lmforge.adapters.lora import attach_lora
 from lmforge.config import RunConfig
 from lmforge.data.formats import load_conversations
 from lmforge.data.tokenize import TokenizeStats, tokenize_conversations
 from lmforge.models.loading import (
-    count_parameters,
-    load_causal_lm,
     load_tokenizer,
 )
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.stage import StageResult, resolve_template
+from lmforge.training.stage import StageResult, load_model_for_training, resolve_template
 from lmforge.training.trainer import build_trainer
 
 console = Console(stderr=True)
@@ -83,23 +79,13 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     train_ds, stats = tokenize_conversations(conversations, template, tokenizer, config.data.max_length)
     eval_ds = None
     if eval_conversations:
-        eval_ds, eval_stats = tokenize_conversations(
-            eval_conversations, template, tokenizer, config.data.max_length
-        )
+        eval_ds, _ = tokenize_conversations(eval_conversations, template, tokenizer, config.data.max_length)
     if not quiet:
         _report(stats, config.data.max_length, "train")
     if stats.examples == 0:
         raise ValueError(f"{config.data.path}: no example has a response token within data.max_length")
 
-    set_seed(config.train.seed)  # adapter initialisation must be reproducible too
-    model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet)
-    if config.adapter.method == "lora":
-        model = attach_lora(model, config.adapter, config.train.gradient_checkpointing)
-    trainable, total = count_parameters(model)
-    if not quiet:
-        console.print(
-            f"[bold]parameters[/]: {trainable:,} trainable / {total:,} total ({100 * trainable / total:.3f}%)"
-        )
+    model, hardware = load_model_for_training(config, quiet)
 
     trainer = build_trainer(config, model, tokenizer, hardware, train_ds, eval_ds, "sft", quiet)
     resume = resolve_resume(output_dir, config.train.resume)
