@@ -124,3 +124,9 @@ def test_interactive_chat_reads_stdin(base_dir):
     assert result.exit_code == 0, result.output
     assert result.output.count("assistant") == 2
     assert "history cleared" in result.output
+
+
+def test_missing_model_is_one_clear_error(tmp_path, alpaca_file):
+    config = sft_config(tmp_path / "no-such-model", alpaca_file, tmp_path / "out")
+    result = runner.invoke(app, ["train", write_config(tmp_path, config)])
+    assert_one_clear_error(result, "no-such-model")

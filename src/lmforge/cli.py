@@ -41,7 +41,8 @@ def _fail(exc: BaseException, traceback: bool) -> None:
     raise typer.Exit(code=1)
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, FileNotFoundError, RuntimeError)
+# OSError covers a model or file that cannot be found or read (hub id without a network, bad path).
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError, RuntimeError)
 
 
 def run_stage(config: RunConfig):
@@ -130,7 +131,7 @@ def chat(
 
     try:
         engine = Engine.load(model, adapter=adapter, template=template)
-    except USER_ERRORS + (OSError,) as exc:
+    except USER_ERRORS as exc:
         _fail(exc, traceback)
         return
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)

@@ -124,3 +124,24 @@ def test_sft_rejects_text_data_before_loading_a_model(tmp_path, base_dir):
     data.write_text(json.dumps([{"text": "hello"}]))
     with pytest.raises(ValueError, match="pretrain"):
         sft.run(validate_config(sft_config(base_dir, data, tmp_path / "x")), quiet=True)
+
+
+def test_gradient_checkpointing_changes_memory_not_math(tmp_path, base_dir, alpaca_file):
+    plain = sft.run(
+        validate_config(sft_config(base_dir, alpaca_file, tmp_path / "a", max_steps=3)), quiet=True
+    )
+    config = sft_config(base_dir, alpaca_file, tmp_path / "b", max_steps=3, gradient_checkpointing=True)
+    checkpointed = sft.run(validate_config(config), quiet=True)
+    for step, loss in losses(plain.output_dir).items():
+        assert losses(checkpointed.output_dir)[step] == pytest.approx(loss, rel=1e-5)
+
+
+def test_eval_split_and_tensorboard(tmp_path, base_dir, alpaca_file):
+    config = sft_config(base_dir, alpaca_file, tmp_path / "e", max_steps=4, tensorboard=True)
+    config["data"]["eval_split"] = 0.1
+    result = sft.run(validate_config(config), quiet=True)
+    assert result.stats.examples == 90
+    assert "eval_loss" in result.metrics
+    assert list((result.output_dir / "runs").rglob("events.out.tfevents*"))
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in row for row in rows)
