@@ -1,27 +1,42 @@
 """LoRA SFT throughput on CPU: trl ``SFTTrainer`` defaults vs the fastest correct variant.
 
 Every variant trains the same tiny Llama (built from a config, no downloads) with the same LoRA
-adapter, the same pre-tokenized data (prompt tokens masked with -100), the same batch size and the
-same number of optimizer steps, each in its own subprocess so that peak RSS is per variant.
+adapter, the same pre-tokenized data (``input_ids`` + ``labels``, prompt masked with -100), the
+same batch size and the same number of optimizer steps, each in its own subprocess so that peak
+RSS is per variant. All runs are fp32 with gradient checkpointing off unless stated: trl's
+``SFTConfig`` defaults (``bf16=True``, ``gradient_checkpointing=True``) are ~13x slower on CPUs
+without native bf16.
 
 Variants (see ``VARIANTS``):
 
-* ``trl_defaults``: ``SFTTrainer`` as shipped (fused, chunked LM head in ``compute_loss``), fp32,
-  gradient checkpointing off so that only the loss path differs from the others.
-* ``trl_defaults_gc``: same, but keeping trl's ``gradient_checkpointing=True`` default.
+* ``trl_defaults``: ``SFTTrainer`` as shipped: ``compute_loss`` runs trl's fused, chunked LM head
+  (log-probs + entropy + top-1 in tiles; on CPU it scores every position, padding included).
+* ``trl_defaults_gc``: same, with trl's ``gradient_checkpointing=True`` default kept.
 * ``model_loss``: ``SFTTrainer`` subclass whose ``compute_loss`` is ``Trainer.compute_loss``, i.e.
   the model's own causal-LM loss (``labels`` + ``num_items_in_batch``); no fused head.
-* ``model_loss_padding_free``: ``model_loss`` + ``SFTConfig(padding_free=True)``.
-* ``model_loss_group_by_length``: ``model_loss`` + ``train_sampling_strategy="group_by_length"``.
+* ``model_loss_padding_free``: ``model_loss`` + ``SFTConfig(padding_free=True, max_length=None)``.
+* ``model_loss_group_by_length``: ``model_loss`` +
+  ``train_sampling_strategy="group_by_length"`` (the transformers 5 spelling of group_by_length).
+* ``trl_padding_free``: ``trl_defaults`` + padding-free.
+* ``masked_head_*``: like ``model_loss_*``, but the LM head only runs on label positions.
 * ``hf_trainer``: plain ``transformers.Trainer`` + ``DataCollatorForSeq2Seq`` (reference).
 
-``best`` is an alias for ``BEST_VARIANT``. To benchmark lmforge's own SFT trainer builder, replace
-the body of ``build_best_trainer`` with a call into it.
+* ``lmforge``: lmforge's own ``build_trainer`` with its defaults (model loss + padding-free);
+  same batch order and per-step losses as trl's.
+* ``lmforge_grouped``: ``lmforge`` with ``train.group_by_length: true``.
+
+``best`` is an alias for ``BEST_VARIANT`` (``lmforge``). The default run compares trl's
+defaults, the plain transformers Trainer and lmforge (both settings).
+
+Timing: each step's wall time is taken between ``on_step_end`` callbacks, warm-up steps excluded;
+with ``--repeats N`` each step's time is its minimum over N interleaved runs (the per-step minimum
+filters out other processes on a small shared machine: an oversubscribed 2-core box can slow
+2-thread torch by 10x). Tokens/s counts real (unpadded) tokens and padded tokens fed to the model.
 
 Usage::
 
     .venv/bin/python bench/sft_throughput.py --out bench/sft_throughput.json
-    .venv/bin/python bench/sft_throughput.py --variants all --check
+    .venv/bin/python bench/sft_throughput.py --variants all --repeats 1 --check
 """
 
 from __future__ import annotations
@@ -82,9 +97,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 def _synthetic_corpus(rng: random.Random, n_words: int) -> list[str]:
     """Zipf-distributed pseudo-words arranged in sentences, so that BPE learns real merges."""
     syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["th", "sh", "ng", "qu"]
-    lexicon = [
-        "".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)
-    ]
+    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
     weights = [1.0 / (rank + 1) for rank in range(len(lexicon))]
     words = rng.choices(lexicon, weights=weights, k=n_words)
     lines, line = [], []
@@ -357,11 +370,51 @@ def build_hf_trainer(model, tokenizer, dataset, cfg: BenchConfig):
     )
 
 
-BEST_VARIANT = "model_loss_padding_free"
+def build_lmforge(model, tokenizer, dataset, cfg: BenchConfig, **train: Any):
+    """lmforge's own SFT trainer (``lmforge.training.trainer.build_trainer``), default settings.
+
+    Same schedule as the peers (linear, no warmup); lmforge's defaults otherwise: the model's own
+    loss, padding-free batches, uniformly random batch order.
+    """
+    from lmforge.config import validate_config
+    from lmforge.models.hardware import choose_hardware
+    from lmforge.training.trainer import build_trainer
+
+    config = validate_config(
+        {
+            "model": {"name_or_path": "bench-tiny-llama", "dtype": "float32"},
+            "adapter": {"r": cfg.lora_r, "alpha": 2 * cfg.lora_r, "dropout": 0.0},
+            "data": {"path": "bench", "max_length": cfg.max_length},
+            "train": {
+                "output_dir": os.path.join(cfg.workdir, "out"),
+                "max_steps": cfg.total_steps,
+                "batch_size": cfg.batch_size,
+                "lr": cfg.learning_rate,
+                "scheduler": "linear",
+                "warmup_ratio": 0.0,
+                "logging_steps": 1,
+                "seed": cfg.seed,
+                "tensorboard": False,
+                "progress": False,
+                **train,
+            },
+        },
+        source="bench",
+    )
+    hardware = choose_hardware(config.model)
+    return build_trainer(config, model, tokenizer, hardware, dataset, None, "sft", quiet=True)
+
+
+def build_lmforge_grouped(model, tokenizer, dataset, cfg: BenchConfig):
+    """lmforge with ``train.group_by_length: true`` (length-grouped batches)."""
+    return build_lmforge(model, tokenizer, dataset, cfg, group_by_length=True)
+
+
+BEST_VARIANT = "lmforge"
 
 
 def build_best_trainer(model, tokenizer, dataset, cfg: BenchConfig):
-    """The fastest correct variant. Replace this body with lmforge's own SFT trainer builder."""
+    """lmforge's default SFT trainer."""
     return VARIANTS[BEST_VARIANT](model, tokenizer, dataset, cfg)
 
 
@@ -375,6 +428,8 @@ VARIANTS = {
     "masked_head_padding_free": build_masked_head_padding_free,
     "masked_head_group_by_length": build_masked_head_group_by_length,
     "hf_trainer": build_hf_trainer,
+    "lmforge": build_lmforge,
+    "lmforge_grouped": build_lmforge_grouped,
 }
 
 
@@ -435,6 +490,7 @@ def run_variant(name: str, cfg: BenchConfig) -> dict[str, Any]:
 
     trainer.add_callback(Timer())
     rss_before = _rss_mib()
+    load_before = os.getloadavg()[0]
     trainer.train()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
@@ -462,6 +518,7 @@ def run_variant(name: str, cfg: BenchConfig) -> dict[str, Any]:
         "final_loss": sum(step_losses[-5:]) / len(step_losses[-5:]),
         "step_losses": step_losses,
         "step_seconds": step_seconds,
+        "loadavg_1m": [load_before, os.getloadavg()[0]],
     }
 
 
@@ -475,14 +532,13 @@ def check_equivalence(cfg: BenchConfig) -> dict[str, Any]:
     report: dict[str, Any] = {"num_items_in_batch": n_items}
     ref_loss, ref_grads = None, None
     names = ["trl_defaults", "model_loss", "model_loss_padding_free"]
-    names += ["trl_padding_free", "masked_head_padding_free", "hf_trainer"]
+    names += ["trl_padding_free", "masked_head_padding_free", "hf_trainer", "lmforge"]
     for name in names:
         model = build_model(cfg, tokenizer)
         trainer = VARIANTS[name](model, tokenizer, dataset, cfg)
         prepared = trainer.train_dataset
         same_data = all(
-            prepared[i]["input_ids"] == raw[i]["input_ids"]
-            and prepared[i]["labels"] == raw[i]["labels"]
+            prepared[i]["input_ids"] == raw[i]["input_ids"] and prepared[i]["labels"] == raw[i]["labels"]
             for i in range(len(raw))
         )
         batch = trainer.data_collator([{k: ex[k] for k in ("input_ids", "labels")} for ex in raw])
@@ -586,7 +642,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs per variant (interleaved)")
     p.add_argument(
         "--variants",
-        default="trl_defaults,best",
+        default="trl_defaults,hf_trainer,lmforge,lmforge_grouped",
         help=f"comma-separated, or 'all'; choices: best, {', '.join(VARIANTS)}",
     )
     p.add_argument("--check", action="store_true", help="also compare losses/grads on one batch")

@@ -45,10 +45,10 @@ def test_every_problem_is_reported_once(tmp_path):
 
 
 def test_overrides_are_typed_and_nested(tmp_path):
-    cfg = load_config(write(tmp_path, MINIMAL), ["train.lr=1e-4", "adapter.r=16", "train.padding_free=true"])
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.lr=1e-4", "adapter.r=16", "train.padding_free=false"])
     assert cfg.train.lr == pytest.approx(1e-4)
     assert cfg.adapter.r == 16
-    assert cfg.train.padding_free is True
+    assert cfg.train.padding_free is False
     assert parse_overrides(["data.system=be brief"]) == {"data": {"system": "be brief"}}
 
 

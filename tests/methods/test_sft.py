@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pytest
@@ -11,8 +12,13 @@ from safetensors.torch import load_file
 
 from helpers import sft_config
 from lmforge.config import validate_config
+from lmforge.data.formats import load_conversations
+from lmforge.data.templates import get_template
+from lmforge.data.tokenize import tokenize_conversations
 from lmforge.methods import sft
 from lmforge.training.callbacks import COMPLETE_MARKER, NonFiniteError
+from lmforge.training.stage import load_model_for_training
+from lmforge.training.trainer import build_trainer
 
 
 def losses(output_dir) -> dict[int, float]:
@@ -109,14 +115,43 @@ def test_non_finite_loss_stops_and_names_step(tmp_path, base_dir, alpaca_file):
 
 
 def test_padding_free_gives_same_loss(tmp_path, base_dir, alpaca_file):
-    padded = sft.run(
-        validate_config(sft_config(base_dir, alpaca_file, tmp_path / "p", max_steps=2)), quiet=True
+    def run(name, padding_free):
+        config = sft_config(base_dir, alpaca_file, tmp_path / name, max_steps=3, padding_free=padding_free)
+        return losses(sft.run(validate_config(config), quiet=True).output_dir)
+
+    padded, free = run("p", False), run("f", True)
+    assert free.keys() == padded.keys()
+    for step, loss in padded.items():
+        assert free[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_group_by_length_batches_similar_lengths(tmp_path, base_dir, tokenizer):
+    rng = random.Random(0)
+    records = [
+        {"instruction": "say words", "input": "", "output": " ".join(["cat"] * rng.randint(1, 40))}
+        for _ in range(64)
+    ]
+    data = tmp_path / "varied.json"
+    data.write_text(json.dumps(records))
+
+    def batch_spread(group_by_length: bool) -> float:
+        config = validate_config(
+            sft_config(base_dir, data, tmp_path / str(group_by_length), group_by_length=group_by_length)
+        )
+        template = get_template("chatml")
+        dataset, _ = tokenize_conversations(load_conversations(data, "auto"), template, tokenizer, 64)
+        model, hardware = load_model_for_training(config, quiet=True)
+        trainer = build_trainer(config, model, tokenizer, hardware, dataset, None, "sft", quiet=True)
+        order = list(trainer._get_train_sampler())
+        lengths = [len(dataset[i]["input_ids"]) for i in order]
+        batches = [lengths[i : i + 4] for i in range(0, len(lengths), 4)]
+        return sum(max(b) - min(b) for b in batches) / len(batches)
+
+    assert batch_spread(True) < 0.5 * batch_spread(False)
+    result = sft.run(
+        validate_config(sft_config(base_dir, data, tmp_path / "run", group_by_length=True)), quiet=True
     )
-    free = sft.run(
-        validate_config(sft_config(base_dir, alpaca_file, tmp_path / "f", max_steps=2, padding_free=True)),
-        quiet=True,
-    )
-    assert losses(free.output_dir)[1] == pytest.approx(losses(padded.output_dir)[1], rel=1e-5)
+    assert result.steps == 8
 
 
 def test_sft_rejects_text_data_before_loading_a_model(tmp_path, base_dir):

@@ -110,6 +110,7 @@ def training_arguments(
         # lmforge truncates while tokenizing; trl only needs it for its own preparation (skipped).
         max_length=None if train.padding_free else max_length,
         padding_free=train.padding_free,
+        train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         dataset_kwargs={"skip_prepare_dataset": True},  # lmforge tokenizes and masks itself
         remove_unused_columns=False,
         save_only_model=False,

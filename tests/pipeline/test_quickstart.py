@@ -1,0 +1,65 @@
+"""`lmforge quickstart` end to end, then the shipped example config trained on what it wrote.
+
+One test on purpose: the pipeline is the expensive part (about a minute), and a module
+fixture could run once per xdist worker.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def losses(metrics: Path) -> list[float]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def test_quickstart_learns_merges_chats_and_feeds_the_example_config(tmp_path):
+    out = tmp_path / "quickstart"
+    result = runner.invoke(app, ["quickstart", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["heldout"] >= 100
+    assert results["accuracy_after"] - results["accuracy_before"] >= 0.40
+    # merging changes no answer: the merged model is the adapter model
+    assert results["accuracy_merged"] == results["accuracy_after"]
+    assert results["chat_answer"] == results["expected_answer"]
+    assert "held-out exact match" in result.output  # the results table
+
+    train = {r["instruction"] for r in json.loads((out / "data" / "sft_train.json").read_text())}
+    heldout = {r["instruction"] for r in json.loads((out / "data" / "heldout.json").read_text())}
+    assert not train & heldout
+    for weights in ("base", "pretrain/model", "merged"):
+        assert (out / weights / "model.safetensors").exists(), weights
+    assert (out / "sft" / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "merged" / "lmforge_template.txt").read_text().strip() == "chatml"
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.tmp"))
+
+    # The shipped example trains on the quickstart's outputs, with command-line overrides.
+    example = tmp_path / "example"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(ROOT / "examples" / "quickstart" / "sft.yaml"),
+            f"model.name_or_path={out / 'pretrain' / 'model'}",
+            f"data.path={out / 'data' / 'sft_train.json'}",
+            f"train.output_dir={example}",
+            "train.max_steps=40",
+            "train.save_steps=20",
+            "train.progress=false",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (example / "adapter" / "adapter_model.safetensors").exists()
+    curve = losses(example / "metrics.jsonl")
+    assert curve[-1] < 0.5 * curve[0]
