@@ -53,7 +53,7 @@ def test_config_show_applies_overrides(tmp_path, base_dir, alpaca_file):
     [
         ({"train": {"lrr": 1}}, ["unknown key `train.lrr`", "did you mean `train.lr`"]),
         ({"train": {"batch_size": "many"}}, ["`train.batch_size`", "'many'"]),
-        ({"data": {"path": "missing.json"}}, ["missing.json does not exist"]),
+        ({"data": {"path": "missing.json"}}, ["`missing.json` is not a file or folder"]),
     ],
 )
 def test_bad_config_gives_one_clear_error(tmp_path, base_dir, alpaca_file, change, fragments):
@@ -66,9 +66,9 @@ def test_bad_config_gives_one_clear_error(tmp_path, base_dir, alpaca_file, chang
 
 def test_malformed_record_gives_one_clear_error(tmp_path, base_dir):
     data = tmp_path / "bad.json"
-    data.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a"}]))
+    data.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "a", "output": ["b"]}]))
     result = runner.invoke(app, ["train", write_config(tmp_path, sft_config(base_dir, data, tmp_path / "o"))])
-    assert_one_clear_error(result, str(data), "record 1", "`output` is missing")
+    assert_one_clear_error(result, str(data), "record 1", "`output` is a list, expected a string")
 
 
 def test_train_merge_chat_end_to_end(tmp_path, base_dir, alpaca_file):

@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configs: resolved values and every key.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+data_app = typer.Typer(help="Inspect and validate training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 
 
@@ -37,7 +39,7 @@ def _fail(exc: BaseException, traceback: bool) -> None:
     """One clear line for errors a user can cause; full traceback only when asked."""
     if traceback:
         raise exc
-    console.print(f"[bold red]error[/]: {escape(str(exc))}")
+    console.print(f"[bold red]error[/]: {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -72,6 +74,64 @@ def train(
         f"[bold green]done[/]: {result.steps} steps, train loss {result.train_loss:.4f}, "
         f"{result.artifact.name}/ in {result.output_dir}"
     )
+
+
+@data_app.command("check")
+def data_check(
+    target: Annotated[str, typer.Argument(help="A YAML config, or a dataset (file, folder, registry name).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Config overrides: section.key=value ...")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Tokenizer to count tokens with (default: the config's model).")
+    ] = None,
+    template: Annotated[str | None, typer.Option(help="Chat template (default: the config's).")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(help="What the data is for: sft, pretrain, dpo, kto, grpo (default: config)."),
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option(help="Tokens per example (default: the config's).")
+    ] = None,
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Read every record: counts, token lengths, truncation, bad records, 2 rendered examples."""
+    from lmforge.config.data import DataConfig
+    from lmforge.config.model import ModelConfig
+    from lmforge.data.check import check_data, print_report
+    from lmforge.data.loader import STAGE_NEEDS
+    from lmforge.data.templates import get_template, guess_template
+    from lmforge.models.loading import load_tokenizer, saved_template_name
+
+    try:
+        if target.endswith((".yaml", ".yml")):
+            cfg = load_config(Path(target), overrides or [])
+            data, model_cfg, method = cfg.data, cfg.model, cfg.method.name
+        else:
+            data, model_cfg, method = DataConfig(path=target), None, "sft"
+        if model is not None:
+            model_cfg = ModelConfig(name_or_path=model)
+        updates = {k: v for k, v in {"template": template, "max_length": max_length}.items() if v is not None}
+        data = data.model_copy(update=updates)
+        method = stage or method
+        if method not in STAGE_NEEDS:
+            raise ValueError(f"--stage {method} is not one of {', '.join(STAGE_NEEDS)}")
+        tokenizer = chat_template = None
+        if model_cfg is not None:
+            tokenizer = load_tokenizer(model_cfg)
+            name = data.template
+            if name == "auto":
+                name = saved_template_name(model_cfg.name_or_path) or guess_template(model_cfg.name_or_path)
+            chat_template = get_template(name)
+        report = check_data(data, STAGE_NEEDS[method], tokenizer, chat_template)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    print_report(report, Console(), unit="tokens" if tokenizer is not None else "characters (no --model)")
+    if report.errors:
+        console.print(f"[bold red]{report.errors} error(s)[/]: training would refuse this data")
+        raise typer.Exit(code=1)
+    console.print("[bold green]ok[/]: every record is usable")
 
 
 @app.command()

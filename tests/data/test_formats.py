@@ -1,12 +1,18 @@
-"""Reading records: alpaca and messages normalise alike; every bad record is named."""
+"""Every layout and file type normalises to the same Example; every bad record is named."""
 
 from __future__ import annotations
 
+import csv
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from lmforge.data.formats import DataError, load_conversations, load_texts, read_records
+from lmforge.config.data import Columns, DataConfig, Tags
+from lmforge.data.files import DataError, read_records
+from lmforge.data.formats import Example, problems, to_example
+from lmforge.data.loader import load_examples
 
 
 def write(tmp_path, name, content):
@@ -15,52 +21,193 @@ def write(tmp_path, name, content):
     return path
 
 
+def load(path, needs="sft", **data):
+    return load_examples(DataConfig(path=str(path), **data), needs).train
+
+
 def test_alpaca_with_input_history_and_system(tmp_path):
-    path = write(
-        tmp_path,
-        "a.json",
-        [
-            {
-                "instruction": "translate",
-                "input": "chat",
-                "output": "cat",
-                "system": "be short",
-                "history": [["hi", "hello"]],
-            }
-        ],
+    record = {
+        "instruction": "translate",
+        "input": "chat",
+        "output": "cat",
+        "system": "be short",
+        "history": [["hi", "hello"]],
+    }
+    [ex] = load(write(tmp_path, "a.json", [record]))
+    assert ex.kind == "sft"
+    assert ex.system == "be short"
+    assert ex.turns == (("hi", "hello"), ("translate\nchat", "cat"))
+    assert ex.where.endswith("a.json: record 0")
+
+
+def test_sharegpt_messages_and_parts_agree(tmp_path):
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": "s"},
+            {"from": "human", "value": "u"},
+            {"from": "gpt", "value": "a"},
+        ]
+    }
+    openai = {
+        "messages": [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": [{"type": "text", "text": "u"}]},
+            {"role": "assistant", "content": "a"},
+        ]
+    }
+    path = write(tmp_path, "m.jsonl", json.dumps(sharegpt) + "\n\n" + json.dumps(openai) + "\n")
+    first, second = load(path)
+    assert first.turns == second.turns == (("u", "a"),)
+    assert first.system == second.system == "s"
+
+
+def test_custom_sharegpt_tags_and_tool_turns(tmp_path):
+    record = {
+        "dialog": [
+            {"who": "person", "text": "call it"},
+            {"who": "tool_call", "text": "f()"},
+            {"who": "tool", "text": "42"},
+            {"who": "bot", "text": "it is 42"},
+        ]
+    }
+    tags = Tags(
+        role_tag="who",
+        content_tag="text",
+        user_tag="person",
+        assistant_tag="bot",
+        observation_tag="tool",
+        function_tag="tool_call",
     )
-    [conv] = load_conversations(path)
-    assert conv.system == "be short"
-    assert conv.turns == [("hi", "hello"), ("translate\nchat", "cat")]
+    ex = to_example(record, "r", "sharegpt", Columns(messages="dialog"), tags)
+    assert ex.turns == (("call it", "f()"), ("42", "it is 42"))
 
 
-def test_messages_jsonl(tmp_path):
-    rows = [
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"instruction": "q", "input": "", "chosen": "good", "rejected": "bad"},
+        {"prompt": "q", "chosen": "good", "rejected": "bad"},
         {
-            "messages": [
-                {"role": "system", "content": "s"},
-                {"role": "user", "content": "u"},
-                {"role": "assistant", "content": "a"},
-            ]
-        }
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "assistant", "content": "bad"}],
+        },
+        {
+            "conversations": [{"from": "human", "value": "q"}],
+            "chosen": {"from": "gpt", "value": "good"},
+            "rejected": {"from": "gpt", "value": "bad"},
+        },
+        {  # TRL implicit prompt: whole chats sharing a prefix
+            "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "good"}],
+            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "bad"}],
+        },
+    ],
+)
+def test_preference_layouts_agree(record):
+    ex = to_example(record, "r", "auto")
+    assert ex.kind == "preference"
+    assert (ex.prompt, ex.response, ex.rejected) == ("q", "good", "bad")
+    assert ex.conversation(ex.rejected).turns == [("q", "bad")]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"prompt": "q", "completion": "a", "label": False},
+        {"instruction": "q", "output": "a", "kto_tag": "false"},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": 0},
+    ],
+)
+def test_kto_layouts_agree(record):
+    ex = to_example(record, "r", "auto")
+    assert ex.kind == "kto" and ex.label is False and (ex.prompt, ex.response) == ("q", "a")
+
+
+def test_prompt_only_keeps_reference_fields():
+    ex = to_example({"prompt": "2+2?", "answer": "4", "difficulty": 1}, "r", "auto")
+    assert ex.kind == "prompt" and ex.prompt == "2+2?" and ex.response == ""
+    assert ex.reference == {"answer": "4", "difficulty": 1}
+    chat = to_example({"messages": [{"role": "user", "content": "hi"}], "solution": "x"}, "r", "auto")
+    assert chat.kind == "prompt" and chat.reference == {"solution": "x"}
+
+
+def test_images_resolve_inside_the_dataset_folder(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "a.png").write_bytes(b"png")
+    record = {
+        "messages": [{"role": "user", "content": "<image>what?"}, {"role": "assistant", "content": "a"}]
+    }
+    ex = to_example({**record, "images": ["img/a.png"]}, "r", "auto", root=tmp_path)
+    assert ex.images == ((tmp_path / "img" / "a.png").resolve(),)
+    assert problems(ex, "sft") == []
+    for escape in ("../secret.png", "/etc/passwd", "img/../../x.png"):
+        with pytest.raises(DataError, match="outside the dataset folder"):
+            to_example({**record, "images": [escape]}, "r", "auto", root=tmp_path)
+
+
+def test_image_count_must_match_placeholders_and_files_must_exist(tmp_path):
+    record = {"instruction": "<image><image> compare", "output": "same", "images": ["a.png"]}
+    codes = [code for code, _ in problems(to_example(record, "r", "auto", root=tmp_path), "sft")]
+    assert codes == ["image_mismatch", "missing_image"]
+
+
+def test_training_refuses_bad_records_naming_each(tmp_path):
+    records = [
+        {"instruction": "a", "output": "b"},
+        {"instruction": "c"},  # prompt-only: nothing to learn
+        {"instruction": "<image>", "output": "d"},  # placeholder without an image
     ]
-    path = write(tmp_path, "m.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
-    [conv] = load_conversations(path)
-    assert conv.system == "s" and conv.turns == [("u", "a")]
+    with pytest.raises(DataError) as err:
+        load(write(tmp_path, "a.json", records))
+    message = str(err.value)
+    assert "2 problem(s)" in message
+    assert "record 1 has an empty response" in message
+    assert "record 2 has 1 `<image>` placeholder(s) but 0 image(s)" in message
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(DataError, match="nope.json does not exist"):
-        load_conversations(tmp_path / "nope.json")
+@pytest.mark.parametrize("suffix", ["json", "jsonl", "csv", "parquet"])
+def test_every_file_type_reads_the_same(tmp_path, suffix):
+    rows = [
+        {"instruction": "add 1 and 2", "input": "", "output": "3"},
+        {"instruction": "say hi", "input": "now", "output": 'hi, "you"'},
+    ]
+    path = tmp_path / f"d.{suffix}"
+    if suffix == "json":
+        path.write_text(json.dumps(rows))
+    elif suffix == "jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif suffix == "csv":
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    assert [e.turns for e in load(path)] == [(("add 1 and 2", "3"),), (("say hi\nnow", 'hi, "you"'),)]
+
+
+def test_folder_of_files_and_txt_lines(tmp_path):
+    folder = tmp_path / "corpus"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "b.txt").write_text("second\n\nthird\n")
+    (folder / "sub" / "a.jsonl").write_text('{"text": "first"}\n')
+    (folder / "notes.md").write_text("ignored")
+    texts = [e.text for e in load(folder, needs="text")]
+    assert texts == ["second", "third", "first"]  # b.txt before sub/a.jsonl: sorted paths
+
+
+def test_missing_file_and_unknown_name(tmp_path):
+    with pytest.raises(DataError, match="not a file or folder"):
+        load(tmp_path / "nope.json")
 
 
 def test_malformed_record_names_file_and_index(tmp_path):
-    path = write(tmp_path, "a.json", [{"instruction": "x", "output": "y"}, {"instruction": "x", "output": 3}])
+    path = write(
+        tmp_path, "a.json", [{"instruction": "x", "output": "y"}, {"instruction": "x", "output": [3]}]
+    )
     with pytest.raises(DataError) as err:
-        load_conversations(path)
-    assert str(path) in str(err.value)
-    assert "record 1" in str(err.value)
-    assert "`output` is a int, expected a string" in str(err.value)
+        load(path)
+    assert f"{path}: record 1: `output` is a list, expected a string" in str(err.value)
 
 
 def test_bad_jsonl_line_is_named(tmp_path):
@@ -72,9 +219,9 @@ def test_bad_jsonl_line_is_named(tmp_path):
 @pytest.mark.parametrize(
     ("messages", "problem"),
     [
-        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "second user message"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "two user messages in a row"),
         ([{"role": "assistant", "content": "a"}], "no user message before it"),
-        ([{"role": "user", "content": "a"}], "must end with the assistant"),
+        ([{"role": "user", "content": "a"}], "empty response"),
         ([{"role": "bot", "content": "a"}], "role `bot`"),
         ([{"role": "user"}], "`role` and `content`"),
     ],
@@ -82,18 +229,25 @@ def test_bad_jsonl_line_is_named(tmp_path):
 def test_bad_messages(tmp_path, messages, problem):
     path = write(tmp_path, "m.json", [{"messages": messages}])
     with pytest.raises(DataError, match=problem) as err:
-        load_conversations(path)
+        load(path)
     assert "record 0" in str(err.value)
 
 
 def test_unknown_format_says_what_is_expected(tmp_path):
     with pytest.raises(DataError, match="cannot tell its format"):
-        load_conversations(write(tmp_path, "a.json", [{"question": "q", "answer": "a"}]))
+        load(write(tmp_path, "a.json", [{"question": "q", "answer": "a"}]))
 
 
 def test_text_records_rejected_for_sft_but_read_for_pretraining(tmp_path):
     path = write(tmp_path, "t.json", [{"text": "hello"}])
-    with pytest.raises(DataError, match="pretrain"):
-        load_conversations(path)
-    assert load_texts(path) == ["hello"]
-    assert load_texts(write(tmp_path, "t.txt", "a\n\nb\n")) == ["a", "b"]
+    with pytest.raises(DataError, match="this stage needs an instruction"):
+        load(path)
+    assert [e.text for e in load(path, needs="text")] == ["hello"]
+
+
+def test_example_kind_table():
+    assert Example(text="t").kind == "text"
+    assert Example(turns=(("q", ""),)).kind == "prompt"
+    assert Example(turns=(("q", "a"),)).kind == "sft"
+    assert Example(turns=(("q", "a"),), label=True).kind == "kto"
+    assert Example(turns=(("q", "a"),), rejected="b").kind == "preference"

@@ -6,10 +6,17 @@ import pytest
 import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from lmforge.data.formats import Example
 from lmforge.data.templates import TEMPLATES, Conversation, get_template
-from lmforge.data.tokenize import IGNORE, encode_conversation, tokenize_conversations
+from lmforge.data.tokenize import IGNORE, encode_conversation, tokenize_examples
 
 NAMES = sorted({t.name for t in TEMPLATES.values()})
+
+
+def example(turns, where="r"):
+    return Example(turns=tuple(turns), where=where)
+
+
 CONV = Conversation(turns=[("add 1 and 2", "3"), ("add 4 and 5", "9")], system="math")
 
 
@@ -37,18 +44,40 @@ def test_only_responses_carry_labels(tokenizer, name):
 def test_truncation_respects_max_length_and_is_counted(tokenizer):
     template = get_template("chatml")
     fits = len(encode_conversation(CONV, template, tokenizer, 512)[0]["input_ids"])
-    long = Conversation(turns=[("add 1 and 2", "the cat sat on the mat " * 20)])
-    dataset, stats = tokenize_conversations([long, CONV], template, tokenizer, max_length=fits)
-    assert stats.truncated == 1 and stats.examples == 2
+    long = example([("add 1 and 2", "the cat sat on the mat " * 20)], "long")
+    dataset, stats = tokenize_examples(
+        [long, Example(turns=tuple(CONV.turns), system=CONV.system)], template, tokenizer, max_length=fits
+    )
+    assert stats.truncated == 1 and stats.examples == 2 and stats.truncated_where == ["long"]
     assert [len(ids) for ids in dataset["input_ids"]] == [fits, fits]
 
 
 def test_prompt_filling_max_length_is_dropped(tokenizer):
     template = get_template("chatml")
     fits = len(encode_conversation(CONV, template, tokenizer, 512)[0]["input_ids"])
-    long = Conversation(turns=[("the cat sat on the mat " * 20, "3")])
-    dataset, stats = tokenize_conversations([long, CONV], template, tokenizer, max_length=fits)
-    assert stats.dropped == 1 and len(dataset) == 1
+    long = example([("the cat sat on the mat " * 20, "3")], "long")
+    dataset, stats = tokenize_examples(
+        [long, Example(turns=tuple(CONV.turns), system=CONV.system)], template, tokenizer, max_length=fits
+    )
+    assert stats.dropped == 1 and len(dataset) == 1 and stats.dropped_where == ["long"]
+
+
+def test_truncation_that_would_cut_an_image_drops_the_example(tokenizer, tmp_path):
+    template = get_template("qwen2-vl")
+    pic = example([("<image> what is this", "the cat sat on the mat " * 20)], "pic")
+    pic = Example(turns=pic.turns, images=(tmp_path / "a.png",), where="pic")
+    dataset, stats = tokenize_examples([pic], template, tokenizer, max_length=40)
+    assert len(dataset) == 0 and stats.image_cut == 1 and stats.dropped_where == ["pic"]
+
+
+def test_train_on_last_turn_masks_earlier_answers(tokenizer):
+    template = get_template("chatml")
+    every, _ = encode_conversation(CONV, template, tokenizer, 512)
+    last, _ = encode_conversation(CONV, template, tokenizer, 512, train_on="last_turn")
+    assert every["input_ids"] == last["input_ids"]
+    (_, first_answer), (_, second_answer) = template.encode(CONV, tokenizer)
+    assert [t for t in last["labels"] if t != IGNORE] == second_answer
+    assert [t for t in every["labels"] if t != IGNORE] == first_answer + second_answer
 
 
 def test_collator_keeps_eos_label_when_pad_equals_eos(tokenizer):

@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from helpers import sft_config
 from lmforge.config import validate_config
-from lmforge.data.formats import load_conversations
+from lmforge.data.loader import load_examples
 from lmforge.data.templates import get_template
-from lmforge.data.tokenize import tokenize_conversations
+from lmforge.data.tokenize import tokenize_examples
 from lmforge.methods import sft
 from lmforge.training.callbacks import COMPLETE_MARKER, NonFiniteError
 from lmforge.training.stage import load_model_for_training
@@ -139,7 +139,7 @@ def test_group_by_length_batches_similar_lengths(tmp_path, base_dir, tokenizer):
             sft_config(base_dir, data, tmp_path / str(group_by_length), group_by_length=group_by_length)
         )
         template = get_template("chatml")
-        dataset, _ = tokenize_conversations(load_conversations(data, "auto"), template, tokenizer, 64)
+        dataset, _ = tokenize_examples(load_examples(config.data, "sft").train, template, tokenizer, 64)
         model, hardware = load_model_for_training(config, quiet=True)
         trainer = build_trainer(config, model, tokenizer, hardware, dataset, None, "sft", quiet=True)
         order = list(trainer._get_train_sampler())
@@ -171,9 +171,9 @@ def test_gradient_checkpointing_changes_memory_not_math(tmp_path, base_dir, alpa
         assert losses(checkpointed.output_dir)[step] == pytest.approx(loss, rel=1e-5)
 
 
-def test_eval_split_and_tensorboard(tmp_path, base_dir, alpaca_file):
+def test_val_size_split_and_tensorboard(tmp_path, base_dir, alpaca_file):
     config = sft_config(base_dir, alpaca_file, tmp_path / "e", max_steps=4, tensorboard=True)
-    config["data"]["eval_split"] = 0.1
+    config["data"]["val_size"] = 0.1
     result = sft.run(validate_config(config), quiet=True)
     assert result.stats.examples == 90
     assert "eval_loss" in result.metrics

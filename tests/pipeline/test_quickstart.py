@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from typer.testing import CliRunner
 
 from lmforge.cli import app
@@ -23,6 +24,8 @@ def losses(metrics: Path) -> list[float]:
 
 
 def test_quickstart_learns_merges_chats_and_feeds_the_example_config(tmp_path):
+    # The suite's longest test, usually running last: both cores, as `lmforge quickstart` would.
+    torch.set_num_threads(2)
     out = tmp_path / "quickstart"
     result = runner.invoke(app, ["quickstart", "--output-dir", str(out)])
     assert result.exit_code == 0, result.output

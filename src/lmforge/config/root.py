@@ -23,8 +23,11 @@ class RunConfig(Section):
     def _stage_needs(self) -> RunConfig:
         if not self.model.name_or_path:
             raise ValueError("model.name_or_path is empty: give a local model folder or a hub id")
-        if not self.data.path:
-            raise ValueError("data.path is empty: give a .json or .jsonl file of training records")
+        if not self.data.sources():
+            raise ValueError(
+                "data.path is empty: give a data file or folder, a registry name or a hub dataset id "
+                "(or a list under data.datasets)"
+            )
         if self.model.quantization != "none" and self.adapter.method == "none":
             raise ValueError(
                 f"model.quantization is {self.model.quantization} but adapter.method is none: "

@@ -1,173 +1,471 @@
-"""Read training records from disk and normalise them into `Conversation`s.
+"""Normalise records of every supported layout into one `Example`.
 
-Formats: alpaca (`instruction`, `input`, `output`, optional `system`, `history`),
-chat `messages` (`role`/`content`, OpenAI style) and plain `text` for pre-training.
-Every problem is reported as a `DataError` naming the file, the record and the fix.
+Layouts (`data.format`):
+* alpaca: `instruction`, `input`, `output`, optional `system`, `history` ([user, assistant]
+  pairs), `images`; `chosen`/`rejected` instead of `output` for preference pairs, `label` or
+  `kto_tag` for KTO; no `output` at all for a prompt-only record.
+* sharegpt: a `conversations` list of `{from, value}` messages (role names configurable through
+  `tags`, LLaMA-Factory style); observation/function turns count as user/assistant.
+* messages: OpenAI-style `messages` of `{role, content}`; content may be a list of parts
+  (`{"type": "text", "text": …}` / `{"type": "image"}`).
+* prompt: TRL style `prompt` (string or messages) with `completion`, `chosen`/`rejected`, `label`,
+  or nothing (prompt-only, for PPO/GRPO: the other fields become reference answers).
+* text: `text` for pre-training.
+
+What kind of example a record is follows from its fields: text, preference (chosen and
+rejected), kto (a boolean label), prompt (no response) or sft. Errors are `DataError`s naming
+the file, record and field, raised here, before any library sees the data.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.templates import Conversation
+from lmforge.config.data import Columns, Tags
+from lmforge.data.files import DataError, inside
+from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
+
+OPENAI_TAGS = Tags(role_tag="role", content_tag="content", user_tag="user", assistant_tag="assistant")
+KINDS = ("sft", "preference", "kto", "prompt", "text")
 
 
-class DataError(ValueError):
-    """A data file or record cannot be used; the message names the file and record."""
+@dataclass(frozen=True)
+class Example:
+    """One record, whatever its file layout.
+
+    `turns` are (user, assistant) pairs; the last pair's assistant text is the response (the
+    chosen one for a preference pair) and is "" for a prompt-only record.
+    """
+
+    turns: tuple[tuple[str, str], ...] = ()
+    system: str | None = None
+    rejected: str | None = None
+    label: bool | None = None
+    images: tuple[Path, ...] = ()
+    reference: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None
+    where: str = ""
+
+    @property
+    def kind(self) -> str:
+        if self.text is not None:
+            return "text"
+        if self.rejected is not None:
+            return "preference"
+        if self.label is not None:
+            return "kto"
+        if not self.turns[-1][1]:
+            return "prompt"
+        return "sft"
+
+    @property
+    def prompt(self) -> str:
+        return self.turns[-1][0]
+
+    @property
+    def response(self) -> str:
+        return self.turns[-1][1]
+
+    def conversation(self, response: str | None = None) -> Conversation:
+        """The chat; `response` replaces the last answer (e.g. the rejected one)."""
+        turns = list(self.turns)
+        if response is not None:
+            turns[-1] = (turns[-1][0], response)
+        return Conversation(turns=turns, system=self.system)
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records from a .json file (a list of objects) or a .jsonl file (one object per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"data file {path} does not exist (check data.path; relative paths start at the "
-            "directory you run lmforge from)"
-        )
-    suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
-    if suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})"
-                ) from None
-    elif suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as exc:
+# --------------------------------------------------------------------------------------------------
+# field access
+# --------------------------------------------------------------------------------------------------
+
+
+def _text(value: Any, where: str, key: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # CSV/parquet numbers as answers: "42"
+    found = "missing" if value is None else f"a {type(value).__name__}"
+    raise DataError(f"{where}: `{key}` is {found}, expected a string")
+
+
+def _bool(value: Any, where: str, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise DataError(f"{where}: `{key}` is {value!r}, expected true or false (KTO desirability)")
+
+
+def _column(record: dict[str, Any], *names: str | None) -> str | None:
+    """The first of `names` present in the record (None when none is)."""
+    for name in names:
+        if name is not None and name in record:
+            return name
+    return None
+
+
+def _images(record: dict[str, Any], key: str | None, where: str, root: Path | None) -> tuple[Path, ...]:
+    if key is None or record.get(key) in (None, [], ""):
+        return ()
+    value = record[key]
+    items = [value] if isinstance(value, str | dict) else value
+    if not isinstance(items, list):
+        raise DataError(f"{where}: `{key}` must be a list of image paths")
+    paths = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and isinstance(item.get("path"), str):
+            item = item["path"]
+        if not isinstance(item, str) or not item:
+            raise DataError(f"{where}: `{key}`[{i}] must be an image path (a string)")
+        paths.append(inside(root, item, "image", where) if root is not None else Path(item))
+    return tuple(paths)
+
+
+def _message_text(content: Any, where: str) -> str:
+    """A message's content: a string, or OpenAI/HF parts (text parts joined, images as <image>)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        pieces = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+            elif isinstance(part, dict) and part.get("type") in ("image", "image_url"):
+                pieces.append(IMAGE_PLACEHOLDER)
+            else:
+                raise DataError(f"{where}: content parts must be {{type: text, text}} or {{type: image}}")
+        return "".join(pieces)
+    raise DataError(f"{where}: message content must be a string or a list of parts")
+
+
+def detect_tags(messages: list[Any]) -> Tags:
+    first = messages[0] if messages and isinstance(messages[0], dict) else {}
+    return OPENAI_TAGS if "role" in first else Tags()
+
+
+def _messages(value: Any, where: str, key: str, tags: Tags | None) -> list[tuple[str, str]]:
+    """(role, text) with role in system/user/assistant, from a message list in any tag style."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: `{key}` must be a non-empty list of messages")
+    tags = tags or detect_tags(value)
+    roles = {
+        tags.user_tag: "user",
+        tags.observation_tag: "user",
+        tags.assistant_tag: "assistant",
+        tags.function_tag: "assistant",
+        tags.system_tag: "system",
+    }
+    out = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or tags.role_tag not in message or tags.content_tag not in message:
             raise DataError(
-                f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
-            ) from None
-        if not isinstance(records, list):
-            raise DataError(
-                f"{path}: expected a JSON list of records, got {type(records).__name__}; "
-                "use .jsonl for one record per line"
+                f"{where}: {key}[{i}] must be an object with `{tags.role_tag}` and `{tags.content_tag}` "
+                "(set the dataset's tags if your messages use other keys)"
             )
-    elif suffix == ".txt":
-        records = [{"text": line} for line in text.splitlines() if line.strip()]
-    else:
-        raise DataError(f"{path}: unsupported file type `{suffix}`; use .json, .jsonl or .txt")
-    if not records:
-        raise DataError(f"{path}: no records")
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: record {index} is a {type(record).__name__}, expected an object")
-    return records
+        role = message[tags.role_tag]
+        if role not in roles:
+            raise DataError(
+                f"{where}: {key}[{i}] has role `{role}`; expected one of {', '.join(map(str, roles))} "
+                "(set the dataset's tags if your roles have other names)"
+            )
+        out.append((roles[role], _message_text(message[tags.content_tag], f"{where}: {key}[{i}]")))
+    return out
 
 
-def detect_format(record: dict[str, Any], path: str | Path) -> str:
-    if "messages" in record:
-        return "messages"
-    if "instruction" in record and "output" in record:
+def _turns(messages: list[tuple[str, str]], where: str, key: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(system, turns) from role/text pairs; a trailing user message becomes a turn with no answer."""
+    system = None
+    if messages and messages[0][0] == "system":
+        system = messages[0][1]
+        messages = messages[1:]
+    turns: list[tuple[str, str]] = []
+    pending: str | None = None
+    for i, (role, text) in enumerate(messages):
+        if role == "system":
+            raise DataError(f"{where}: {key} has a system message after the start; only the first may be")
+        if role == "user":
+            if pending is not None:
+                raise DataError(
+                    f"{where}: {key} has two user messages in a row (message {i}); user and assistant "
+                    "must alternate"
+                )
+            pending = text
+        else:
+            if pending is None:
+                raise DataError(f"{where}: {key} has an assistant message with no user message before it")
+            turns.append((pending, text))
+            pending = None
+    if pending is not None:
+        turns.append((pending, ""))
+    if not turns:
+        raise DataError(f"{where}: `{key}` holds no user message")
+    return system, turns
+
+
+def _response(value: Any, where: str, key: str, tags: Tags | None) -> str:
+    """A response given as a string, one message object, or a list of assistant messages."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        parsed = _messages(value, where, key, tags)
+        if any(role != "assistant" for role, _ in parsed):
+            raise DataError(f"{where}: `{key}` must hold only assistant messages")
+        return "".join(text for _, text in parsed)
+    return _text(value, where, key)
+
+
+# --------------------------------------------------------------------------------------------------
+# layouts
+# --------------------------------------------------------------------------------------------------
+
+
+def detect_format(record: dict[str, Any], where: str, columns: Columns | None = None) -> str:
+    columns = columns or Columns()
+    if _column(record, columns.messages, "conversations", "messages"):
+        return "sharegpt"
+    if _column(record, columns.prompt, "instruction"):
         return "alpaca"
+    if "prompt" in record or ("chosen" in record and "rejected" in record):
+        return "prompt"
     if "text" in record:
         return "text"
     raise DataError(
-        f"{path}: record 0 has keys {sorted(record)}; cannot tell its format. Expected "
-        "`instruction`/`output` (alpaca), `messages` (chat) or `text` (pre-training); "
-        "or set data.format"
+        f"{where} has keys {sorted(record)}; cannot tell its format. Expected `instruction`/`output` "
+        "(alpaca), `conversations` (sharegpt), `messages` (chat), `prompt` with `completion`/`chosen`/"
+        "`rejected` (TRL style) or `text` (pre-training); or set the format and columns"
     )
 
 
-def _require_str(record: dict[str, Any], key: str, where: str, optional: bool = False) -> str:
-    value = record.get(key)
-    if value is None and optional:
-        return ""
-    if not isinstance(value, str):
-        found = "missing" if key not in record else f"a {type(value).__name__}"
-        raise DataError(f"{where}: `{key}` is {found}, expected a string")
-    return value
+def _kto_label(record: dict[str, Any], columns: Columns, where: str) -> bool | None:
+    key = _column(record, columns.kto_tag, "kto_tag", "label")
+    if key is None or record[key] is None:
+        return None
+    return _bool(record[key], where, key)
 
 
-def alpaca_to_conversation(record: dict[str, Any], where: str) -> Conversation:
-    instruction = _require_str(record, "instruction", where)
-    extra = _require_str(record, "input", where, optional=True)
-    output = _require_str(record, "output", where)
-    system = record.get("system")
-    if system is not None and not isinstance(system, str):
-        raise DataError(f"{where}: `system` must be a string")
+def _finish(
+    record: dict[str, Any],
+    used: set[str],
+    turns: list[tuple[str, str]],
+    system: str | None,
+    columns: Columns,
+    tags: Tags | None,
+    where: str,
+    root: Path | None,
+) -> Example:
+    """Common tail: chosen/rejected, KTO label, images, reference fields."""
+    system_key = _column(record, columns.system, "system")
+    if system_key is not None and record[system_key] not in (None, ""):
+        system = _text(record[system_key], where, system_key)
+    chosen_key = _column(record, columns.chosen, "chosen")
+    rejected_key = _column(record, columns.rejected, "rejected")
+    rejected = None
+    if (chosen_key is None) != (rejected_key is None):
+        have, missing = (chosen_key, "rejected") if chosen_key else (rejected_key, "chosen")
+        raise DataError(f"{where}: has `{have}` but no `{missing}`; a preference pair needs both")
+    if chosen_key is not None and rejected_key is not None:
+        if turns[-1][1]:
+            raise DataError(
+                f"{where}: has both a response and chosen/rejected; a preference record's prompt must "
+                "end with the user turn"
+            )
+        turns[-1] = (turns[-1][0], _response(record[chosen_key], where, chosen_key, tags))
+        rejected = _response(record[rejected_key], where, rejected_key, tags)
+    label = _kto_label(record, columns, where)
+    image_key = _column(record, columns.images, "images", "image")
+    images = _images(record, image_key, where, root)
+    used |= {
+        k for k in (system_key, chosen_key, rejected_key, image_key, columns.kto_tag, "kto_tag", "label") if k
+    }
+    reference = {k: v for k, v in record.items() if k not in used and v is not None}
+    return Example(
+        turns=tuple(turns),
+        system=system or None,
+        rejected=rejected,
+        label=label,
+        images=images,
+        reference=reference,
+        where=where,
+    )
+
+
+def _alpaca(
+    record: dict[str, Any], columns: Columns, tags: Tags | None, where: str, root: Path | None
+) -> Example:
+    prompt_key = columns.prompt or "instruction"
+    query_key = columns.query or "input"
+    response_key = _column(record, columns.response, "output", "response")
+    history_key = columns.history or "history"
+    instruction = _text(record.get(prompt_key), where, prompt_key)
+    extra = record.get(query_key)
+    extra = _text(extra, where, query_key) if extra not in (None, "") else ""
     turns: list[tuple[str, str]] = []
-    history = record.get("history") or []
+    history = record.get(history_key) or []
     if not isinstance(history, list):
-        raise DataError(f"{where}: `history` must be a list of [user, assistant] pairs")
+        raise DataError(f"{where}: `{history_key}` must be a list of [user, assistant] pairs")
     for i, pair in enumerate(history):
         if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise DataError(f"{where}: history[{i}] must be a [user, assistant] pair of strings")
+            raise DataError(f"{where}: {history_key}[{i}] must be a [user, assistant] pair of strings")
         turns.append((pair[0], pair[1]))
-    prompt = f"{instruction}\n{extra}" if extra else instruction
-    turns.append((prompt, output))
-    return Conversation(turns=turns, system=system or None)
+    response = ""
+    if response_key is not None and record[response_key] is not None:
+        response = _text(record[response_key], where, response_key)
+    turns.append((f"{instruction}\n{extra}" if extra else instruction, response))
+    used = {prompt_key, query_key, history_key, response_key or ""}
+    return _finish(record, used, turns, None, columns, tags, where, root)
 
 
-def messages_to_conversation(record: dict[str, Any], where: str) -> Conversation:
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: `messages` must be a non-empty list of {{role, content}} objects")
-    system = None
-    turns: list[tuple[str, str]] = []
-    pending_user: str | None = None
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: messages[{i}] must be an object with `role` and `content`")
-        role, content = message["role"], message["content"]
-        if not isinstance(content, str):
-            raise DataError(f"{where}: messages[{i}].content must be a string")
-        if role == "system":
-            if i != 0:
-                raise DataError(f"{where}: messages[{i}] is a system message; only the first may be")
-            system = content
-        elif role == "user":
-            if pending_user is not None:
-                raise DataError(
-                    f"{where}: messages[{i}] is a second user message in a row; "
-                    "user and assistant must alternate"
-                )
-            pending_user = content
-        elif role == "assistant":
-            if pending_user is None:
-                raise DataError(
-                    f"{where}: messages[{i}] is an assistant message with no user message before it"
-                )
-            turns.append((pending_user, content))
-            pending_user = None
-        else:
-            raise DataError(f"{where}: messages[{i}] has role `{role}`; expected system, user or assistant")
-    if pending_user is not None:
+def _sharegpt(
+    record: dict[str, Any], columns: Columns, tags: Tags | None, where: str, root: Path | None
+) -> Example:
+    key = _column(record, columns.messages, "conversations", "messages") or (
+        columns.messages or "conversations"
+    )
+    system, turns = _turns(_messages(record.get(key), where, key, tags), where, key)
+    return _finish(record, {key}, turns, system, columns, tags, where, root)
+
+
+def _prompt_style(
+    record: dict[str, Any], columns: Columns, tags: Tags | None, where: str, root: Path | None
+) -> Example:
+    prompt_key = columns.prompt or "prompt"
+    used = {prompt_key}
+    if prompt_key not in record and "chosen" in record and isinstance(record["chosen"], list):
+        return _implicit_prompt(record, columns, tags, where, root)
+    value = record.get(prompt_key)
+    if isinstance(value, list):
+        system, turns = _turns(_messages(value, where, prompt_key, tags), where, prompt_key)
+        if turns[-1][1]:
+            raise DataError(f"{where}: `{prompt_key}` must end with a user message")
+    else:
+        system, turns = None, [(_text(value, where, prompt_key), "")]
+    response_key = _column(record, columns.response, "completion", "response")
+    if response_key is not None and record[response_key] is not None:
+        turns[-1] = (turns[-1][0], _response(record[response_key], where, response_key, tags))
+        used.add(response_key)
+    return _finish(record, used, turns, system, columns, tags, where, root)
+
+
+def _implicit_prompt(
+    record: dict[str, Any], columns: Columns, tags: Tags | None, where: str, root: Path | None
+) -> Example:
+    """TRL's implicit-prompt preference: chosen and rejected are whole chats sharing a prefix."""
+    chosen = _messages(record["chosen"], where, "chosen", tags)
+    rejected = _messages(record.get("rejected"), where, "rejected", tags)
+    if chosen[:-1] != rejected[:-1] or chosen[-1][0] != "assistant" or rejected[-1][0] != "assistant":
         raise DataError(
-            f"{where}: the last message is from the user; a training record must end "
-            "with the assistant's answer"
+            f"{where}: `chosen` and `rejected` must be the same conversation up to a final assistant "
+            "message (or give a separate `prompt`)"
         )
-    return Conversation(turns=turns, system=system)
+    system, turns = _turns(chosen[:-1], where, "chosen")
+    turns[-1] = (turns[-1][0], chosen[-1][1])
+    example = _finish(
+        {k: v for k, v in record.items() if k not in ("chosen", "rejected")},
+        set(),
+        turns,
+        system,
+        columns,
+        tags,
+        where,
+        root,
+    )
+    return Example(**{**example.__dict__, "rejected": rejected[-1][1]})
 
 
-def load_conversations(
-    path: str | Path, data_format: str = "auto", max_samples: int | None = None
-) -> list[Conversation]:
-    """Read and validate every record of an instruction/chat file."""
-    records = read_records(path)
-    if max_samples is not None:
-        records = records[:max_samples]
-    fmt = detect_format(records[0], path) if data_format == "auto" else data_format
-    if fmt == "text":
-        raise DataError(
-            f"{path}: records are plain `text`; supervised fine-tuning needs "
-            "instruction/output or messages records (use method.name: pretrain for text)"
+def _text_record(
+    record: dict[str, Any], columns: Columns, tags: Tags | None, where: str, root: Path | None
+) -> Example:
+    key = columns.prompt or "text"
+    return Example(text=_text(record.get(key), where, key), where=where)
+
+
+LAYOUTS = {
+    "alpaca": _alpaca,
+    "sharegpt": _sharegpt,
+    "messages": _sharegpt,
+    "prompt": _prompt_style,
+    "text": _text_record,
+}
+
+
+def to_example(
+    record: dict[str, Any],
+    where: str,
+    fmt: str,
+    columns: Columns | None = None,
+    tags: Tags | None = None,
+    root: Path | None = None,
+) -> Example:
+    """Normalise one record; image paths resolve inside `root` (the dataset's folder)."""
+    columns = columns or Columns()
+    if fmt == "auto":
+        fmt = detect_format(record, where, columns)
+    if fmt == "messages" and tags is None:
+        tags = OPENAI_TAGS
+    return LAYOUTS[fmt](record, columns, tags, where, root)
+
+
+# --------------------------------------------------------------------------------------------------
+# semantic checks (what `lmforge data check` counts and training refuses)
+# --------------------------------------------------------------------------------------------------
+
+KIND_NEEDS = {
+    "sft": "an instruction with a response (output / an assistant message)",
+    "preference": "a prompt with `chosen` and `rejected` responses",
+    "kto": "a prompt, one response and a boolean `label` (or `kto_tag`)",
+    "prompt": "a prompt (the user turn; reference answers in other fields)",
+    "text": "a `text` field",
+}
+
+
+def problems(example: Example, needs: str) -> list[tuple[str, str]]:
+    """(code, message) for what makes this example unusable for a stage needing `needs` examples.
+
+    Codes: wrong_kind, empty_response, image_mismatch, missing_image.
+    """
+    found: list[tuple[str, str]] = []
+    kind = example.kind
+    if needs == "text":
+        return [] if kind == "text" else [("wrong_kind", f"is a {kind} record; pre-training reads `text`")]
+    if kind == "text":
+        return [
+            (
+                "wrong_kind",
+                f"is plain `text`; this stage needs {KIND_NEEDS[needs]} "
+                "(text trains with method.name: pretrain)",
+            )
+        ]
+    if needs == "sft" and kind == "prompt":
+        found.append(("empty_response", "has an empty response; SFT needs an answer to learn"))
+    elif needs == "sft" and kind == "kto":
+        found.append(
+            ("wrong_kind", "has a KTO `label`; SFT would learn undesirable answers too (use method kto)")
         )
-    convert = alpaca_to_conversation if fmt == "alpaca" else messages_to_conversation
-    return [convert(record, f"{path}: record {i}") for i, record in enumerate(records)]
-
-
-def load_texts(path: str | Path, max_samples: int | None = None) -> list[str]:
-    """Plain texts for pre-training: `text` fields of json/jsonl records, or .txt lines."""
-    records = read_records(path)
-    if max_samples is not None:
-        records = records[:max_samples]
-    return [_require_str(record, "text", f"{path}: record {i}") for i, record in enumerate(records)]
+    elif needs == "preference" and kind != "preference":
+        found.append(
+            ("wrong_kind", f"has no chosen/rejected pair; this stage needs {KIND_NEEDS['preference']}")
+        )
+    elif needs == "kto" and example.label is None:
+        found.append(("wrong_kind", f"has no `label`; this stage needs {KIND_NEEDS['kto']}"))
+    if needs == "kto" and not example.response:
+        found.append(("empty_response", "has an empty response"))
+    if needs == "preference" and kind == "preference" and not (example.response and example.rejected):
+        found.append(("empty_response", "has an empty chosen or rejected response"))
+    placeholders = sum(text.count(IMAGE_PLACEHOLDER) for turn in example.turns for text in turn)
+    placeholders += (example.system or "").count(IMAGE_PLACEHOLDER)
+    if placeholders != len(example.images):
+        found.append(
+            (
+                "image_mismatch",
+                f"has {placeholders} `{IMAGE_PLACEHOLDER}` placeholder(s) but {len(example.images)} "
+                f"image(s); put one `{IMAGE_PLACEHOLDER}` in the text where each image goes",
+            )
+        )
+    missing = [str(p) for p in example.images if not p.is_file()]
+    if missing:
+        found.append(("missing_image", f"names missing image file(s): {', '.join(missing[:3])}"))
+    return found

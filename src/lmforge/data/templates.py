@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from transformers import PreTrainedTokenizerBase
 
 THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
+IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a record's text
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ChatTemplate:
     stop: str = "{eos}"  # the token whose generation ends a response
     default_system: str | None = None
     strip_history_thinking: bool = False  # drop <think>…</think> from earlier assistant turns
+    image: str = IMAGE_PLACEHOLDER  # what a record's <image> placeholder becomes in the prompt
     aliases: tuple[str, ...] = field(default=())
 
     def _fill(self, pattern: str, tokenizer: PreTrainedTokenizerBase, content: str = "") -> str:
@@ -72,6 +74,8 @@ class ChatTemplate:
                     user = self.system_in_user.replace("{system}", system).replace("{content}", user)
             else:
                 prompt += self._fill(self.separator, tokenizer)
+            if self.image != IMAGE_PLACEHOLDER:
+                user = user.replace(IMAGE_PLACEHOLDER, self.image)
             prompt += self._fill(self.user, tokenizer, user)
             if self.strip_history_thinking and i < last:
                 assistant = THINK_BLOCK.sub("", assistant)
@@ -96,7 +100,7 @@ class ChatTemplate:
 
         return [(ids(p), ids(r)) for p, r in self.segments(conversation, tokenizer)]
 
-    def jinja(self) -> str:
+    def jinja(self, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
         """An equivalent Jinja chat template (messages with system/user/assistant roles)."""
 
         def lit(pattern: str, content_expr: str) -> str:
@@ -143,7 +147,12 @@ class ChatTemplate:
             )
             + "{%- endif -%}"
             f"{{%- if ns.turn > 0 -%}}{{{{- {lit(self.separator, 'content')} -}}}}{{%- endif -%}}"
-            f"{{{{- {lit(self.user, 'content')} -}}}}"
+            + (
+                f"{{%- set content = content.replace({IMAGE_PLACEHOLDER!r}, {self.image!r}) -%}}"
+                if self.image != IMAGE_PLACEHOLDER
+                else ""
+            )
+            + f"{{{{- {lit(self.user, 'content')} -}}}}"
             "{%- set ns.turn = ns.turn + 1 -%}"
             "{%- elif m['role'] == 'assistant' -%}"
             + history_strip
@@ -152,6 +161,62 @@ class ChatTemplate:
         )
 
 
+@dataclass(frozen=True)
+class TokenizerTemplate:
+    """The tokenizer's own Jinja `chat_template` (`data.template: tokenizer`).
+
+    Prompt/response boundaries come from rendering growing prefixes of the conversation: the
+    text added by a user turn (with the generation prompt) is prompt, the text added by the
+    answer is response. A template whose earlier output changes when a turn is added (e.g. one
+    that drops past reasoning) cannot be split that way and is refused with the fix.
+    """
+
+    name: str = "tokenizer"
+
+    def stop_token(self, tokenizer: PreTrainedTokenizerBase) -> str:
+        return tokenizer.eos_token or ""
+
+    def _render(
+        self, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], prompt: bool
+    ) -> str:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "data.template is `tokenizer` but this tokenizer has no chat_template; "
+                "name a template instead (e.g. chatml)"
+            )
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+
+    def segments(
+        self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase
+    ) -> list[tuple[str, str]]:
+        messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
+        pairs: list[tuple[str, str]] = []
+        done = ""
+        for user, assistant in conversation.turns:
+            messages.append({"role": "user", "content": user})
+            with_prompt = self._render(tokenizer, messages, True)
+            messages.append({"role": "assistant", "content": assistant})
+            full = self._render(tokenizer, messages, False)
+            if not (with_prompt.startswith(done) and full.startswith(with_prompt)):
+                raise ValueError(
+                    "the tokenizer's chat_template rewrites earlier turns when a turn is added, so "
+                    "prompt and response cannot be told apart; use a named template (data.template)"
+                )
+            pairs.append((with_prompt[len(done) :], full[len(with_prompt) :]))
+            done = full
+        return pairs
+
+    render = ChatTemplate.render
+    generation_prompt = ChatTemplate.generation_prompt
+    encode = ChatTemplate.encode
+
+    def jinja(self, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the `tokenizer` template needs a tokenizer with a chat_template")
+        return tokenizer.chat_template
+
+
+AnyTemplate = ChatTemplate | TokenizerTemplate
 TEMPLATES: dict[str, ChatTemplate] = {}
 
 
@@ -169,6 +234,21 @@ _register(
         assistant=" {content} </s>",
         system_in_user="<<SYS>>\n{system}\n<</SYS>>\n\n{content}",
         stop="</s>",
+    )
+)
+_register(
+    ChatTemplate(
+        # Llama-3-Instruct (3.0): header blocks per role, each turn closed by <|eot_id|>.
+        name="llama3",
+        prefix="<|begin_of_text|>",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        user=(
+            "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+        assistant="{content}<|eot_id|>",
+        stop="<|eot_id|>",
+        aliases=("llama-3", "llama3.0"),
     )
 )
 _register(
@@ -199,6 +279,17 @@ _register(
         name="qwen2.5",
         default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
         aliases=("qwen",),
+    )
+)
+# Qwen2-VL is ChatML with its own default system prompt and vision tokens for each image
+# (the processor later expands <|image_pad|> to one token per image patch).
+_register(
+    replace(
+        CHATML,
+        name="qwen2-vl",
+        default_system="You are a helpful assistant.",
+        image="<|vision_start|><|image_pad|><|vision_end|>",
+        aliases=("qwen2_vl",),
     )
 )
 _register(
@@ -242,11 +333,13 @@ _register(
 )
 
 
-def get_template(name: str) -> ChatTemplate:
+def get_template(name: str) -> AnyTemplate:
+    if name == "tokenizer":
+        return TokenizerTemplate()
     try:
         return TEMPLATES[name]
     except KeyError:
-        known = ", ".join(sorted({t.name for t in TEMPLATES.values()}))
+        known = ", ".join(sorted({t.name for t in TEMPLATES.values()} | {"tokenizer"}))
         raise ValueError(f"unknown chat template `{name}`; known templates: {known}") from None
 
 
@@ -255,10 +348,14 @@ def guess_template(model_name: str) -> str:
     lowered = model_name.lower()
     if "deepseek-r1" in lowered or "r1-distill" in lowered:
         return "deepseek-r1"
+    if "qwen2-vl" in lowered or "qwen2_vl" in lowered:
+        return "qwen2-vl"
     if "qwen" in lowered:
         return "qwen2.5"
     if "mistral" in lowered:
         return "mistral"
     if "llama-2" in lowered or "llama2" in lowered:
         return "llama2"
+    if "llama-3" in lowered or "llama3" in lowered:
+        return "llama3"
     return "chatml"

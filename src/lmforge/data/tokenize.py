@@ -8,12 +8,14 @@ EOS id still trains EOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lmforge.data.templates import ChatTemplate, Conversation
+from lmforge.data.formats import Example
+from lmforge.data.templates import AnyTemplate, Conversation
 
 IGNORE = -100
 
@@ -25,19 +27,33 @@ class TokenizeStats:
     dropped: int = 0  # prompt alone filled max_length: nothing left to learn
     tokens: int = 0
     label_tokens: int = 0
+    image_cut: int = 0  # dropped: truncation would have cut an image's tokens
+    truncated_where: list[str] = field(default_factory=list)  # the first few, for messages
+    dropped_where: list[str] = field(default_factory=list)
+
+    def note(self, kind: str, where: str) -> None:
+        bucket = self.truncated_where if kind == "truncated" else self.dropped_where
+        if len(bucket) < 5:
+            bucket.append(where)
 
 
 def encode_conversation(
     conversation: Conversation,
-    template: ChatTemplate,
+    template: AnyTemplate,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
+    train_on: str = "all_turns",
 ) -> tuple[dict[str, list[int]] | None, bool]:
-    """(input_ids + labels, was_truncated); None when no response token fits in max_length."""
+    """(input_ids + labels, was_truncated); None when no response token fits in max_length.
+
+    `train_on="last_turn"` masks every assistant turn but the last.
+    """
     input_ids: list[int] = []
     labels: list[int] = []
     truncated = False
-    for prompt_ids, response_ids in template.encode(conversation, tokenizer):
+    segments = template.encode(conversation, tokenizer)
+    for index, (prompt_ids, response_ids) in enumerate(segments):
+        learn = train_on == "all_turns" or index == len(segments) - 1
         room = max_length - len(input_ids)
         if room <= 0:
             truncated = True
@@ -46,25 +62,36 @@ def encode_conversation(
         response_part = response_ids[: room - len(prompt_part)]
         truncated = truncated or len(prompt_part) < len(prompt_ids) or len(response_part) < len(response_ids)
         input_ids += prompt_part + response_part
-        labels += [IGNORE] * len(prompt_part) + response_part
+        labels += [IGNORE] * len(prompt_part) + (response_part if learn else [IGNORE] * len(response_part))
     if not any(label != IGNORE for label in labels):
         return None, truncated
     return {"input_ids": input_ids, "labels": labels}, truncated
 
 
-def tokenize_conversations(
-    conversations: list[Conversation],
-    template: ChatTemplate,
+def tokenize_examples(
+    examples: list[Example],
+    template: AnyTemplate,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
+    train_on: str = "all_turns",
 ) -> tuple[Dataset, TokenizeStats]:
+    """SFT rows (input_ids + labels). Examples whose answer or image would be cut off are dropped
+    and counted, never trained on silently."""
     stats = TokenizeStats()
     rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
-    for conversation in conversations:
-        encoded, truncated = encode_conversation(conversation, template, tokenizer, max_length)
-        stats.truncated += int(truncated)
+    for example in examples:
+        encoded, truncated = encode_conversation(
+            example.conversation(), template, tokenizer, max_length, train_on
+        )
+        if truncated:
+            stats.truncated += 1
+            stats.note("truncated", example.where)
+        if truncated and example.images:
+            stats.image_cut += 1
+            encoded = None
         if encoded is None:
             stats.dropped += 1
+            stats.note("dropped", example.where)
             continue
         stats.examples += 1
         stats.tokens += len(encoded["input_ids"])
@@ -86,3 +113,32 @@ def tokenize_texts(
     blocks = [b for b in blocks if len(b) > 1]
     stats = TokenizeStats(examples=len(blocks), tokens=len(stream), label_tokens=len(stream))
     return Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]}), stats
+
+
+def pack(dataset: Dataset, max_length: int) -> Dataset:
+    """Examples packed best-fit-decreasing into rows of at most `max_length` tokens.
+
+    trl's `pack_dataset` does the binning and records each row's `seq_lengths`; the padding-free
+    collator turns those into position ids that restart per example, and attention (flash-attn
+    varlen, or a block-diagonal mask with SDPA/eager) never crosses examples. Every example was
+    already cut to `max_length`, so nothing is truncated here.
+    """
+    from trl import pack_dataset
+
+    return pack_dataset(dataset, seq_length=max_length, strategy="bfd")
+
+
+def iter_tokenized(
+    examples: Iterator[Example],
+    template: AnyTemplate,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    train_on: str = "all_turns",
+) -> Iterator[dict[str, list[int]]]:
+    """Rows for streaming: like `tokenize_examples`, lazily, skipping what it would drop."""
+    for example in examples:
+        encoded, truncated = encode_conversation(
+            example.conversation(), template, tokenizer, max_length, train_on
+        )
+        if encoded is not None and not (truncated and example.images):
+            yield encoded

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
 from lmforge.config.model import ModelConfig
-from lmforge.data.templates import ChatTemplate, Conversation, get_template, guess_template
+from lmforge.data.templates import AnyTemplate, Conversation, get_template, guess_template
 from lmforge.models.loading import load_causal_lm, load_tokenizer, saved_template_name
 
 
@@ -32,7 +32,7 @@ class SamplingParams:
 
 class Engine:
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: AnyTemplate
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer

@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.console import Console
 
 from lmforge.config import RunConfig
-from lmforge.data.formats import load_texts
+from lmforge.data.loader import load_examples
 from lmforge.data.templates import get_template
 from lmforge.data.tokenize import tokenize_texts
 from lmforge.models.loading import load_tokenizer
@@ -27,7 +27,9 @@ console = Console(stderr=True)
 def check(config: RunConfig) -> None:
     if config.method.name != "pretrain":
         raise ValueError(f"methods.pretrain cannot run method.name={config.method.name}")
-    if config.data.format not in ("auto", "text"):
+    if config.data.format not in ("auto", "text") or any(
+        s.format not in ("auto", "text") for s in config.data.datasets
+    ):
         raise ValueError(f"data.format is {config.data.format}: pre-training reads plain `text` records")
 
 
@@ -38,7 +40,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
 
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config) if config.data.template != "auto" else get_template("chatml")
-    texts = load_texts(config.data.path, config.data.max_samples)
+    texts = [example.text or "" for example in load_examples(config.data, "text").train]
     train_ds, stats = tokenize_texts(texts, tokenizer, config.data.max_length)
     if not quiet:
         console.print(

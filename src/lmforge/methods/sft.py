@@ -8,14 +8,14 @@ in the template's stop token so the model learns when to stop.
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
+from datasets import IterableDataset
 from rich.console import Console
 
 from lmforge.config import RunConfig
-from lmforge.data.formats import load_conversations
-from lmforge.data.tokenize import TokenizeStats, tokenize_conversations
+from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
+from lmforge.data.tokenize import TokenizeStats, iter_tokenized, pack, tokenize_examples
 from lmforge.models.loading import (
     load_tokenizer,
 )
@@ -35,6 +35,21 @@ def check(config: RunConfig) -> None:
         raise ValueError(
             "data.format is text: SFT needs instruction or chat records; use method.name: pretrain"
         )
+    if config.data.streaming and config.train.max_steps <= 0:
+        raise ValueError("data.streaming has no length to count epochs by: set train.max_steps")
+    if config.data.streaming and config.data.packing:
+        raise ValueError("data.packing needs the whole data set to bin it; turn off data.streaming")
+
+
+def _streamed(config: RunConfig, template, tokenizer) -> IterableDataset:
+    """Training rows read and tokenized on the fly; the first records are checked up front."""
+    peek(config.data, "sft")
+    data = config.data
+
+    def rows():
+        yield from iter_tokenized(iter_examples(data), template, tokenizer, data.max_length, data.train_on)
+
+    return IterableDataset.from_generator(rows)
     if config.adapter.method == "none" and config.model.quantization != "none":
         raise ValueError("a quantized base needs an adapter: set adapter.method: lora")
 
@@ -47,12 +62,14 @@ def _report(stats: TokenizeStats, max_length: int, label: str) -> None:
     if stats.truncated:
         console.print(
             f"[yellow]warning[/]: {stats.truncated} {label} examples were longer than data.max_length="
-            f"{max_length} and were truncated; raise data.max_length to keep them whole"
+            f"{max_length} and were truncated (e.g. {', '.join(stats.truncated_where[:2])}); raise "
+            "data.max_length to keep them whole"
         )
     if stats.dropped:
         console.print(
-            f"[yellow]warning[/]: {stats.dropped} {label} examples were dropped: their prompt alone "
-            f"fills data.max_length={max_length}"
+            f"[yellow]warning[/]: {stats.dropped} {label} examples were dropped because truncation would "
+            f"cut off their whole answer ({stats.dropped - stats.image_cut}) or an image's tokens "
+            f"({stats.image_cut}), e.g. {', '.join(stats.dropped_where[:2])}"
         )
 
 
@@ -64,26 +81,31 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config)
 
-    conversations = load_conversations(config.data.path, config.data.format, config.data.max_samples)
-    if config.data.system is not None:
-        conversations = [c if c.system else type(c)(c.turns, config.data.system) for c in conversations]
-    eval_conversations = []
-    if config.data.eval_path:
-        eval_conversations = load_conversations(config.data.eval_path, config.data.format)
-    elif config.data.eval_split > 0:
-        order = list(range(len(conversations)))
-        random.Random(config.train.seed).shuffle(order)
-        n_eval = max(1, int(len(order) * config.data.eval_split))
-        eval_conversations = [conversations[i] for i in order[:n_eval]]
-        conversations = [conversations[i] for i in order[n_eval:]]
-    train_ds, stats = tokenize_conversations(conversations, template, tokenizer, config.data.max_length)
-    eval_ds = None
-    if eval_conversations:
-        eval_ds, _ = tokenize_conversations(eval_conversations, template, tokenizer, config.data.max_length)
-    if not quiet:
-        _report(stats, config.data.max_length, "train")
-    if stats.examples == 0:
-        raise ValueError(f"{config.data.path}: no example has a response token within data.max_length")
+    if config.data.streaming:
+        train_ds, stats, eval_ds = _streamed(config, template, tokenizer), TokenizeStats(), None
+        if config.data.eval_path:
+            evaluation = load_eval(config.data, "sft")
+            eval_ds, _ = tokenize_examples(
+                evaluation, template, tokenizer, config.data.max_length, config.data.train_on
+            )
+    else:
+        data = load_examples(config.data, "sft")
+        train_ds, stats = tokenize_examples(
+            data.train, template, tokenizer, config.data.max_length, config.data.train_on
+        )
+        eval_ds = None
+        if data.eval:
+            eval_ds, _ = tokenize_examples(
+                data.eval, template, tokenizer, config.data.max_length, config.data.train_on
+            )
+        if not quiet:
+            _report(stats, config.data.max_length, "train")
+        if stats.examples == 0:
+            raise ValueError("no training example has a response token within data.max_length")
+    if config.data.packing:
+        train_ds = pack(train_ds, config.data.max_length)
+        if not quiet:
+            console.print(f"[bold]packed[/] {stats.examples} examples into {len(train_ds)} rows")
 
     model, hardware = load_model_for_training(config, quiet)
 

@@ -21,9 +21,24 @@ console = Console(stderr=True)
 TEMPLATE_FILE = "lmforge_template.txt"  # the lmforge template name saved beside a model
 
 
+def model_location(name_or_path: str) -> str:
+    """A local folder, or a hub id; a path-like name that does not exist is one clear error
+    (instead of the hub client's complaint about repo id syntax)."""
+    if Path(name_or_path).expanduser().exists():
+        return str(Path(name_or_path).expanduser())
+    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
+        raise OSError(
+            f"model folder {name_or_path} does not exist; check model.name_or_path (a local folder, "
+            "or a hub id like Qwen/Qwen2.5-0.5B-Instruct)"
+        )
+    return name_or_path
+
+
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
-        config.name_or_path, revision=config.revision, trust_remote_code=config.trust_remote_code
+        model_location(config.name_or_path),
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
     )
     if tokenizer.pad_token is None:
         # Llama-2 and Mistral ship no pad token. Labels are padded with -100 by the collator, so
@@ -66,7 +81,7 @@ def load_causal_lm(
         console.print(f"[bold]hardware[/]: {hardware.describe()}")
     quant = quantization_config(config, hardware)
     model = AutoModelForCausalLM.from_pretrained(
-        config.name_or_path,
+        model_location(config.name_or_path),
         revision=config.revision,
         trust_remote_code=config.trust_remote_code,
         dtype=hardware.dtype,

@@ -28,6 +28,13 @@ TEMPLATE_SPECIAL_TOKENS = [
     "<｜end▁of▁sentence｜>",
     "<｜User｜>",
     "<｜Assistant｜>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
 ]
 # Added as ordinary (non-special) tokens: they must survive `skip_special_tokens`
 # decoding, because reasoning traces are shown to users.

@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from lmforge.config import RunConfig, dump_config
-from lmforge.data.templates import ChatTemplate
+from lmforge.data.templates import AnyTemplate
 from lmforge.models.loading import TEMPLATE_FILE
 
 PACKAGES = ("lmforge", "torch", "transformers", "trl", "peft", "datasets", "accelerate")
@@ -41,7 +41,7 @@ def write_resolved_config(config: RunConfig, output_dir: Path) -> Path:
     return path
 
 
-def _model_card(kind: str, config: RunConfig | None, template: ChatTemplate, extra: str) -> str:
+def _model_card(kind: str, config: RunConfig | None, template: AnyTemplate, extra: str) -> str:
     base = config.model.name_or_path if config else "(unknown)"
     lines = [
         "---",
@@ -71,7 +71,7 @@ def _model_card(kind: str, config: RunConfig | None, template: ChatTemplate, ext
 def save_artifact(
     model,
     tokenizer: PreTrainedTokenizerBase,
-    template: ChatTemplate,
+    template: AnyTemplate,
     dest: Path,
     kind: str,
     config: RunConfig | None = None,
@@ -90,7 +90,7 @@ def save_artifact(
         generation_config.eos_token_id = sorted(eos)
         generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.chat_template = template.jinja()
+    tokenizer.chat_template = template.jinja(tokenizer)
     tokenizer.save_pretrained(tmp)
     (tmp / TEMPLATE_FILE).write_text(template.name + "\n", encoding="utf-8")
     (tmp / "README.md").write_text(_model_card(kind, config, template, card_extra), encoding="utf-8")

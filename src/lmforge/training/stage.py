@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, set_seed
 
 from lmforge.adapters.lora import attach_lora
 from lmforge.config import RunConfig
-from lmforge.data.templates import ChatTemplate, get_template, guess_template
+from lmforge.data.templates import AnyTemplate, get_template, guess_template
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.hardware import Hardware
 from lmforge.models.loading import count_parameters, load_causal_lm, saved_template_name
@@ -28,7 +28,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_template(config: RunConfig) -> ChatTemplate:
+def resolve_template(config: RunConfig) -> AnyTemplate:
     """data.template, else the one saved with the model, else a guess from the model name."""
     name = config.data.template
     if name == "auto":

@@ -66,8 +66,14 @@ def training_arguments(
     hardware: Hardware,
     max_length: int,
     has_eval: bool,
+    packed: bool = False,
 ) -> SFTConfig:
-    """Translate `train:` into trl/transformers arguments."""
+    """Translate `train:` into trl/transformers arguments.
+
+    Packed rows (`data.packing`) always go through the padding-free collator: it is the one that
+    turns each row's `seq_lengths` into position ids restarting per example.
+    """
+    padding_free = train.padding_free or packed
     warmup: float = train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio
     save_strategy = "steps" if train.save_steps > 0 else "no"
     if has_eval:
@@ -108,8 +114,8 @@ def training_arguments(
         bf16=on_cuda and hardware.dtype == torch.bfloat16,
         fp16=on_cuda and hardware.dtype == torch.float16,
         # lmforge truncates while tokenizing; trl only needs it for its own preparation (skipped).
-        max_length=None if train.padding_free else max_length,
-        padding_free=train.padding_free,
+        max_length=None if padding_free else max_length,
+        padding_free=padding_free,
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         dataset_kwargs={"skip_prepare_dataset": True},  # lmforge tokenizes and masks itself
         remove_unused_columns=False,
@@ -129,7 +135,12 @@ def build_trainer(
     quiet: bool = False,
 ) -> ForgeTrainer:
     """The trainer with lmforge's callbacks: metrics file, checkpoint markers, NaN guard, progress."""
-    args = training_arguments(config.train, hardware, config.data.max_length, eval_dataset is not None)
+    args = training_arguments(
+        config.train, hardware, config.data.max_length, eval_dataset is not None, config.data.packing
+    )
+    # Training never needs a KV cache, and with one transformers would not detect the packed rows
+    # of padding-free batches (attention would then cross examples).
+    model.config.use_cache = False
     callbacks = [
         MetricsFileCallback(config.train.output_dir),
         CompleteCheckpointCallback(),

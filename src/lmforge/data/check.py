@@ -1,0 +1,178 @@
+"""`lmforge data check`: read every record, count what would go wrong, show what the model sees.
+
+Unlike training, which stops at the first bad records, the check goes on after a malformed
+record so one run lists every problem. Errors (exit 1): malformed records, records of the wrong
+kind for the stage, empty responses, image/placeholder mismatches, missing images. Warnings:
+examples that would be truncated, and those left with no trainable token after truncation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from transformers import PreTrainedTokenizerBase
+
+from lmforge.config.data import DataConfig
+from lmforge.data.files import DataError, iter_hub, iter_records
+from lmforge.data.formats import Example, detect_format, problems, to_example
+from lmforge.data.loader import prepare
+from lmforge.data.registry import resolve
+from lmforge.data.templates import AnyTemplate
+from lmforge.data.tokenize import IGNORE, encode_conversation
+
+PROBLEM_NAMES = {
+    "malformed": "malformed records",
+    "wrong_kind": "records of the wrong kind",
+    "empty_response": "empty responses",
+    "image_mismatch": "image/placeholder mismatches",
+    "missing_image": "missing image files",
+}
+
+
+@dataclass
+class CheckReport:
+    needs: str
+    records: Counter = field(default_factory=Counter)  # per dataset
+    kinds: Counter = field(default_factory=Counter)
+    problems: Counter = field(default_factory=Counter)
+    examples_of_problems: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)  # tokens per example (full, before truncation)
+    truncated: int = 0
+    no_trainable: int = 0
+    samples: list[list[tuple[str, bool]]] = field(default_factory=list)  # (text, trained) pieces
+
+    @property
+    def errors(self) -> int:
+        return sum(self.problems.values())
+
+    def percentile(self, q: float) -> int:
+        ordered = sorted(self.lengths)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] if ordered else 0
+
+    def note(self, code: str, message: str) -> None:
+        self.problems[code] += 1
+        if len(self.examples_of_problems) < 10:
+            self.examples_of_problems.append(message)
+
+
+def _pieces(ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bool]]:
+    """Runs of consecutive tokens with the same trained/masked state, decoded."""
+    pieces: list[tuple[str, bool]] = []
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] != IGNORE) != (labels[start] != IGNORE):
+            pieces.append((tokenizer.decode(ids[start:i]), labels[start] != IGNORE))
+            start = i
+    return pieces
+
+
+def _measure(
+    example: Example,
+    report: CheckReport,
+    tokenizer: PreTrainedTokenizerBase | None,
+    template: AnyTemplate | None,
+    max_length: int,
+    train_on: str,
+) -> None:
+    if tokenizer is None or template is None:
+        texts = [example.text] if example.text is not None else [t for turn in example.turns for t in turn]
+        report.lengths.append(sum(len(t) for t in texts if t))
+        return
+    if example.kind == "text":
+        length = len(tokenizer(example.text or "", add_special_tokens=False)["input_ids"]) + 1
+        report.lengths.append(length)
+        return
+    responses = [example.response] + ([example.rejected] if example.rejected is not None else [])
+    longest = 0
+    for response_index, response in enumerate(responses):
+        conversation = example.conversation(response)
+        full, _ = encode_conversation(conversation, template, tokenizer, 10**9, train_on)
+        cut, truncated = encode_conversation(conversation, template, tokenizer, max_length, train_on)
+        longest = max(longest, len(full["input_ids"]) if full else 0)
+        report.truncated += int(truncated)
+        if cut is None and example.kind != "prompt":
+            report.no_trainable += 1
+        if cut is not None and len(report.samples) < 2 and response_index == 0:
+            report.samples.append(_pieces(cut["input_ids"], cut["labels"], tokenizer))
+    report.lengths.append(longest)
+
+
+def check_data(
+    data: DataConfig,
+    needs: str,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    template: AnyTemplate | None = None,
+) -> CheckReport:
+    """Read every record of every dataset in `data` and report (never raises for a bad record)."""
+    import random
+
+    report = CheckReport(needs=needs)
+    rng = random.Random(data.seed)
+    for source in data.sources():
+        try:
+            resolved = resolve(source, data.dataset_dir)
+        except DataError as exc:
+            report.note("malformed", str(exc))
+            continue
+        spec = resolved.source
+        records = (
+            iter_records(resolved.local)
+            if resolved.local is not None
+            else iter_hub(resolved.hub or "", spec.split, spec.subset)
+        )
+        fmt = spec.format
+        try:
+            for index, (where, record) in enumerate(records):
+                if spec.max_samples is not None and index >= spec.max_samples:
+                    break
+                report.records[resolved.name] += 1
+                try:
+                    if fmt == "auto":
+                        fmt = detect_format(record, where, spec.columns)
+                    example = prepare(
+                        to_example(record, where, fmt, spec.columns, spec.tags, resolved.root), data, rng
+                    )
+                except DataError as exc:
+                    report.note("malformed", str(exc))
+                    continue
+                report.kinds[example.kind] += 1
+                for code, message in problems(example, needs):
+                    report.note(code, f"{where} {message}")
+                _measure(example, report, tokenizer, template, data.max_length, data.train_on)
+        except DataError as exc:  # a file that cannot be read on: bad JSON line, bad encoding
+            report.note("malformed", str(exc))
+    return report
+
+
+def print_report(report: CheckReport, console: Console, unit: str = "tokens") -> None:
+    table = Table(title=f"data check (for a stage reading {report.needs} records)", show_header=False)
+    for name, count in report.records.items():
+        table.add_row(f"records in {name}", str(count))
+    table.add_row("kinds", ", ".join(f"{k}: {v}" for k, v in report.kinds.items()) or "-")
+    if report.lengths:
+        table.add_row(
+            f"length ({unit})",
+            f"p50 {report.percentile(0.5)} · p90 {report.percentile(0.9)} · p99 {report.percentile(0.99)} "
+            f"· max {max(report.lengths)}",
+        )
+    if unit == "tokens":
+        table.add_row("would be truncated", str(report.truncated))
+        table.add_row("no trainable token left", str(report.no_trainable))
+    for code, name in PROBLEM_NAMES.items():
+        table.add_row(
+            name, str(report.problems.get(code, 0)), style="red" if report.problems.get(code) else None
+        )
+    console.print(table)
+    for message in report.examples_of_problems:
+        console.print(f"[red]error[/]: {message}", highlight=False)
+    for i, pieces in enumerate(report.samples, start=1):
+        console.print(f"[bold]example {i}[/] ([dim]prompt, masked[/] · [bold green]trained[/]):")
+        text = Text()
+        for piece, trained in pieces:
+            text.append(f"⟦{piece}⟧" if trained else piece, style="bold green" if trained else "dim")
+        console.print(text)

@@ -1,0 +1,179 @@
+"""Read raw records (dicts) from files, folders or the hub, lazily where the file type allows.
+
+json, jsonl, csv, parquet and txt are read here with the standard library and pyarrow rather
+than `datasets.load_dataset`, because a file must be read the same way whether or not a
+network or a writable cache exists, and because errors must name the file and line. Hub
+datasets go through `datasets.load_dataset` (it owns downloads and caching).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+class DataError(ValueError):
+    """A data file or record cannot be used; the message names the file and record."""
+
+
+def inside(root: Path, relative: str, what: str, where: str) -> Path:
+    """`relative` resolved inside `root`; a path escaping it (`..`, absolute, symlink) is refused."""
+    root = root.resolve()
+    candidate = (root / relative).resolve()
+    if not candidate.is_relative_to(root):
+        raise DataError(
+            f"{where}: {what} `{relative}` resolves outside the dataset folder {root}; "
+            "keep dataset files inside it and give paths relative to it"
+        )
+    return candidate
+
+
+def data_files(path: Path) -> list[Path]:
+    """The readable files of a file or folder (a folder's files sorted by name, recursively)."""
+    if path.is_file():
+        if path.suffix.lower() not in SUFFIXES:
+            raise DataError(
+                f"{path}: unsupported file type `{path.suffix}`; use one of {', '.join(SUFFIXES)}"
+            )
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: the folder holds no {', '.join(SUFFIXES)} files")
+    return files
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}: line {lineno}", json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})"
+                ) from None
+
+
+def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
+        ) from None
+    if isinstance(records, dict) and isinstance(records.get("data"), list):
+        records = records["data"]  # {"data": [...]} as some exports write it
+    if not isinstance(records, list):
+        raise DataError(
+            f"{path}: expected a JSON list of records, got {type(records).__name__}; "
+            "use .jsonl for one record per line"
+        )
+    for index, record in enumerate(records):
+        yield f"{path}: record {index}", record
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for index, row in enumerate(reader):
+            if None in row:
+                raise DataError(f"{path}: row {index + 2} has more cells than the header has columns")
+            yield f"{path}: row {index + 2}", {key: _cell(value) for key, value in row.items()}
+
+
+def _cell(value: str | None) -> Any:
+    """A CSV cell: JSON lists/objects and true/false are decoded, everything else stays text."""
+    if value is None:
+        return None
+    stripped = value.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            return json.loads(stripped)
+        except json.JSONDecodeError:
+            return value
+    if stripped.lower() in ("true", "false"):
+        return stripped.lower() == "true"
+    return value
+
+
+def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises its own ArrowInvalid for a corrupt file
+        raise DataError(f"{path}: not a readable parquet file ({exc})") from None
+    index = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            yield f"{path}: row {index}", row
+            index += 1
+
+
+def _iter_txt(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if line.strip():
+                yield f"{path}: line {lineno}", {"text": line.rstrip("\n")}
+
+
+READERS = {
+    ".jsonl": _iter_jsonl,
+    ".json": _iter_json,
+    ".csv": _iter_csv,
+    ".parquet": _iter_parquet,
+    ".txt": _iter_txt,
+}
+
+
+def iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record) for every record of one file; `where` names the file and line/record."""
+    try:
+        for where, record in READERS[path.suffix.lower()](path):
+            if not isinstance(record, dict):
+                raise DataError(f"{where} is a {type(record).__name__}, expected an object")
+            yield where, record
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def iter_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    for file in data_files(path):
+        yield from iter_file(file)
+
+
+def iter_hub(name: str, split: str, subset: str | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Records of a hub dataset, streamed; a clear error when it cannot be reached."""
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, subset, split=split, streaming=True)
+        for index, record in enumerate(dataset):
+            yield f"{name} ({split}): record {index}", dict(record)
+    except (OSError, ValueError, ConnectionError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(
+            f"`{name}` is not a local file or folder, and loading it from the hub failed ({exc}); "
+            "check the name, your network, or download it and give the local path"
+        ) from None
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a file or folder (eager), for small files and tests."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(
+            f"data file {path} does not exist (check data.path; relative paths start at the "
+            "directory you run lmforge from)"
+        )
+    records = [record for _, record in iter_records(path)]
+    if not records:
+        raise DataError(f"{path}: no records")
+    return records

@@ -1,0 +1,71 @@
+"""Packing: no example is lost or cut, and packed rows train exactly like the examples unpacked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from lmforge.data.formats import Example
+from lmforge.data.templates import get_template
+from lmforge.data.tokenize import pack, tokenize_examples
+
+
+@pytest.fixture
+def examples():
+    words = "the cat sat on a mat and dog ran to hat".split()
+    out = []
+    for i in range(24):
+        answer = " ".join(words[(i + j) % len(words)] for j in range(1 + (i * 7) % 23))
+        out.append(Example(turns=((f"add {i % 10} and {i % 7}", answer),), where=f"r{i}"))
+    return out
+
+
+def test_pack_keeps_every_example_whole(tokenizer, examples):
+    dataset, stats = tokenize_examples(examples, get_template("chatml"), tokenizer, max_length=64)
+    packed = pack(dataset, 64)
+    assert len(packed) < len(dataset)
+    pieces = []
+    for row in packed:
+        assert len(row["input_ids"]) == sum(row["seq_lengths"]) <= 64
+        start = 0
+        for length in row["seq_lengths"]:
+            pieces.append(
+                (
+                    tuple(row["input_ids"][start : start + length]),
+                    tuple(row["labels"][start : start + length]),
+                )
+            )
+            start += length
+    original = [(tuple(r["input_ids"]), tuple(r["labels"])) for r in dataset]
+    assert sorted(pieces) == sorted(original)
+    assert sum(len(p[0]) for p in pieces) == stats.tokens
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_loss_and_logits_equal_unpacked(tokenizer, base_dir, examples, attention):
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation=attention).eval()
+    dataset, _ = tokenize_examples(examples, get_template("chatml"), tokenizer, max_length=64)
+    rows = [dict(r) for r in dataset]
+    packed = [dict(r) for r in pack(dataset, 64)]
+    pad = tokenizer.pad_token_id
+    padded_batch = DataCollatorForLanguageModeling(pad_token_id=pad)(rows)
+    packed_batch = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)(packed)
+    assert packed_batch["input_ids"].shape[0] == 1  # one row, position ids restarting per example
+    assert (packed_batch["position_ids"] == 0).sum() == len(rows)
+    with torch.no_grad():
+        # use_cache=False as in training: with a KV cache transformers does not look for packed rows.
+        unpacked_out = model(**padded_batch, use_cache=False)
+        packed_out = model(**packed_batch, use_cache=False)
+    torch.testing.assert_close(packed_out.loss, unpacked_out.loss, atol=1e-4, rtol=0)
+    # Attention never crosses examples: each example's logits inside the packed row equal its own.
+    starts = (packed_batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [
+        packed_batch["input_ids"].shape[1]
+    ]
+    by_ids = {tuple(r["input_ids"]): i for i, r in enumerate(rows)}
+    for begin, end in zip(starts[:-1], starts[1:], strict=True):
+        ids = tuple(packed_batch["input_ids"][0, begin:end].tolist())
+        i = by_ids[ids]
+        alone = unpacked_out.logits[i, : end - begin]
+        torch.testing.assert_close(packed_out.logits[0, begin:end], alone, atol=1e-4, rtol=0)
