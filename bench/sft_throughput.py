@@ -370,7 +370,7 @@ def build_hf_trainer(model, tokenizer, dataset, cfg: BenchConfig):
     )
 
 
-def build_lmforge(model, tokenizer, dataset, cfg: BenchConfig, **train: Any):
+def build_lmforge(model, tokenizer, dataset, cfg: BenchConfig, data: dict | None = None, **train: Any):
     """lmforge's own SFT trainer (``lmforge.training.trainer.build_trainer``), default settings.
 
     Same schedule as the peers (linear, no warmup); lmforge's defaults otherwise: the model's own
@@ -384,7 +384,7 @@ def build_lmforge(model, tokenizer, dataset, cfg: BenchConfig, **train: Any):
         {
             "model": {"name_or_path": "bench-tiny-llama", "dtype": "float32"},
             "adapter": {"r": cfg.lora_r, "alpha": 2 * cfg.lora_r, "dropout": 0.0},
-            "data": {"path": "bench", "max_length": cfg.max_length},
+            "data": {"path": "bench", "max_length": cfg.max_length, **(data or {})},
             "train": {
                 "output_dir": os.path.join(cfg.workdir, "out"),
                 "max_steps": cfg.total_steps,
@@ -410,6 +410,26 @@ def build_lmforge_grouped(model, tokenizer, dataset, cfg: BenchConfig):
     return build_lmforge(model, tokenizer, dataset, cfg, group_by_length=True)
 
 
+def build_lmforge_padded(model, tokenizer, dataset, cfg: BenchConfig):
+    """lmforge with ``train.padding_free: false``: classic right-padded batches."""
+    return build_lmforge(model, tokenizer, dataset, cfg, padding_free=False)
+
+
+def build_lmforge_packed(model, tokenizer, dataset, cfg: BenchConfig):
+    """lmforge with ``data.packing: true``: examples packed best-fit into max_length rows."""
+    from lmforge.data.tokenize import pack
+
+    return build_lmforge(model, tokenizer, pack(dataset, cfg.max_length), cfg, data={"packing": True})
+
+
+def build_trl_packed(model, tokenizer, dataset, cfg: BenchConfig):
+    """trl ``SFTTrainer`` defaults with its own ``packing=True`` (BFD, padding-free)."""
+    from trl import SFTTrainer
+
+    args = _sft_config(cfg, packing=True)
+    return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+
 BEST_VARIANT = "lmforge"
 
 
@@ -430,6 +450,9 @@ VARIANTS = {
     "hf_trainer": build_hf_trainer,
     "lmforge": build_lmforge,
     "lmforge_grouped": build_lmforge_grouped,
+    "lmforge_padded": build_lmforge_padded,
+    "lmforge_packed": build_lmforge_packed,
+    "trl_packed": build_trl_packed,
 }
 
 

@@ -14,13 +14,14 @@ CONVERSATION = Conversation(
 EXPECTED = {
     "llama2": "<s>[INST] <<SYS>>\nBe nice.\n<</SYS>>\n\nhello [/INST] <think>\nr\n</think>\n\nfine </s>"
     "<s>[INST] how are you? [/INST] I am fine. </s>",
-    "mistral": "<s>[INST] Be nice.\n\nhello [/INST]<think>\nr\n</think>\n\nfine</s>"
-    "[INST] how are you? [/INST]I am fine.</s>",
+    "mistral": "<s> [INST] Be nice.\n\nhello [/INST] <think>\nr\n</think>\n\nfine</s>"
+    " [INST] how are you? [/INST] I am fine.</s>",
     "chatml": "<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n"
     "<|im_start|>assistant\n<think>\nr\n</think>\n\nfine<|im_end|>\n"
     "<|im_start|>user\nhow are you?<|im_end|>\n"
     "<|im_start|>assistant\nI am fine.<|im_end|>",
-    "deepseek-r1": "<｜begin▁of▁sentence｜>Be nice.<｜User｜>hello<｜Assistant｜>fine<｜end▁of▁sentence｜>"
+    "deepseek-r1": "<｜begin▁of▁sentence｜>Be nice.<｜User｜>hello"
+    "<｜Assistant｜>\n\nfine<｜end▁of▁sentence｜>"
     "<｜User｜>how are you?<｜Assistant｜>I am fine.<｜end▁of▁sentence｜>",
     "alpaca": "<s>Be nice.\n\n### Instruction:\nhello\n\n### Response:\n<think>\nr\n</think>\n\nfine</s>\n\n"
     "### Instruction:\nhow are you?\n\n### Response:\nI am fine.</s>",
@@ -75,6 +76,8 @@ def test_generation_prompt_is_prefix_of_render(tokenizer, name):
     prompt = template.generation_prompt(
         Conversation(turns=[*CONVERSATION.turns[:1], ("how are you?", "")], system="Be nice."), tokenizer
     )
+    assert prompt.endswith(template.generation_suffix)
+    prompt = prompt[: len(prompt) - len(template.generation_suffix)]
     assert template.render(CONVERSATION, tokenizer).startswith(prompt)
     assert (
         template.render(CONVERSATION, tokenizer)[len(prompt) :]

@@ -14,8 +14,9 @@ from helpers import sft_config
 from lmforge.config import validate_config
 from lmforge.data.loader import load_examples
 from lmforge.data.templates import get_template
-from lmforge.data.tokenize import tokenize_examples
+from lmforge.data.tokenize import pack, tokenize_examples
 from lmforge.methods import sft
+from lmforge.models.loading import load_tokenizer
 from lmforge.training.callbacks import COMPLETE_MARKER, NonFiniteError
 from lmforge.training.stage import load_model_for_training
 from lmforge.training.trainer import build_trainer
@@ -180,3 +181,36 @@ def test_val_size_split_and_tensorboard(tmp_path, base_dir, alpaca_file):
     assert list((result.output_dir / "runs").rglob("events.out.tfevents*"))
     rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in row for row in rows)
+
+
+def test_packed_training_feeds_whole_rows_and_learns(tmp_path, base_dir, alpaca_file):
+    config = sft_config(base_dir, alpaca_file, tmp_path / "packed", max_steps=8, padding_free=False)
+    config["data"]["packing"] = True
+    config = validate_config(config)
+    tokenizer = load_tokenizer(config.model)
+    data = load_examples(config.data, "sft").train
+    dataset, stats = tokenize_examples(data, get_template("chatml"), tokenizer, 64)
+    packed = pack(dataset, 64)
+    model, hardware = load_model_for_training(config, quiet=True)
+    trainer = build_trainer(config, model, tokenizer, hardware, packed, None, "sft", quiet=True)
+    # packing turns on the padding-free collator even though train.padding_free is off
+    batch = trainer.data_collator([packed[0], packed[1]])
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    assert int((batch["position_ids"] == 0).sum()) == len(packed[0]["seq_lengths"]) + len(
+        packed[1]["seq_lengths"]
+    )
+    result = sft.run(config, quiet=True)
+    seen = losses(result.output_dir)
+    assert result.steps == 8 and seen[8] < seen[1]
+    assert len(packed) * 2 <= stats.examples  # ~25-token examples, two per 64-token row
+    assert sum(len(row) for row in packed["input_ids"]) == stats.tokens
+
+
+def test_streaming_trains_for_max_steps(tmp_path, base_dir, alpaca_file):
+    config = sft_config(base_dir, alpaca_file, tmp_path / "stream", max_steps=3)
+    config["data"]["streaming"] = True
+    result = sft.run(validate_config(config), quiet=True)
+    assert result.steps == 3 and (result.output_dir / "adapter" / "adapter_model.safetensors").is_file()
+    config["train"]["max_steps"] = -1
+    with pytest.raises(ValueError, match="set train.max_steps"):
+        sft.check(validate_config(config))

@@ -78,6 +78,7 @@ def _measure(
     template: AnyTemplate | None,
     max_length: int,
     train_on: str,
+    sample: bool,
 ) -> None:
     if tokenizer is None or template is None:
         texts = [example.text] if example.text is not None else [t for turn in example.turns for t in turn]
@@ -97,7 +98,7 @@ def _measure(
         report.truncated += int(truncated)
         if cut is None and example.kind != "prompt":
             report.no_trainable += 1
-        if cut is not None and len(report.samples) < 2 and response_index == 0:
+        if sample and cut is not None and len(report.samples) < 2 and response_index == 0:
             report.samples.append(_pieces(cut["input_ids"], cut["labels"], tokenizer))
     report.lengths.append(longest)
 
@@ -141,9 +142,10 @@ def check_data(
                     report.note("malformed", str(exc))
                     continue
                 report.kinds[example.kind] += 1
-                for code, message in problems(example, needs):
+                found = problems(example, needs)
+                for code, message in found:
                     report.note(code, f"{where} {message}")
-                _measure(example, report, tokenizer, template, data.max_length, data.train_on)
+                _measure(example, report, tokenizer, template, data.max_length, data.train_on, not found)
         except DataError as exc:  # a file that cannot be read on: bad JSON line, bad encoding
             report.note("malformed", str(exc))
     return report

@@ -46,6 +46,7 @@ class ChatTemplate:
     default_system: str | None = None
     strip_history_thinking: bool = False  # drop <think>…</think> from earlier assistant turns
     image: str = IMAGE_PLACEHOLDER  # what a record's <image> placeholder becomes in the prompt
+    generation_suffix: str = ""  # written after the prompt only when asking for an answer
     aliases: tuple[str, ...] = field(default=())
 
     def _fill(self, pattern: str, tokenizer: PreTrainedTokenizerBase, content: str = "") -> str:
@@ -77,8 +78,8 @@ class ChatTemplate:
             if self.image != IMAGE_PLACEHOLDER:
                 user = user.replace(IMAGE_PLACEHOLDER, self.image)
             prompt += self._fill(self.user, tokenizer, user)
-            if self.strip_history_thinking and i < last:
-                assistant = THINK_BLOCK.sub("", assistant)
+            if self.strip_history_thinking and i < last and "</think>" in assistant:
+                assistant = assistant.split("</think>")[-1]  # as the official template: keeps what follows
             pairs.append((prompt, self._fill(self.assistant, tokenizer, assistant)))
         return pairs
 
@@ -88,7 +89,7 @@ class ChatTemplate:
     def generation_prompt(self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> str:
         """The text to feed a model so it writes the last turn's answer."""
         segments = self.segments(conversation, tokenizer)
-        return "".join(p + r for p, r in segments[:-1]) + segments[-1][0]
+        return "".join(p + r for p, r in segments[:-1]) + segments[-1][0] + self.generation_suffix
 
     def encode(
         self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase
@@ -121,7 +122,7 @@ class ChatTemplate:
         default = repr(self.default_system) if self.default_system is not None else "none"
         history_strip = (
             "{%- if loop.index0 < last_user and '</think>' in content -%}"
-            "{%- set content = content.split('</think>')[-1].lstrip() -%}{%- endif -%}"
+            "{%- set content = content.split('</think>')[-1] -%}{%- endif -%}"
             if self.strip_history_thinking
             else ""
         )
@@ -158,6 +159,12 @@ class ChatTemplate:
             + history_strip
             + f"{{{{- {lit(self.assistant, 'content')} -}}}}"
             "{%- endif -%}{%- endfor -%}"
+            + (
+                "{%- if add_generation_prompt and msgs and msgs[-1]['role'] == 'user' -%}"
+                f"{{{{- {self.generation_suffix!r} -}}}}{{%- endif -%}}"
+                if self.generation_suffix
+                else ""
+            )
         )
 
 
@@ -253,12 +260,12 @@ _register(
 )
 _register(
     ChatTemplate(
-        # Mistral-7B-Instruct v0.1/v0.2: no system role; a system prompt is prepended to the
-        # first user turn.
+        # Mistral-7B-Instruct v0.2 as its tokenizer now ships it (the 2024 template): a space before
+        # each [INST] and each answer; a system prompt joins the first user turn.
         name="mistral",
         prefix="<s>",
-        user="[INST] {content} [/INST]",
-        assistant="{content}</s>",
+        user=" [INST] {content} [/INST]",
+        assistant=" {content}</s>",
         stop="</s>",
     )
 )
@@ -294,8 +301,9 @@ _register(
 )
 _register(
     ChatTemplate(
-        # DeepSeek-R1 distills: reasoning in <think>…</think> before the answer; earlier
-        # turns' reasoning is dropped from the history, as the official template does.
+        # DeepSeek-R1 distills: reasoning in <think>…</think> before the answer; earlier turns'
+        # reasoning is dropped from the history and a generation prompt opens the <think> block,
+        # as the official template does. The trained answer keeps its own reasoning.
         name="deepseek-r1",
         prefix="<｜begin▁of▁sentence｜>",
         system="{content}",
@@ -303,6 +311,7 @@ _register(
         assistant="{content}<｜end▁of▁sentence｜>",
         stop="<｜end▁of▁sentence｜>",
         strip_history_thinking=True,
+        generation_suffix="<think>\n",
         aliases=("deepseek_r1", "r1"),
     )
 )
