@@ -112,7 +112,7 @@ def data_check(
         if model is not None:
             model_cfg = ModelConfig(name_or_path=model)
         updates = {k: v for k, v in {"template": template, "max_length": max_length}.items() if v is not None}
-        data = data.model_copy(update=updates)
+        data = DataConfig.model_validate({**data.model_dump(), **updates})
         method = stage or method
         if method not in STAGE_NEEDS:
             raise ValueError(f"--stage {method} is not one of {', '.join(STAGE_NEEDS)}")
@@ -127,11 +127,12 @@ def data_check(
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return
-    print_report(report, Console(), unit="tokens" if tokenizer is not None else "characters (no --model)")
+    out = Console()
+    print_report(report, out, unit="tokens" if tokenizer is not None else "characters (no --model)")
     if report.errors:
-        console.print(f"[bold red]{report.errors} error(s)[/]: training would refuse this data")
+        out.print(f"[bold red]{report.errors} error(s)[/]: training would refuse this data")
         raise typer.Exit(code=1)
-    console.print("[bold green]ok[/]: every record is usable")
+    out.print("[bold green]ok[/]: every record is usable")
 
 
 @app.command()

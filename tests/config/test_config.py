@@ -83,6 +83,14 @@ def test_every_key_has_help_and_default():
         assert help_text, f"{key} has no description"
     names = {k for k, *_ in keys}
     assert {"train.lr", "adapter.r", "model.quantization", "data.template", "train.resume"} <= names
+    # keys inside a list of sections and an optional section are listed too, with readable types
+    assert {
+        "data.datasets[].weight",
+        "data.datasets[].columns.chosen",
+        "data.datasets[].tags.role_tag",
+    } <= names
+    kinds = {k: kind for k, kind, *_ in keys}
+    assert kinds["data.system"] == "str | None"
 
 
 def test_defaults_are_sane():

@@ -64,3 +64,17 @@ def test_check_a_config_for_its_stage(tmp_path, base_dir, alpaca_file):
     assert "records of the wrong kind" in result.output
     ok = runner.invoke(app, ["data", "check", str(config), "method.name=sft"])
     assert ok.exit_code == 0, ok.output
+
+
+def test_check_reads_on_after_a_broken_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"instruction": "q", "output": "a"})
+    path.write_text("\n".join([good, "{broken", good, good]))
+    result = runner.invoke(app, ["data", "check", str(path)])
+    assert result.exit_code == 1
+    assert "line 2 is not valid JSON" in result.output
+    line = next(line for line in result.output.splitlines() if "records in" in line)
+    assert "4" in line  # all four lines were read
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert runner.invoke(app, ["data", "check", str(empty)]).exit_code == 1

@@ -115,7 +115,7 @@ def test_preference_layouts_agree(record):
     [
         {"prompt": "q", "completion": "a", "label": False},
         {"instruction": "q", "output": "a", "kto_tag": "false"},
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "label": 0},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "kto_tag": 0},
     ],
 )
 def test_kto_layouts_agree(record):
@@ -220,7 +220,7 @@ def test_bad_jsonl_line_is_named(tmp_path):
     ("messages", "problem"),
     [
         ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "two user messages in a row"),
-        ([{"role": "assistant", "content": "a"}], "no user message before it"),
+        ([{"role": "assistant", "content": "a"}], "an assistant message first"),
         ([{"role": "user", "content": "a"}], "empty response"),
         ([{"role": "bot", "content": "a"}], "role `bot`"),
         ([{"role": "user"}], "`role` and `content`"),
@@ -251,3 +251,65 @@ def test_example_kind_table():
     assert Example(turns=(("q", "a"),)).kind == "sft"
     assert Example(turns=(("q", "a"),), label=True).kind == "kto"
     assert Example(turns=(("q", "a"),), rejected="b").kind == "preference"
+
+
+def test_a_label_that_is_not_boolean_is_an_ordinary_field():
+    ex = to_example({"instruction": "q", "output": "a", "label": "math"}, "r", "auto")
+    assert ex.kind == "sft" and ex.reference == {"label": "math"}
+    assert to_example({"instruction": "q", "output": "a", "label": 1}, "r", "auto").kind == "sft"
+
+
+def test_csv_keeps_answers_as_text_and_decodes_message_columns(tmp_path):
+    path = tmp_path / "d.csv"
+    messages = json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    with path.open("w", newline="", encoding="utf-8-sig") as handle:  # with a BOM, as Excel writes
+        writer = csv.writer(handle)
+        writer.writerow(["instruction", "output"])
+        writer.writerow(["Is the sky blue?", "true"])
+        writer.writerow(["List two", "[1, 2]"])
+    assert [e.response for e in load(path)] == ["true", "[1, 2]"]
+    chat = tmp_path / "c.csv"
+    with chat.open("w", newline="") as handle:
+        csv.writer(handle).writerows([["messages"], [messages]])
+    assert load(chat)[0].turns == (("hi", "yo"),)
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"messages": [{"role": ["user"], "content": "x"}]}, "has role"),
+        (
+            {
+                "chosen": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a1"},
+                    {"role": "assistant", "content": "a2"},
+                ],
+                "rejected": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": "a1"},
+                    {"role": "assistant", "content": "b"},
+                ],
+            },
+            "same conversation up to a user message",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}] * 1
+                + [{"role": "assistant", "content": "b"}]
+            },
+            "two assistant messages in a row",
+        ),
+        ({"instruction": "q", "output": "a", "images": ["."]}, "is empty"),
+    ],
+)
+def test_more_malformed_records(tmp_path, record, problem):
+    with pytest.raises(DataError, match=problem):
+        to_example(record, "r", "auto", root=tmp_path)
+
+
+def test_max_samples_stops_before_later_bad_lines(tmp_path):
+    path = write(tmp_path, "a.jsonl", '{"text": "a"}\n{"text": "b"}\n{oops\n')
+    assert [e.text for e in load(path, needs="text", max_samples=2)] == ["a", "b"]
+    with pytest.raises(DataError, match="line 3 is not valid JSON"):
+        load(path, needs="text")

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from lmforge.config.data import DataConfig, DatasetSource
+from lmforge.data.files import DataError
 from lmforge.data.loader import iter_examples, load_examples
 
 
@@ -89,3 +90,23 @@ def test_streaming_reads_lazily_in_the_same_order(tmp_path):
 def test_path_and_datasets_are_exclusive():
     with pytest.raises(ValueError, match="either data.path"):
         DataConfig(path="a.json", datasets=[DatasetSource(path="b.json")])
+
+
+def test_val_size_keeps_at_least_one_training_example(tmp_path):
+    two = DataConfig(path=alpaca(tmp_path / "two.json", "a", 2), val_size=0.96)
+    loaded = load_examples(two, "sft")
+    assert len(loaded.train) == 1 and len(loaded.eval) == 1
+    with pytest.raises(DataError, match="needs at least 2"):
+        load_examples(DataConfig(path=alpaca(tmp_path / "one.json", "a", 1), val_size=0.1), "sft")
+
+
+def test_val_size_is_held_out_before_oversampling(tmp_path):
+    a, b = alpaca(tmp_path / "a.json", "a", 40), alpaca(tmp_path / "b.json", "b", 4)
+    data = DataConfig(
+        datasets=[DatasetSource(path=a), DatasetSource(path=b, weight=3)],
+        mix="interleave_over",
+        val_size=0.25,
+    )
+    loaded = load_examples(data, "sft")
+    assert not {e.prompt for e in loaded.eval} & {e.prompt for e in loaded.train}
+    assert len(loaded.eval) == 10 + 1

@@ -111,3 +111,16 @@ def test_tokenizer_template_splits_prompt_and_answer(tokenizer):
     deepseek = official_tokenizer(tokenizer, "deepseek-r1")
     with pytest.raises(ValueError, match="rewrites earlier turns"):
         own.segments(conversation, deepseek)  # it drops past reasoning once a turn follows
+
+
+def test_tokenizer_template_generation_prompt_and_template_errors(tokenizer):
+    tok = official_tokenizer(tokenizer, "mistral")
+    own = get_template("tokenizer")
+    asked = Conversation(turns=[("hi", "")])
+    assert own.generation_prompt(asked, tok) == get_template("mistral").generation_prompt(asked, tok)
+    strict = official_tokenizer(tokenizer, "mistral")
+    strict.chat_template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+    )
+    with pytest.raises(ValueError, match="refused this conversation: no system role"):
+        own.segments(Conversation(turns=[("a", "b")], system="s"), strict)

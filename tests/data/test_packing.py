@@ -9,7 +9,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from lmforge.data.formats import Example
 from lmforge.data.templates import get_template
-from lmforge.data.tokenize import pack, tokenize_examples
+from lmforge.data.tokenize import PackedRowsCollator, pack, tokenize_examples
 
 
 @pytest.fixture
@@ -69,3 +69,31 @@ def test_packed_loss_and_logits_equal_unpacked(tokenizer, base_dir, examples, at
         i = by_ids[ids]
         alone = unpacked_out.logits[i, : end - begin]
         torch.testing.assert_close(packed_out.logits[0, begin:end], alone, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_packed_rows_collator_equals_unpacked(tokenizer, base_dir, examples, attention):
+    """The SDPA/eager path keeps packed rows as rows; loss and logits still equal unpacked."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation=attention).eval()
+    dataset, _ = tokenize_examples(examples, get_template("chatml"), tokenizer, max_length=64)
+    rows = [dict(r) for r in dataset]
+    packed = [dict(r) for r in pack(dataset, 64)]
+    batch = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)(packed)
+    assert batch["input_ids"].shape == (len(packed), max(len(r["input_ids"]) for r in packed))
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows)
+    with torch.no_grad():
+        unpacked_out = model(**padded, use_cache=False)
+        packed_out = model(**batch, use_cache=False)
+    torch.testing.assert_close(packed_out.loss, unpacked_out.loss, atol=1e-4, rtol=0)
+    by_ids = {tuple(r["input_ids"]): i for i, r in enumerate(rows)}
+    for b, row in enumerate(packed):
+        start = 0
+        for length in row["seq_lengths"]:
+            i = by_ids[tuple(row["input_ids"][start : start + length])]
+            torch.testing.assert_close(
+                packed_out.logits[b, start : start + length],
+                unpacked_out.logits[i, :length],
+                atol=1e-4,
+                rtol=0,
+            )
+            start += length

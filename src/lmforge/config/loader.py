@@ -10,7 +10,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -131,10 +132,20 @@ def dump_config(config: RunConfig) -> str:
 def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
     if origin is None:
-        return getattr(annotation, "__name__", str(annotation))
-    args = ", ".join(_type_name(a) if not isinstance(a, str) else repr(a) for a in get_args(annotation))
+        return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "None")
+    args = [_type_name(a) if not isinstance(a, str) else repr(a) for a in get_args(annotation)]
+    if origin in (Union, UnionType):
+        return " | ".join(args)
     name = getattr(origin, "__name__", str(origin)).replace("Literal", "one of")
-    return f"{name}[{args}]"
+    return f"{name}[{', '.join(args)}]"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config section inside `Section`, `Section | None` or `list[Section]`, if any."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def iter_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
@@ -145,5 +156,9 @@ def iter_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> Iterator[
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from iter_keys(annotation, prefix=f"{key}.")
             continue
-        default = field.get_default(call_default_factory=True)
-        yield key, _type_name(annotation), repr(default), field.description or ""
+        default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+        yield key, _type_name(annotation), default, field.description or ""
+        section = _model_in(annotation)
+        if section is not None:  # a list of sections (data.datasets) or an optional one (tags)
+            inner = f"{key}[]." if get_origin(annotation) is list else f"{key}."
+            yield from iter_keys(section, prefix=inner)

@@ -8,6 +8,7 @@ examples that would be truncated, and those left with no trainable token after t
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -122,16 +123,18 @@ def check_data(
             continue
         spec = resolved.source
         records = (
-            iter_records(resolved.local)
+            iter_records(resolved.local, keep_going=True)
             if resolved.local is not None
             else iter_hub(resolved.hub or "", spec.split, spec.subset)
         )
         fmt = spec.format
+        report.records[resolved.name] += 0
         try:
-            for index, (where, record) in enumerate(records):
-                if spec.max_samples is not None and index >= spec.max_samples:
-                    break
+            for where, record in itertools.islice(records, spec.max_samples):
                 report.records[resolved.name] += 1
+                if isinstance(record, DataError):
+                    report.note("malformed", str(record))
+                    continue
                 try:
                     if fmt == "auto":
                         fmt = detect_format(record, where, spec.columns)
@@ -146,8 +149,10 @@ def check_data(
                 for code, message in found:
                     report.note(code, f"{where} {message}")
                 _measure(example, report, tokenizer, template, data.max_length, data.train_on, not found)
-        except DataError as exc:  # a file that cannot be read on: bad JSON line, bad encoding
+        except DataError as exc:  # a file that cannot be read on: broken JSON file, bad encoding
             report.note("malformed", str(exc))
+        if not report.records[resolved.name]:
+            report.note("malformed", f"dataset `{resolved.name}` has no records")
     return report
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+REGISTRY_NAMES = ("dataset_info.json",)  # registries are not data, even inside a data folder
 
 
 class DataError(ValueError):
@@ -23,6 +24,8 @@ class DataError(ValueError):
 
 def inside(root: Path, relative: str, what: str, where: str) -> Path:
     """`relative` resolved inside `root`; a path escaping it (`..`, absolute, symlink) is refused."""
+    if relative.strip() in ("", "."):
+        raise DataError(f"{where}: {what} path `{relative}` is empty; give a file inside {root}")
     root = root.resolve()
     candidate = (root / relative).resolve()
     if not candidate.is_relative_to(root):
@@ -41,28 +44,35 @@ def data_files(path: Path) -> list[Path]:
                 f"{path}: unsupported file type `{path.suffix}`; use one of {', '.join(SUFFIXES)}"
             )
         return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+    root = path.resolve()
+    files = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in SUFFIXES
+        and p.name not in REGISTRY_NAMES
+        and p.resolve().is_relative_to(root)  # a symlink out of the folder is not followed
+    )
     if not files:
         raise DataError(f"{path}: the folder holds no {', '.join(SUFFIXES)} files")
     return files
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                yield f"{path}: line {lineno}", json.loads(line)
+                record: Any = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})"
-                ) from None
+                record = DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})")
+            yield f"{path}: line {lineno}", record
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
@@ -79,26 +89,55 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as handle:
+    csv.field_size_limit(2**31 - 1)  # long documents are normal in training data
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
-        for index, row in enumerate(reader):
+        index = 0
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise DataError(f"{path}: row {index + 2} cannot be parsed as CSV ({exc})") from None
+            index += 1
             if None in row:
-                raise DataError(f"{path}: row {index + 2} has more cells than the header has columns")
-            yield f"{path}: row {index + 2}", {key: _cell(value) for key, value in row.items()}
+                yield "", DataError(f"{path}: row {index + 1} has more cells than the header has columns")
+                continue
+            yield f"{path}: row {index + 1}", {key: _cell(key, value) for key, value in row.items()}
 
 
-def _cell(value: str | None) -> Any:
-    """A CSV cell: JSON lists/objects and true/false are decoded, everything else stays text."""
-    if value is None:
-        return None
-    stripped = value.strip()
-    if stripped[:1] in ("[", "{"):
-        try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            return value
-    if stripped.lower() in ("true", "false"):
-        return stripped.lower() == "true"
+# CSV cells that may hold JSON structure (message lists, history pairs, image lists).
+STRUCTURED = {
+    "history",
+    "messages",
+    "conversations",
+    "images",
+    "image",
+    "chosen",
+    "rejected",
+    "prompt",
+    "completion",
+}
+
+
+def _cell(key: str, value: str | None) -> Any:
+    """A CSV cell: text, except JSON message lists / objects / image lists in structural columns.
+
+    Everything else stays text, so an answer like `true` or `[1, 2]` is not turned into a value.
+    """
+    if value is None or key not in STRUCTURED or value.strip()[:1] not in ("[", "{"):
+        return value
+    try:
+        decoded = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    if isinstance(decoded, dict):
+        return decoded
+    if isinstance(decoded, list) and all(isinstance(item, dict | list) for item in decoded):
+        return decoded
+    if key in ("images", "image") and isinstance(decoded, list) and all(isinstance(i, str) for i in decoded):
+        return decoded
     return value
 
 
@@ -110,14 +149,17 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
     except Exception as exc:  # pyarrow raises its own ArrowInvalid for a corrupt file
         raise DataError(f"{path}: not a readable parquet file ({exc})") from None
     index = 0
-    for batch in parquet.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            yield f"{path}: row {index}", row
-            index += 1
+    try:
+        for batch in parquet.iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                yield f"{path}: row {index}", row
+                index += 1
+    except Exception as exc:  # pyarrow's own errors for a damaged page or an unreadable type
+        raise DataError(f"{path}: row {index} cannot be read ({exc})") from None
 
 
 def _iter_txt(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for lineno, line in enumerate(handle, start=1):
             if line.strip():
                 yield f"{path}: line {lineno}", {"text": line.rstrip("\n")}
@@ -132,20 +174,26 @@ READERS = {
 }
 
 
-def iter_file(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(where, record) for every record of one file; `where` names the file and line/record."""
+def iter_file(path: Path, keep_going: bool = False) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
+    """(where, record) for every record of one file; `where` names the file and line/record.
+
+    A record that cannot be parsed raises its DataError, or with `keep_going` is yielded as
+    (where, DataError) so a checker can count it and read on.
+    """
     try:
         for where, record in READERS[path.suffix.lower()](path):
-            if not isinstance(record, dict):
-                raise DataError(f"{where} is a {type(record).__name__}, expected an object")
+            if not isinstance(record, dict | DataError):
+                record = DataError(f"{where} is a {type(record).__name__}, expected an object")
+            if isinstance(record, DataError) and not keep_going:
+                raise record
             yield where, record
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
-def iter_records(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def iter_records(path: Path, keep_going: bool = False) -> Iterator[tuple[str, dict[str, Any] | DataError]]:
     for file in data_files(path):
-        yield from iter_file(file)
+        yield from iter_file(file, keep_going)
 
 
 def iter_hub(name: str, split: str, subset: str | None) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -27,7 +27,9 @@ from lmforge.config.data import Columns, Tags
 from lmforge.data.files import DataError, inside
 from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
 
-OPENAI_TAGS = Tags(role_tag="role", content_tag="content", user_tag="user", assistant_tag="assistant")
+OPENAI_TAGS = Tags(
+    role_tag="role", content_tag="content", user_tag="user", assistant_tag="assistant", observation_tag="tool"
+)
 KINDS = ("sft", "preference", "kto", "prompt", "text")
 
 
@@ -95,8 +97,8 @@ def _bool(value: Any, where: str, key: str) -> bool:
         return value
     if value in (0, 1):
         return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        return value.strip().lower() in ("true", "1")
     raise DataError(f"{where}: `{key}` is {value!r}, expected true or false (KTO desirability)")
 
 
@@ -167,7 +169,7 @@ def _messages(value: Any, where: str, key: str, tags: Tags | None) -> list[tuple
                 "(set the dataset's tags if your messages use other keys)"
             )
         role = message[tags.role_tag]
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:
             raise DataError(
                 f"{where}: {key}[{i}] has role `{role}`; expected one of {', '.join(map(str, roles))} "
                 "(set the dataset's tags if your roles have other names)"
@@ -196,7 +198,11 @@ def _turns(messages: list[tuple[str, str]], where: str, key: str) -> tuple[str |
             pending = text
         else:
             if pending is None:
-                raise DataError(f"{where}: {key} has an assistant message with no user message before it")
+                what = "two assistant messages in a row" if turns else "an assistant message first"
+                raise DataError(
+                    f"{where}: {key} has {what} (message {i}); user and assistant must alternate, "
+                    "starting with the user"
+                )
             turns.append((pending, text))
             pending = None
     if pending is not None:
@@ -240,8 +246,18 @@ def detect_format(record: dict[str, Any], where: str, columns: Columns | None = 
     )
 
 
-def _kto_label(record: dict[str, Any], columns: Columns, where: str) -> bool | None:
-    key = _column(record, columns.kto_tag, "kto_tag", "label")
+def _kto_key(record: dict[str, Any], columns: Columns) -> str | None:
+    """The KTO desirability field: the mapped column or `kto_tag`; `label` only when it holds a
+    boolean (a `label` such as "math" is an ordinary field, kept as a reference)."""
+    key = _column(record, columns.kto_tag, "kto_tag")
+    if key is None and "label" in record:
+        value = record["label"]
+        if isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in ("true", "false")):
+            key = "label"
+    return key
+
+
+def _kto_label(record: dict[str, Any], key: str | None, where: str) -> bool | None:
     if key is None or record[key] is None:
         return None
     return _bool(record[key], where, key)
@@ -275,12 +291,11 @@ def _finish(
             )
         turns[-1] = (turns[-1][0], _response(record[chosen_key], where, chosen_key, tags))
         rejected = _response(record[rejected_key], where, rejected_key, tags)
-    label = _kto_label(record, columns, where)
+    kto_key = _kto_key(record, columns)
+    label = _kto_label(record, kto_key, where)
     image_key = _column(record, columns.images, "images", "image")
     images = _images(record, image_key, where, root)
-    used |= {
-        k for k in (system_key, chosen_key, rejected_key, image_key, columns.kto_tag, "kto_tag", "label") if k
-    }
+    used |= {k for k in (system_key, chosen_key, rejected_key, image_key, kto_key) if k}
     reference = {k: v for k, v in record.items() if k not in used and v is not None}
     return Example(
         turns=tuple(turns),
@@ -356,10 +371,16 @@ def _implicit_prompt(
     """TRL's implicit-prompt preference: chosen and rejected are whole chats sharing a prefix."""
     chosen = _messages(record["chosen"], where, "chosen", tags)
     rejected = _messages(record.get("rejected"), where, "rejected", tags)
-    if chosen[:-1] != rejected[:-1] or chosen[-1][0] != "assistant" or rejected[-1][0] != "assistant":
+    if (
+        chosen[:-1] != rejected[:-1]
+        or chosen[-1][0] != "assistant"
+        or rejected[-1][0] != "assistant"
+        or len(chosen) < 2
+        or chosen[-2][0] != "user"
+    ):
         raise DataError(
-            f"{where}: `chosen` and `rejected` must be the same conversation up to a final assistant "
-            "message (or give a separate `prompt`)"
+            f"{where}: `chosen` and `rejected` must be the same conversation up to a user message, "
+            "each ending with one assistant message (or give a separate `prompt`)"
         )
     system, turns = _turns(chosen[:-1], where, "chosen")
     turns[-1] = (turns[-1][0], chosen[-1][1])

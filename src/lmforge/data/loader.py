@@ -38,9 +38,8 @@ def read_source(resolved: ResolvedSource) -> Iterator[Example]:
         assert resolved.hub is not None
         records = iter_hub(resolved.hub, source.split, source.subset)
     fmt = source.format
-    for index, (where, record) in enumerate(records):
-        if source.max_samples is not None and index >= source.max_samples:
-            return
+    for where, record in itertools.islice(records, source.max_samples):
+        assert isinstance(record, dict)  # iter_records raises for a record it cannot parse
         if fmt == "auto":
             fmt = detect_format(record, where, source.columns)
         yield to_example(record, where, fmt, source.columns, source.tags, resolved.root)
@@ -123,16 +122,39 @@ def check_examples(examples: list[Example], needs: str, what: str) -> None:
     )
 
 
+def split_off(
+    examples: list[Example], fraction: float, seed: int, name: str
+) -> tuple[list[Example], list[Example]]:
+    """(train, held out): a seeded random `fraction` of one dataset, at least one example each."""
+    if len(examples) < 2:
+        raise DataError(f"dataset `{name}` has {len(examples)} record(s); data.val_size needs at least 2")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: min(len(order) - 1, max(1, round(len(order) * fraction)))])
+    return (
+        [e for i, e in enumerate(examples) if i not in held],
+        [e for i, e in enumerate(examples) if i in held],
+    )
+
+
 def load_examples(data: DataConfig, needs: str) -> LoadedData:
-    """Every training (and evaluation) example, checked for a stage that needs `needs` examples."""
+    """Every training (and evaluation) example, checked for a stage that needs `needs` examples.
+
+    `val_size` is held out of each dataset before mixing, so an example repeated by
+    `interleave_over` never lands on both sides.
+    """
     factories, names, weights = _factories(data)
     read: dict[str, int] = {}
     lists: list[list[Example]] = []
-    for name, factory in zip(names, factories, strict=True):
+    held_out: list[Example] = []
+    for index, (name, factory) in enumerate(zip(names, factories, strict=True)):
         examples = list(factory())
         if not examples:
             raise DataError(f"dataset `{name}` has no records")
         read[name] = len(examples)
+        if data.val_size > 0 and not data.eval_path:
+            examples, held = split_off(examples, data.val_size, data.seed + index, name)
+            held_out += held
         lists.append(examples)
     rng = random.Random(data.seed)
     train = [
@@ -140,16 +162,11 @@ def load_examples(data: DataConfig, needs: str) -> LoadedData:
         for example in mix([lambda e=e: iter(e) for e in lists], weights, data.mix, data.seed)
     ]
     check_examples(train, needs, "training")
-    evaluation: list[Example] = []
     if data.eval_path:
         evaluation = load_eval(data, needs)
-    elif data.val_size > 0:
-        order = list(range(len(train)))
-        random.Random(data.seed).shuffle(order)
-        n_eval = max(1, round(len(order) * data.val_size))
-        held = set(order[:n_eval])
-        evaluation = [train[i] for i in sorted(held)]
-        train = [e for i, e in enumerate(train) if i not in held]
+    else:
+        evaluation = [prepare(example, data, rng) for example in held_out]
+        check_examples(evaluation, needs, "evaluation")
     return LoadedData(train=train, eval=evaluation, read=read)
 
 
@@ -165,4 +182,7 @@ def load_eval(data: DataConfig, needs: str) -> list[Example]:
 
 def peek(data: DataConfig, needs: str, count: int = 200) -> None:
     """Check the first `count` examples of a streamed mix before any model is loaded."""
-    check_examples(list(itertools.islice(iter_examples(data), count)), needs, "training")
+    first = list(itertools.islice(iter_examples(data), count))
+    if not first:
+        raise DataError("the training data has no records")
+    check_examples(first, needs, "training")

@@ -54,13 +54,21 @@ def registry_path(dataset_dir: str | Path) -> Path | None:
 
 
 def load_registry(path: Path) -> dict[str, dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
     try:
+        text = path.read_text(encoding="utf-8-sig")
         entries = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: cannot be parsed ({exc})") from None
-    if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+    if not isinstance(entries, dict):
         raise DataError(f"{path}: expected a mapping of dataset name -> entry")
+    for name, entry in entries.items():
+        if not isinstance(name, str):
+            raise DataError(f"{path}: dataset name {name!r} must be a string (quote it in YAML)")
+        if not isinstance(entry, dict) or not all(isinstance(key, str) for key in entry):
+            raise DataError(f"{path}: dataset `{name}` must be a mapping of option -> value")
+        for key in ("columns", "tags"):
+            if entry.get(key) is not None and not isinstance(entry[key], dict):
+                raise DataError(f"{path}: dataset `{name}`: `{key}` must be a mapping")
     return entries
 
 
@@ -73,6 +81,10 @@ def _from_llamafactory(name: str, entry: dict[str, Any], path: Path) -> dict[str
     }  # fmt: skip
     if unknown:
         raise DataError(f"{where}: unknown keys {sorted(unknown)}")
+    if entry.get("folder") and "file_name" not in entry:
+        raise DataError(
+            f"{where}: `folder` (a hub sub-folder) is not supported; download it and set file_name"
+        )
     for remote in ("ms_hub_url", "om_hub_url", "script_url"):
         if remote in entry and "file_name" not in entry and "hf_hub_url" not in entry:
             raise DataError(
@@ -95,7 +107,7 @@ def _from_llamafactory(name: str, entry: dict[str, Any], path: Path) -> dict[str
         if entry.get(key) is not None:
             fields[key] = entry[key]
     if entry.get("num_samples") is not None:
-        fields["max_samples"] = entry["num_samples"]
+        fields["max_samples"] = entry["num_samples"]  # the first N (LLaMA-Factory samples N at random)
     return fields
 
 

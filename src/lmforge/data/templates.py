@@ -179,6 +179,7 @@ class TokenizerTemplate:
     """
 
     name: str = "tokenizer"
+    generation_suffix: str = ""  # the Jinja template writes its own generation prompt
 
     def stop_token(self, tokenizer: PreTrainedTokenizerBase) -> str:
         return tokenizer.eos_token or ""
@@ -191,7 +192,15 @@ class TokenizerTemplate:
                 "data.template is `tokenizer` but this tokenizer has no chat_template; "
                 "name a template instead (e.g. chatml)"
             )
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+        if any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+            raise ValueError(
+                "data.template `tokenizer` cannot place images; use the model's named template "
+                "(e.g. qwen2-vl)"
+            )
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+        except Exception as exc:  # jinja2's TemplateError, raised by the template itself
+            raise ValueError(f"the tokenizer's chat_template refused this conversation: {exc}") from None
 
     def segments(
         self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase

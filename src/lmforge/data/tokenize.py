@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -142,3 +143,40 @@ def iter_tokenized(
         )
         if encoded is not None and not (truncated and example.images):
             yield encoded
+
+
+@dataclass
+class PackedRowsCollator:
+    """Batches of packed rows kept as rows, for attention without varlen kernels (SDPA, eager).
+
+    trl's padding-free collator flattens a whole batch into one sequence. With flash-attn that
+    is ideal (varlen kernels see each example alone); with SDPA or eager attention it builds one
+    dense mask over the flattened batch, quadratic in batch_size x max_length tokens (measured
+    4x slower than unpacked on CPU). Here each row stays a row: position ids restart at every
+    example (transformers derives the block-diagonal mask from them), the padding tail of a
+    short row is one more "example" nobody attends to, and the first label of each example is
+    masked so the previous example's last token never learns to predict it.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids, labels, positions = [], [], []
+        for row in rows:
+            pad = width - len(row["input_ids"])
+            row_labels = list(row["labels"])
+            row_positions: list[int] = []
+            for length in row.get("seq_lengths") or [len(row["input_ids"])]:
+                row_labels[len(row_positions)] = IGNORE
+                row_positions.extend(range(length))
+            input_ids.append(list(row["input_ids"]) + [self.pad_token_id] * pad)
+            labels.append(row_labels + [IGNORE] * pad)
+            positions.append(row_positions + list(range(pad)))
+        return {
+            "input_ids": torch.tensor(input_ids),
+            "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(positions),
+        }

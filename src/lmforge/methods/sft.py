@@ -39,6 +39,8 @@ def check(config: RunConfig) -> None:
         raise ValueError("data.streaming has no length to count epochs by: set train.max_steps")
     if config.data.streaming and config.data.packing:
         raise ValueError("data.packing needs the whole data set to bin it; turn off data.streaming")
+    if config.adapter.method == "none" and config.model.quantization != "none":
+        raise ValueError("a quantized base needs an adapter: set adapter.method: lora")
 
 
 def _streamed(config: RunConfig, template, tokenizer) -> IterableDataset:
@@ -50,8 +52,6 @@ def _streamed(config: RunConfig, template, tokenizer) -> IterableDataset:
         yield from iter_tokenized(iter_examples(data), template, tokenizer, data.max_length, data.train_on)
 
     return IterableDataset.from_generator(rows)
-    if config.adapter.method == "none" and config.model.quantization != "none":
-        raise ValueError("a quantized base needs an adapter: set adapter.method: lora")
 
 
 def _report(stats: TokenizeStats, max_length: int, label: str) -> None:

@@ -20,6 +20,7 @@ from trl import SFTConfig, SFTTrainer
 
 from lmforge.config import RunConfig
 from lmforge.config.train import TrainConfig
+from lmforge.data.tokenize import PackedRowsCollator
 from lmforge.models.hardware import Hardware
 from lmforge.training.callbacks import (
     CompleteCheckpointCallback,
@@ -66,14 +67,9 @@ def training_arguments(
     hardware: Hardware,
     max_length: int,
     has_eval: bool,
-    packed: bool = False,
+    padding_free: bool,
 ) -> SFTConfig:
-    """Translate `train:` into trl/transformers arguments.
-
-    Packed rows (`data.packing`) always go through the padding-free collator: it is the one that
-    turns each row's `seq_lengths` into position ids restarting per example.
-    """
-    padding_free = train.padding_free or packed
+    """Translate `train:` into trl/transformers arguments."""
     warmup: float = train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio
     save_strategy = "steps" if train.save_steps > 0 else "no"
     if has_eval:
@@ -135,8 +131,15 @@ def build_trainer(
     quiet: bool = False,
 ) -> ForgeTrainer:
     """The trainer with lmforge's callbacks: metrics file, checkpoint markers, NaN guard, progress."""
+    # Packed rows: with flash-attn, trl's padding-free collator (varlen kernels); otherwise our
+    # row-keeping collator (see PackedRowsCollator). Unpacked: train.padding_free decides.
+    flash = hardware.attn_implementation == "flash_attention_2"
+    collator = None
+    if config.data.packing and not flash:
+        collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
+    padding_free = flash if config.data.packing else config.train.padding_free
     args = training_arguments(
-        config.train, hardware, config.data.max_length, eval_dataset is not None, config.data.packing
+        config.train, hardware, config.data.max_length, eval_dataset is not None, padding_free
     )
     # Training never needs a KV cache, and with one transformers would not detect the packed rows
     # of padding-free batches (attention would then cross examples).
@@ -154,8 +157,9 @@ def build_trainer(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        # data_collator left to trl: its DataCollatorForLanguageModeling pads labels with -100 (so a
-        # pad id equal to EOS never hides EOS from the loss) and implements padding_free.
+        # Otherwise trl's DataCollatorForLanguageModeling: it pads labels with -100 (so a pad id
+        # equal to EOS never hides EOS from the loss) and implements padding_free.
+        data_collator=collator,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress bar
