@@ -44,56 +44,39 @@ def test_pack_keeps_every_example_whole(tokenizer, examples):
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_packed_loss_and_logits_equal_unpacked(tokenizer, base_dir, examples, attention):
+@pytest.mark.parametrize("collation", ["flattened", "rows"])
+def test_packed_loss_and_logits_equal_unpacked(tokenizer, base_dir, examples, attention, collation):
+    """Both packed paths: trl's flattened padding-free batch (used with flash-attn) and lmforge's
+    row-keeping collator (SDPA/eager). Loss and every example's logits equal the unpacked ones."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation=attention).eval()
     dataset, _ = tokenize_examples(examples, get_template("chatml"), tokenizer, max_length=64)
     rows = [dict(r) for r in dataset]
     packed = [dict(r) for r in pack(dataset, 64)]
     pad = tokenizer.pad_token_id
-    padded_batch = DataCollatorForLanguageModeling(pad_token_id=pad)(rows)
-    packed_batch = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)(packed)
-    assert packed_batch["input_ids"].shape[0] == 1  # one row, position ids restarting per example
-    assert (packed_batch["position_ids"] == 0).sum() == len(rows)
+    spans = []  # (row of the batch, start, length) of every example
+    if collation == "flattened":
+        batch = DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)(packed)
+        assert batch["input_ids"].shape[0] == 1  # one row, position ids restarting per example
+        lengths = [length for row in packed for length in row["seq_lengths"]]
+        starts = [sum(lengths[:k]) for k in range(len(lengths))]
+        spans = [(0, start, length) for start, length in zip(starts, lengths, strict=True)]
+    else:
+        batch = PackedRowsCollator(pad_token_id=pad)(packed)
+        assert batch["input_ids"].shape == (len(packed), max(len(r["input_ids"]) for r in packed))
+        for b, row in enumerate(packed):
+            starts = [sum(row["seq_lengths"][:k]) for k in range(len(row["seq_lengths"]))]
+            spans += [(b, start, length) for start, length in zip(starts, row["seq_lengths"], strict=True)]
+    assert "attention_mask" not in batch and len(spans) == len(rows)
+    padded = DataCollatorForLanguageModeling(pad_token_id=pad)(rows)
     with torch.no_grad():
         # use_cache=False as in training: with a KV cache transformers does not look for packed rows.
-        unpacked_out = model(**padded_batch, use_cache=False)
-        packed_out = model(**packed_batch, use_cache=False)
-    torch.testing.assert_close(packed_out.loss, unpacked_out.loss, atol=1e-4, rtol=0)
-    # Attention never crosses examples: each example's logits inside the packed row equal its own.
-    starts = (packed_batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [
-        packed_batch["input_ids"].shape[1]
-    ]
-    by_ids = {tuple(r["input_ids"]): i for i, r in enumerate(rows)}
-    for begin, end in zip(starts[:-1], starts[1:], strict=True):
-        ids = tuple(packed_batch["input_ids"][0, begin:end].tolist())
-        i = by_ids[ids]
-        alone = unpacked_out.logits[i, : end - begin]
-        torch.testing.assert_close(packed_out.logits[0, begin:end], alone, atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
-def test_packed_rows_collator_equals_unpacked(tokenizer, base_dir, examples, attention):
-    """The SDPA/eager path keeps packed rows as rows; loss and logits still equal unpacked."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation=attention).eval()
-    dataset, _ = tokenize_examples(examples, get_template("chatml"), tokenizer, max_length=64)
-    rows = [dict(r) for r in dataset]
-    packed = [dict(r) for r in pack(dataset, 64)]
-    batch = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)(packed)
-    assert batch["input_ids"].shape == (len(packed), max(len(r["input_ids"]) for r in packed))
-    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(rows)
-    with torch.no_grad():
         unpacked_out = model(**padded, use_cache=False)
         packed_out = model(**batch, use_cache=False)
     torch.testing.assert_close(packed_out.loss, unpacked_out.loss, atol=1e-4, rtol=0)
+    # Attention never crosses examples: each example's logits inside a packed row equal its own.
     by_ids = {tuple(r["input_ids"]): i for i, r in enumerate(rows)}
-    for b, row in enumerate(packed):
-        start = 0
-        for length in row["seq_lengths"]:
-            i = by_ids[tuple(row["input_ids"][start : start + length])]
-            torch.testing.assert_close(
-                packed_out.logits[b, start : start + length],
-                unpacked_out.logits[i, :length],
-                atol=1e-4,
-                rtol=0,
-            )
-            start += length
+    for b, start, length in spans:
+        i = by_ids[tuple(batch["input_ids"][b, start : start + length].tolist())]
+        torch.testing.assert_close(
+            packed_out.logits[b, start : start + length], unpacked_out.logits[i, :length], atol=1e-4, rtol=0
+        )
