@@ -9,7 +9,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from lmforge.data.formats import Example
 from lmforge.data.templates import get_template
-from lmforge.data.tokenize import PackedRowsCollator, pack, tokenize_examples
+from lmforge.data.tokenize import PackedRowsCollator, PaddingFreeRowsCollator, pack, tokenize_examples
 
 
 @pytest.fixture
@@ -44,10 +44,11 @@ def test_pack_keeps_every_example_whole(tokenizer, examples):
 
 
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
-@pytest.mark.parametrize("collation", ["flattened", "rows"])
+@pytest.mark.parametrize("collation", ["flattened", "rows", "in_batch"])
 def test_packed_loss_and_logits_equal_unpacked(tokenizer, base_dir, examples, attention, collation):
-    """Both packed paths: trl's flattened padding-free batch (used with flash-attn) and lmforge's
-    row-keeping collator (SDPA/eager). Loss and every example's logits equal the unpacked ones."""
+    """Every padding-free path: trl's flattened batch (used with flash-attn), lmforge's packed-row
+    collator and its in-batch packing of unpacked examples (SDPA/eager). Loss and every example's
+    logits equal those of the plain padded batch."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation=attention).eval()
     dataset, _ = tokenize_examples(examples, get_template("chatml"), tokenizer, max_length=64)
     rows = [dict(r) for r in dataset]
@@ -60,6 +61,15 @@ def test_packed_loss_and_logits_equal_unpacked(tokenizer, base_dir, examples, at
         lengths = [length for row in packed for length in row["seq_lengths"]]
         starts = [sum(lengths[:k]) for k in range(len(lengths))]
         spans = [(0, start, length) for start, length in zip(starts, lengths, strict=True)]
+    elif collation == "in_batch":
+        batch = PaddingFreeRowsCollator(pad_token_id=pad)(rows)
+        width = max(len(r["input_ids"]) for r in rows)
+        assert batch["input_ids"].shape[1] == width and batch["input_ids"].shape[0] <= len(rows)
+        for b, positions in enumerate(batch["position_ids"].tolist()):
+            starts = [k for k, p in enumerate(positions) if p == 0] + [width]
+            for start, end in zip(starts[:-1], starts[1:], strict=True):
+                if batch["input_ids"][b, start] != pad:  # the padding tail is not an example
+                    spans.append((b, start, end - start))
     else:
         batch = PackedRowsCollator(pad_token_id=pad)(packed)
         assert batch["input_ids"].shape == (len(packed), max(len(r["input_ids"]) for r in packed))
@@ -80,3 +90,18 @@ def test_packed_loss_and_logits_equal_unpacked(tokenizer, base_dir, examples, at
         torch.testing.assert_close(
             packed_out.logits[b, start : start + length], unpacked_out.logits[i, :length], atol=1e-4, rtol=0
         )
+
+
+def test_in_batch_packing_fills_rows_first_fit_decreasing():
+    rows = [{"input_ids": [7] * n, "labels": [1] * n} for n in (3, 10, 4, 3, 6)]
+    batch = PaddingFreeRowsCollator(pad_token_id=0)(rows)
+    # width 10: [10] | [6, 4] | [3, 3] + 4 padding
+    assert batch["input_ids"].shape == (3, 10)
+    assert batch["position_ids"].tolist() == [
+        list(range(10)),
+        list(range(6)) + list(range(4)),
+        list(range(3)) + list(range(3)) + list(range(4)),
+    ]
+    assert batch["input_ids"][2, 6:].tolist() == [0] * 4 and (batch["labels"][2, 6:] == -100).all()
+    # each example's first label is masked: the previous example's last token must not predict it
+    assert batch["labels"][1, [0, 6]].tolist() == [-100, -100] and batch["labels"][1, 1].item() == 1

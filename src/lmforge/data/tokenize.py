@@ -180,3 +180,41 @@ class PackedRowsCollator:
             "labels": torch.tensor(labels),
             "position_ids": torch.tensor(positions),
         }
+
+
+@dataclass
+class PaddingFreeRowsCollator(PackedRowsCollator):
+    """`train.padding_free` without varlen kernels: pack each batch into rows as wide as its
+    longest example.
+
+    Flattening a whole batch into one row (trl's padding-free collator) is right for flash-attn,
+    whose varlen kernels attend within each example. SDPA and eager attention instead get one
+    dense mask over the flattened batch, quadratic in its total length: on CPU that made a
+    quickstart LoRA step 1.7x slower than plain padding. Here the batch's examples are packed
+    first-fit-decreasing into rows of the longest example's length, so attention per row is never
+    wider than padding would make it, and most of the padding is gone. Losses are unchanged.
+    """
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(row["input_ids"]) for row in rows)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
+        bins: list[list[int]] = []
+        free: list[int] = []
+        for i in order:
+            length = len(rows[i]["input_ids"])
+            slot = next((b for b, room in enumerate(free) if room >= length), None)
+            if slot is None:
+                bins.append([i])
+                free.append(width - length)
+            else:
+                bins[slot].append(i)
+                free[slot] -= length
+        packed = [
+            {
+                "input_ids": [t for i in members for t in rows[i]["input_ids"]],
+                "labels": [t for i in members for t in rows[i]["labels"]],
+                "seq_lengths": [len(rows[i]["input_ids"]) for i in members],
+            }
+            for members in bins
+        ]
+        return super().__call__(packed)

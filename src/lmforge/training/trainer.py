@@ -20,7 +20,7 @@ from trl import SFTConfig, SFTTrainer
 
 from lmforge.config import RunConfig
 from lmforge.config.train import TrainConfig
-from lmforge.data.tokenize import PackedRowsCollator
+from lmforge.data.tokenize import PackedRowsCollator, PaddingFreeRowsCollator
 from lmforge.models.hardware import Hardware
 from lmforge.training.callbacks import (
     CompleteCheckpointCallback,
@@ -131,13 +131,17 @@ def build_trainer(
     quiet: bool = False,
 ) -> ForgeTrainer:
     """The trainer with lmforge's callbacks: metrics file, checkpoint markers, NaN guard, progress."""
-    # Packed rows: with flash-attn, trl's padding-free collator (varlen kernels); otherwise our
-    # row-keeping collator (see PackedRowsCollator). Unpacked: train.padding_free decides.
+    # With flash-attn, trl's padding-free collator flattens each batch (varlen kernels attend
+    # within examples). With SDPA/eager attention a flattened batch gets one dense mask, so our
+    # collators keep rows: packed rows as they are, unpacked examples packed into rows as wide as
+    # the batch's longest (see data/tokenize.py). Without padding_free: trl's padded batches.
     flash = hardware.attn_implementation == "flash_attention_2"
+    wants_padding_free = config.data.packing or config.train.padding_free
     collator = None
-    if config.data.packing and not flash:
-        collator = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
-    padding_free = flash if config.data.packing else config.train.padding_free
+    if wants_padding_free and not flash:
+        pad = tokenizer.pad_token_id
+        collator = PackedRowsCollator(pad) if config.data.packing else PaddingFreeRowsCollator(pad)
+    padding_free = wants_padding_free and flash
     args = training_arguments(
         config.train, hardware, config.data.max_length, eval_dataset is not None, padding_free
     )
