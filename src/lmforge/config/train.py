@@ -43,9 +43,9 @@ class TrainConfig(Section):
     )
     padding_free: bool = Field(
         True,
-        description="Concatenate a batch into one row with per-example positions (no pad tokens): "
-        "same loss, ~3x fewer wasted FLOPs when lengths vary. Turn off for models whose attention "
-        "ignores position_ids boundaries.",
+        description="Spend no compute on padding: a batch's examples share rows, position ids "
+        "restarting per example (same loss). Turn off for models whose attention ignores "
+        "position_ids boundaries.",
     )
     group_by_length: bool = Field(
         False,
