@@ -136,6 +136,52 @@ def data_check(
 
 
 @app.command()
+def adapters(
+    model: Annotated[str, typer.Option(help="Model folder or hub id (only its config is read).")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Adapter settings: adapter.r=16 adapter.layers=top:8 ...")
+    ] = None,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run code shipped with the model.")] = False,
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Every adapter method with its trainable parameters on MODEL, for the given adapter settings."""
+    from lmforge.adapters.build import adapter_table
+    from lmforge.config import validate_config
+    from lmforge.config.loader import parse_overrides
+
+    try:
+        nested = parse_overrides(overrides or [])
+        if set(nested) - {"adapter"}:
+            raise ValueError(
+                f"only adapter.* settings apply here, not {', '.join(sorted(set(nested) - {'adapter'}))}"
+            )
+        raw = {"model": {"name_or_path": model}, "data": {"path": "-"}, **nested}
+        config = validate_config(raw, source="command line")
+        rows = adapter_table(model, config.adapter, trust_remote_code)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    table = Table(
+        title=f"adapters on {model} (r={config.adapter.r}, preset={config.adapter.preset}, "
+        f"layers={config.adapter.layers})"
+    )
+    for column in ("method", "trainable params", "% of model", "merges into base", "4/8-bit base"):
+        table.add_column(column, justify="right" if "params" in column or "%" in column else "left")
+    for row in rows:
+        if "error" in row:
+            table.add_row(row["method"], "-", "-", "-", escape(row["error"]))
+            continue
+        table.add_row(
+            row["method"],
+            f"{row['trainable']:,}",
+            f"{100 * row['share']:.3f}",
+            "yes" if row["mergeable"] else "no",
+            "yes" if row["quantized_base"] else "no",
+        )
+    Console().print(table)
+
+
+@app.command()
 def quickstart(
     output_dir: Annotated[Path, typer.Option(help="Where everything is written.")] = Path("runs/quickstart"),
     seed: Annotated[int, typer.Option(help="Seed for data, model and training.")] = 0,

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import sft_config
-from lmforge.adapters.lora import attach_lora
+from lmforge.adapters.build import attach_adapter
 from lmforge.config import validate_config
 from lmforge.methods import sft
 from lmforge.models.loading import load_causal_lm
@@ -22,7 +22,7 @@ def test_qlora_quantizes_base_and_trains_adapter(tmp_path, base_dir, alpaca_file
     model, _ = load_causal_lm(config.model, quiet=True)
     q_proj = model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == layer
-    peft_model = attach_lora(model, config.adapter, gradient_checkpointing=False)
+    peft_model = attach_adapter(model, config.adapter, gradient_checkpointing=False)
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
 

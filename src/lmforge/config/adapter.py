@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -9,29 +10,61 @@ from pydantic import Field, model_validator
 from lmforge.config.base import Section
 
 PRESETS = ("minimal", "attention_only", "ffn_only", "all", "custom")
+METHODS = ("lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "none")
+LAYERS = re.compile(r"^(?:(top|last):(\d+)|(\d+)-(\d+)|all)$")
+
+
+class AdaLoraOptions(Section):
+    """AdaLoRA's rank schedule (Zhang et al., 2023): ranks start at init_r and are pruned to
+    adapter.r on average between tinit and total_steps - tfinal, every delta_t steps."""
+
+    init_r: int = Field(12, gt=0, description="Starting rank of every adapted layer.")
+    tinit: int = Field(0, ge=0, description="Steps of warm-up before any rank is pruned.")
+    tfinal: int = Field(0, ge=0, description="Steps at the end with the final ranks fixed.")
+    delta_t: int = Field(1, gt=0, description="Steps between two rank re-allocations.")
+    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality regulariser.")
+
+
+class FourierFTOptions(Section):
+    n_frequency: int = Field(1000, gt=0, description="Spectral coefficients learned per adapted matrix.")
+    scaling: float = Field(150.0, gt=0, description="Scale of the inverse-DFT update (like LoRA's alpha).")
 
 
 class AdapterConfig(Section):
-    method: Literal["lora", "none"] = Field(
-        "lora", description="Adapter type. `none` trains no adapter (pre-training only)."
+    method: Literal["lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "none"] = Field(
+        "lora",
+        description="Adapter: lora, dora (weight-decomposed LoRA), adalora (adaptive rank), fourierft, "
+        "vera, ia3, oft; `none` trains no adapter (pre-training only). A quantized base makes any "
+        "of them QLoRA-style.",
     )
     preset: Literal["minimal", "attention_only", "ffn_only", "all", "custom"] = Field(
         "all",
-        description="Where LoRA goes: minimal (q,v), attention_only, ffn_only, all, custom (target_modules).",
+        description="Which modules: minimal (q,v), attention_only, ffn_only, all, custom (target_modules).",
     )
     target_modules: list[str] = Field(
         default_factory=list,
         description="Module names for preset `custom` (e.g. [q_proj, v_proj]).",
     )
-    r: int = Field(8, gt=0, description="LoRA rank.")
+    layers: str | list[int] = Field(
+        "all",
+        description="Which decoder layers: all, top:N or last:N (the last N), A-B (0-based, inclusive), "
+        "or a list of indices.",
+    )
+    r: int = Field(8, gt=0, description="Rank (LoRA/DoRA/VeRA; AdaLoRA's average final rank; OFT's blocks).")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) (stable at high rank).")
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: B matrices learn at train.lr x this ratio (paper: 16)."
+    )
+    adalora: AdaLoraOptions = Field(default_factory=AdaLoraOptions, description="AdaLoRA schedule.")
+    fourierft: FourierFTOptions = Field(default_factory=FourierFTOptions, description="FourierFT options.")
     path: str | None = Field(
         None, description="Start from an existing adapter folder instead of a fresh one."
     )
 
     @model_validator(mode="after")
-    def _custom_needs_targets(self) -> AdapterConfig:
+    def _combinations(self) -> AdapterConfig:
         if self.preset == "custom" and not self.target_modules:
             raise ValueError(
                 "adapter.preset is `custom` but adapter.target_modules is empty: "
@@ -42,4 +75,42 @@ class AdapterConfig(Section):
                 f"adapter.target_modules is set but adapter.preset is `{self.preset}`: "
                 "set preset: custom to use your own list"
             )
+        if isinstance(self.layers, str) and not LAYERS.match(self.layers.strip()):
+            raise ValueError(
+                f"adapter.layers `{self.layers}` is not understood: use all, top:8, last:4, 0-11 or a "
+                "list such as [28, 29, 30, 31]"
+            )
+        lora_family = ("lora", "dora", "adalora")
+        if self.use_rslora and self.method not in lora_family:
+            raise ValueError(f"adapter.use_rslora applies to lora/dora/adalora, not {self.method}")
+        if self.loraplus_lr_ratio is not None and self.method not in ("lora", "dora"):
+            raise ValueError(f"adapter.loraplus_lr_ratio applies to lora/dora, not {self.method}")
+        if self.method == "adalora" and self.adalora.init_r < self.r:
+            raise ValueError(
+                f"adapter.adalora.init_r ({self.adalora.init_r}) must be at least adapter.r ({self.r}), "
+                "the average rank AdaLoRA prunes down to"
+            )
         return self
+
+    def layer_indices(self, num_layers: int) -> list[int] | None:
+        """The decoder layers to adapt (None: all of them)."""
+        if isinstance(self.layers, list):
+            bad = [i for i in self.layers if not 0 <= i < num_layers]
+            if bad:
+                raise ValueError(
+                    f"adapter.layers {bad} out of range: the model has layers 0-{num_layers - 1}"
+                )
+            return sorted(set(self.layers))
+        match = LAYERS.match(self.layers.strip())
+        assert match is not None  # checked by the validator
+        if self.layers.strip() == "all":
+            return None
+        if match.group(1):
+            count = int(match.group(2))
+            if not 0 < count <= num_layers:
+                raise ValueError(f"adapter.layers `{self.layers}`: the model has {num_layers} layers")
+            return list(range(num_layers - count, num_layers))
+        first, last = int(match.group(3)), int(match.group(4))
+        if not 0 <= first <= last < num_layers:
+            raise ValueError(f"adapter.layers `{self.layers}`: the model has layers 0-{num_layers - 1}")
+        return list(range(first, last + 1))

@@ -18,7 +18,7 @@ from lmforge.data.tokenize import tokenize_texts
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.stage import StageResult, load_model_for_training, resolve_template
+from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
 from lmforge.training.trainer import build_trainer
 
 console = Console(stderr=True)
@@ -47,7 +47,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
             f"[bold]pretrain data[/]: {len(texts)} texts, {stats.tokens:,} tokens, {stats.examples} blocks"
         )
 
-    model, hardware = load_model_for_training(config, quiet)
+    model, hardware = load_model_for_training(config, quiet, optimizer_steps(config, len(train_ds)))
 
     trainer = build_trainer(config, model, tokenizer, hardware, train_ds, None, "pretrain", quiet)
     result = trainer.train(resume_from_checkpoint=resolve_resume(output_dir, config.train.resume))

@@ -21,7 +21,7 @@ from lmforge.models.loading import (
 )
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.stage import StageResult, load_model_for_training, resolve_template
+from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
 from lmforge.training.trainer import build_trainer
 
 console = Console(stderr=True)
@@ -107,7 +107,8 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         if not quiet:
             console.print(f"[bold]packed[/] {stats.examples} examples into {len(train_ds)} rows")
 
-    model, hardware = load_model_for_training(config, quiet)
+    rows = len(train_ds) if not config.data.streaming else 0
+    model, hardware = load_model_for_training(config, quiet, optimizer_steps(config, rows))
 
     trainer = build_trainer(config, model, tokenizer, hardware, train_ds, eval_ds, "sft", quiet)
     resume = resolve_resume(output_dir, config.train.resume)

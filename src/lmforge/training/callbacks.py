@@ -159,3 +159,16 @@ class ProgressCallback(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class AdaLoraRankCallback(TrainerCallback):
+    """AdaLoRA's rank re-allocation, once per optimizer step.
+
+    peft's AdaLoRA only prunes ranks when the training loop calls
+    `update_and_allocate(step)` after the optimizer step and before gradients are zeroed;
+    transformers' Trainer never does, so without this callback AdaLoRA silently trains as a
+    fixed-rank LoRA. `on_optimizer_step` is exactly that point in the loop.
+    """
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from transformers import PreTrainedModel, set_seed
 
-from lmforge.adapters.lora import attach_lora
+from lmforge.adapters.build import attach_adapter
 from lmforge.config import RunConfig
 from lmforge.data.templates import AnyTemplate, get_template, guess_template
 from lmforge.data.tokenize import TokenizeStats
@@ -36,14 +37,27 @@ def resolve_template(config: RunConfig) -> AnyTemplate:
     return get_template(name)
 
 
-def load_model_for_training(config: RunConfig, quiet: bool = False) -> tuple[PreTrainedModel, Hardware]:
-    """Seeded model load plus the configured adapter; prints trainable / total parameters."""
+def load_model_for_training(
+    config: RunConfig, quiet: bool = False, total_steps: int | None = None
+) -> tuple[PreTrainedModel, Hardware]:
+    """Seeded model load plus the configured adapter; prints trainable / total parameters.
+
+    `total_steps` (the optimizer steps the run will take) is needed by AdaLoRA's rank schedule.
+    """
     set_seed(config.train.seed)  # adapter initialisation must be reproducible too
     model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet)
-    if config.adapter.method == "lora":
-        model = attach_lora(model, config.adapter, config.train.gradient_checkpointing)
+    if config.adapter.method != "none":
+        model = attach_adapter(model, config.adapter, config.train.gradient_checkpointing, total_steps)
     trainable, total = count_parameters(model)
     if not quiet:
         share = 100 * trainable / max(total, 1)
         console.print(f"[bold]parameters[/]: {trainable:,} trainable / {total:,} total ({share:.3f}%)")
     return model, hardware
+
+
+def optimizer_steps(config: RunConfig, examples: int) -> int:
+    """How many optimizer steps the run takes: train.max_steps, or epochs over `examples`."""
+    if config.train.max_steps > 0:
+        return config.train.max_steps
+    per_epoch = max(1, math.ceil(examples / (config.train.batch_size * config.train.grad_accum)))
+    return max(1, math.ceil(per_epoch * config.train.epochs))

@@ -23,6 +23,7 @@ from lmforge.config.train import TrainConfig
 from lmforge.data.tokenize import PackedRowsCollator, PaddingFreeRowsCollator
 from lmforge.models.hardware import Hardware
 from lmforge.training.callbacks import (
+    AdaLoraRankCallback,
     CompleteCheckpointCallback,
     MetricsFileCallback,
     NonFiniteError,
@@ -155,6 +156,23 @@ def build_trainer(
     ]
     if config.train.progress and not quiet:
         callbacks.append(ProgressCallback(stage))
+    if config.adapter.method == "adalora":
+        callbacks.append(AdaLoraRankCallback())
+    optimizer = None
+    if config.adapter.loraplus_lr_ratio is not None:
+        if config.train.optimizer not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(
+                "adapter.loraplus_lr_ratio needs train.optimizer adamw_torch (LoRA+ builds AdamW)"
+            )
+        from peft.optimizers import create_loraplus_optimizer
+
+        optimizer = create_loraplus_optimizer(
+            model,
+            torch.optim.AdamW,
+            lr=config.train.lr,
+            loraplus_lr_ratio=config.adapter.loraplus_lr_ratio,
+            weight_decay=config.train.weight_decay,
+        )
     trainer = ForgeTrainer(
         model=model,
         args=args,
@@ -164,6 +182,7 @@ def build_trainer(
         # Otherwise trl's DataCollatorForLanguageModeling: it pads labels with -100 (so a pad id
         # equal to EOS never hides EOS from the loss) and implements padding_free.
         data_collator=collator,
+        optimizers=(optimizer, None),
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress bar

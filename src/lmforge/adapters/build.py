@@ -1,0 +1,250 @@
+"""Build a peft adapter from `adapter:` and attach it to the base model.
+
+Every method here is peft's own implementation (LoRA, DoRA, AdaLoRA, FourierFT, VeRA, IA3,
+OFT); lmforge only chooses the modules and layers, checks the combination before training,
+and supplies what peft leaves to the training loop (AdaLoRA's per-step rank update, LoRA+'s
+optimizer, see `training/trainer.py`). The adapter is saved in peft's format, loadable by peft
+alone.
+"""
+
+from __future__ import annotations
+
+import re
+
+from peft import (
+    AdaLoraConfig,
+    FourierFTConfig,
+    IA3Config,
+    LoraConfig,
+    OFTConfig,
+    PeftConfig,
+    PeftModel,
+    VeraConfig,
+    get_peft_model,
+    prepare_model_for_kbit_training,
+)
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from lmforge.config.adapter import AdapterConfig
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+FFN = ("gate_proj", "up_proj", "down_proj")
+# The same roles under other architectures' names: GPT-2/Falcon/Phi, T5 (q, k, v, o, wi, wo),
+# vision towers (qkv, proj, fc1, fc2).
+ATTENTION_ALT = (
+    "c_attn",
+    "query_key_value",
+    "qkv_proj",
+    "Wqkv",
+    "dense",
+    "c_proj",
+    "out_proj",
+    "q",
+    "k",
+    "v",
+    "o",
+    "qkv",
+    "proj",
+)
+FFN_ALT = (
+    "fc1",
+    "fc2",
+    "c_fc",
+    "dense_h_to_4h",
+    "dense_4h_to_h",
+    "gate_up_proj",
+    "w1",
+    "w2",
+    "w3",
+    "wi",
+    "wo",
+    "wi_0",
+    "wi_1",
+)
+MINIMAL = ("q_proj", "v_proj", "query", "value", "q", "v")
+# Which methods train on a bitsandbytes-quantized base (tested on CPU). FourierFT has no
+# quantized layer in peft; peft 0.21's 4-bit VeRA layer mixes dtypes and fails.
+QUANTIZED_OK = {"lora", "dora", "adalora", "ia3", "oft"}
+MERGEABLE = {"lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft"}
+
+
+def _linear_names(model: nn.Module) -> set[str]:
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or module.__class__.__name__ in ("Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return names - {"lm_head", "score", "classifier"}
+
+
+def target_modules(config: AdapterConfig, model: nn.Module) -> list[str]:
+    """Module-name suffixes to wrap, checked against the model's linear layers."""
+    present = _linear_names(model)
+    wanted: tuple[str, ...]
+    if config.preset == "custom":
+        missing = [m for m in config.target_modules if m not in present]
+        if missing:
+            raise ValueError(
+                f"adapter.target_modules {missing} are not linear layers of this model; "
+                f"its linear layers are: {', '.join(sorted(present))}"
+            )
+        return list(config.target_modules)
+    if config.preset == "minimal":
+        wanted = MINIMAL
+    elif config.preset == "attention_only":
+        wanted = ATTENTION + ATTENTION_ALT
+    elif config.preset == "ffn_only":
+        wanted = FFN + FFN_ALT
+    else:
+        return sorted(present)
+    found = sorted(n for n in present if n in wanted)
+    if not found:
+        raise ValueError(
+            f"adapter.preset `{config.preset}` found no matching layers in this model; its linear layers are "
+            f"{', '.join(sorted(present))}: use preset: custom with target_modules"
+        )
+    return found
+
+
+def _num_layers(model: PreTrainedModel) -> int:
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    count = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", None)
+    if not count:
+        raise ValueError("adapter.layers needs the model's layer count, which its config does not give")
+    return int(count)
+
+
+def peft_config(config: AdapterConfig, model: PreTrainedModel, total_steps: int | None = None) -> PeftConfig:
+    """The peft config for `adapter:` on this model (targets and layers resolved and checked)."""
+    targets = target_modules(config, model)
+    layers = config.layer_indices(_num_layers(model))
+    common = {"target_modules": targets, "layers_to_transform": layers, "task_type": "CAUSAL_LM"}
+    lora_like = {"r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none"}
+    if config.method in ("lora", "dora"):
+        return LoraConfig(
+            **common, **lora_like, use_rslora=config.use_rslora, use_dora=config.method == "dora"
+        )
+    if config.method == "adalora":
+        options = config.adalora
+        if not total_steps:
+            raise ValueError(
+                "adapter.method adalora needs the number of training steps (set train.max_steps)"
+            )
+        if options.tinit >= total_steps - options.tfinal:
+            raise ValueError(
+                f"adapter.adalora: tinit ({options.tinit}) + tfinal ({options.tfinal}) leave no steps of "
+                f"rank allocation in {total_steps} training steps; lower them"
+            )
+        return AdaLoraConfig(
+            **common,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            bias="none",
+            use_rslora=config.use_rslora,
+            init_r=options.init_r,
+            target_r=config.r,
+            tinit=options.tinit,
+            tfinal=options.tfinal,
+            deltaT=options.delta_t,
+            orth_reg_weight=options.orth_reg_weight,
+            total_step=total_steps,
+        )
+    if config.method == "fourierft":
+        return FourierFTConfig(
+            **common,
+            n_frequency=config.fourierft.n_frequency,
+            scaling=config.fourierft.scaling,
+            random_loc_seed=777,
+        )
+    if config.method == "vera":
+        return VeraConfig(**common, r=config.r, vera_dropout=config.dropout, save_projection=True)
+    if config.method == "ia3":
+        if layers is not None:
+            raise ValueError(
+                "adapter.method ia3 cannot be limited to some layers (peft's IA3 has no "
+                "layers_to_transform); use adapter.layers: all"
+            )
+        feedforward = [t for t in targets if t in FFN + FFN_ALT]
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+    if config.method == "oft":
+        return OFTConfig(**common, r=config.r, oft_block_size=0, module_dropout=config.dropout)
+    raise ValueError(f"adapter.method {config.method} has no peft adapter")
+
+
+def attach_adapter(
+    model: PreTrainedModel,
+    config: AdapterConfig,
+    gradient_checkpointing: bool,
+    total_steps: int | None = None,
+) -> PeftModel:
+    """Wrap `model` with a trainable adapter (QLoRA-style when the base is quantized)."""
+    quantized = getattr(model, "is_quantized", False)
+    if quantized and config.method not in QUANTIZED_OK:
+        raise ValueError(
+            f"adapter.method {config.method} cannot train on a quantized base (peft has no 4/8-bit "
+            f"layer for it); use model.quantization: none or one of {', '.join(sorted(QUANTIZED_OK))}"
+        )
+    if quantized:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if config.path:
+        return PeftModel.from_pretrained(model, config.path, is_trainable=True)
+    return get_peft_model(model, peft_config(config, model, total_steps))
+
+
+def _adapted_modules(config: AdapterConfig, model: PreTrainedModel) -> list[str]:
+    """Names of the modules an adapter with this config wraps."""
+    targets = set(target_modules(config, model))
+    layers = config.layer_indices(_num_layers(model))
+    found = []
+    for name, _ in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in targets:
+            continue
+        index = re.search(r"\.(?:layers|h|block|blocks|layer)\.(\d+)\.", name)
+        if layers is None or (index is not None and int(index.group(1)) in layers):
+            found.append(name)
+    return found
+
+
+def adapter_table(
+    model_name_or_path: str, config: AdapterConfig, trust_remote_code: bool = False
+) -> list[dict]:
+    """Trainable parameters of every method on this model, counted on an empty (meta) copy.
+
+    Only the model's config is read: no weights are loaded, so a 7B model costs nothing.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    rows = []
+    for method in ("lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft"):
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+        total = sum(p.numel() for p in model.parameters())
+        adalora = config.adalora.model_copy(update={"init_r": max(config.adalora.init_r, config.r)})
+        method_config = config.model_copy(update={"method": method, "path": None, "adalora": adalora})
+        try:
+            if method == "fourierft":
+                # n_frequency coefficients per adapted matrix; building it would draw a random
+                # permutation of every weight matrix (minutes for a 7B model) just to count.
+                trainable = config.fourierft.n_frequency * len(_adapted_modules(method_config, model))
+            else:
+                wrapped = get_peft_model(model, peft_config(method_config, model, total_steps=1000))
+                trainable = sum(
+                    p.numel()
+                    for n, p in wrapped.named_parameters()
+                    if p.requires_grad and "ranknum" not in n  # AdaLoRA's rank counter, not trained
+                )
+        except ValueError as exc:
+            rows.append({"method": method, "error": str(exc)})
+            continue
+        rows.append(
+            {
+                "method": method,
+                "trainable": trainable,
+                "share": trainable / total,
+                "mergeable": method in MERGEABLE,
+                "quantized_base": method in QUANTIZED_OK,
+            }
+        )
+    return rows
