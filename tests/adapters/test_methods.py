@@ -171,3 +171,35 @@ def test_adapters_command_prints_the_table(base_dir):
         assert method in result.output
     bad = CliRunner().invoke(app, ["adapters", "--model", str(base_dir), "train.lr=1"])
     assert bad.exit_code == 1 and "only adapter.* settings apply here" in bad.output
+
+
+def test_pissa_starts_at_the_base_function_and_saves_a_lora_of_the_original_base(
+    tmp_path, base_dir, alpaca_file
+):
+    from lmforge.training.artifacts import save_artifact
+
+    batch = {"input_ids": torch.tensor([[5, 17, 42, 99, 3, 8]])}
+    with torch.no_grad():
+        original = AutoModelForCausalLM.from_pretrained(base_dir).eval()(**batch).logits
+    trainer, config = make_trainer(
+        tmp_path, base_dir, alpaca_file, "lora", steps=6, init="pissa", dropout=0.0
+    )
+    model = trainer.model.eval()
+    with torch.no_grad():  # PiSSA splits each weight into residual + adapter: same function at start
+        torch.testing.assert_close(model(**batch).logits, original, atol=1e-4, rtol=0)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert all(p.abs().sum() > 0 for p in lora_b)  # unlike default LoRA, B starts non-zero
+    trainer.train()
+    model.eval()
+    with torch.no_grad():
+        trained = model(**batch).logits
+    assert not torch.allclose(trained, original, atol=1e-3)
+    out = save_artifact(
+        model, trainer.processing_class, get_template("chatml"), tmp_path / "a", "adapter", config
+    )
+    # The saved adapter is a plain LoRA (rank 2r) for the *original* base, loadable by peft alone.
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
+    assert reloaded.peft_config["default"].r == 2 * config.adapter.r
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, trained, atol=1e-4, rtol=0)
+        torch.testing.assert_close(reloaded.merge_and_unload()(**batch).logits, trained, atol=1e-4, rtol=0)

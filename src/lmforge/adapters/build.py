@@ -10,6 +10,7 @@ alone.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from peft import (
     AdaLoraConfig,
@@ -121,8 +122,14 @@ def peft_config(config: AdapterConfig, model: PreTrainedModel, total_steps: int 
     common = {"target_modules": targets, "layers_to_transform": layers, "task_type": "CAUSAL_LM"}
     lora_like = {"r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none"}
     if config.method in ("lora", "dora"):
+        # PiSSA with 4 subspace iterations: the fast randomized SVD peft recommends for 7B models.
+        init = "pissa_niter_4" if config.init == "pissa" else True
         return LoraConfig(
-            **common, **lora_like, use_rslora=config.use_rslora, use_dora=config.method == "dora"
+            **common,
+            **lora_like,
+            use_rslora=config.use_rslora,
+            use_dora=config.method == "dora",
+            init_lora_weights=init,
         )
     if config.method == "adalora":
         options = config.adalora
@@ -176,9 +183,20 @@ def attach_adapter(
     config: AdapterConfig,
     gradient_checkpointing: bool,
     total_steps: int | None = None,
+    init_dir: Path | None = None,
 ) -> PeftModel:
-    """Wrap `model` with a trainable adapter (QLoRA-style when the base is quantized)."""
+    """Wrap `model` with a trainable adapter (QLoRA-style when the base is quantized).
+
+    With PiSSA the base keeps only the residual of each weight; the initial adapter is saved to
+    `init_dir` so the final one can be converted to a plain LoRA of the *original* base
+    (`save_artifact` passes it to peft's `path_initial_model_for_weight_conversion`).
+    """
     quantized = getattr(model, "is_quantized", False)
+    if quantized and config.init == "pissa":
+        raise ValueError(
+            "adapter.init pissa on a quantized base would re-quantize the residual weights; "
+            "use model.quantization: none or adapter.init: default"
+        )
     if quantized and config.method not in QUANTIZED_OK:
         raise ValueError(
             f"adapter.method {config.method} cannot train on a quantized base (peft has no 4/8-bit "
@@ -188,7 +206,14 @@ def attach_adapter(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if config.path:
         return PeftModel.from_pretrained(model, config.path, is_trainable=True)
-    return get_peft_model(model, peft_config(config, model, total_steps))
+    wrapped = get_peft_model(model, peft_config(config, model, total_steps))
+    if config.init == "pissa":
+        if init_dir is None:
+            raise ValueError("adapter.init pissa needs a folder for the initial adapter")
+        wrapped.peft_config["default"].init_lora_weights = True  # saved as a plain-LoRA start
+        wrapped.save_pretrained(init_dir)
+        wrapped.peft_config["default"].init_lora_weights = "pissa_niter_4"
+    return wrapped
 
 
 def _adapted_modules(config: AdapterConfig, model: PreTrainedModel) -> list[str]:

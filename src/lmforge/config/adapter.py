@@ -54,6 +54,11 @@ class AdapterConfig(Section):
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     use_rslora: bool = Field(False, description="rsLoRA: scale by alpha / sqrt(r) (stable at high rank).")
+    init: Literal["default", "pissa"] = Field(
+        "default",
+        description="LoRA initialisation: default (B = 0), or pissa (A, B from the top singular vectors "
+        "of each weight, the base keeps the residual; saved converted, so it loads on the original base).",
+    )
     loraplus_lr_ratio: float | None = Field(
         None, gt=0, description="LoRA+: B matrices learn at train.lr x this ratio (paper: 16)."
     )
@@ -85,6 +90,12 @@ class AdapterConfig(Section):
             raise ValueError(f"adapter.use_rslora applies to lora/dora/adalora, not {self.method}")
         if self.loraplus_lr_ratio is not None and self.method not in ("lora", "dora"):
             raise ValueError(f"adapter.loraplus_lr_ratio applies to lora/dora, not {self.method}")
+        if self.init == "pissa" and self.method != "lora":
+            raise ValueError(f"adapter.init pissa applies to method lora, not {self.method}")
+        if self.init == "pissa" and self.path:
+            raise ValueError(
+                "adapter.init pissa starts a new adapter; it cannot be combined with adapter.path"
+            )
         if self.method == "adalora" and self.adalora.init_r < self.r:
             raise ValueError(
                 f"adapter.adalora.init_r ({self.adalora.init_r}) must be at least adapter.r ({self.r}), "

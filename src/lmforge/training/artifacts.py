@@ -89,7 +89,12 @@ def save_artifact(
         eos = {stop_id, tokenizer.eos_token_id} - {None}
         generation_config.eos_token_id = sorted(eos)
         generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(tmp, safe_serialization=True)
+    extra = {}
+    if config is not None and config.adapter.init == "pissa" and kind == "adapter":
+        # Convert PiSSA (trained against the residual base) to a LoRA of the original base.
+        init = Path(config.train.output_dir) / "pissa_init"
+        extra["path_initial_model_for_weight_conversion"] = str(init)
+    model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.chat_template = template.jinja(tokenizer)
     tokenizer.save_pretrained(tmp)
     (tmp / TEMPLATE_FILE).write_text(template.name + "\n", encoding="utf-8")

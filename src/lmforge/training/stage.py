@@ -47,7 +47,9 @@ def load_model_for_training(
     set_seed(config.train.seed)  # adapter initialisation must be reproducible too
     model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet)
     if config.adapter.method != "none":
-        model = attach_adapter(model, config.adapter, config.train.gradient_checkpointing, total_steps)
+        model = attach_adapter(
+            model, config.adapter, config.train.gradient_checkpointing, total_steps, pissa_init_dir(config)
+        )
     trainable, total = count_parameters(model)
     if not quiet:
         share = 100 * trainable / max(total, 1)
@@ -61,3 +63,8 @@ def optimizer_steps(config: RunConfig, examples: int) -> int:
         return config.train.max_steps
     per_epoch = max(1, math.ceil(examples / (config.train.batch_size * config.train.grad_accum)))
     return max(1, math.ceil(per_epoch * config.train.epochs))
+
+
+def pissa_init_dir(config: RunConfig) -> Path:
+    """Where a PiSSA run keeps its initial adapter (needed to convert the final one)."""
+    return Path(config.train.output_dir) / "pissa_init"
