@@ -66,8 +66,11 @@ FFN_ALT = (
 MINIMAL = ("q_proj", "v_proj", "query", "value", "q", "v")
 # Which methods train on a bitsandbytes-quantized base (tested on CPU). FourierFT has no
 # quantized layer in peft; peft 0.21's 4-bit VeRA layer mixes dtypes and fails.
-QUANTIZED_OK = {"lora", "dora", "adalora", "ia3", "oft"}
-MERGEABLE = {"lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft"}
+QUANTIZED_OK = {"lora", "dora", "adalora", "ia3", "oft", "vision_lora"}
+MERGEABLE = {"lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "vision_lora"}
+VISION_TOWERS = ("visual", "vision_tower", "vision_model")
+VISION_ATTENTION = ("qkv", "proj", "q_proj", "k_proj", "v_proj", "out_proj", "o_proj")
+VISION_FFN = ("fc1", "fc2", "0", "2", "up_proj", "down_proj", "gate_proj")
 
 
 def _linear_names(model: nn.Module) -> set[str]:
@@ -115,8 +118,56 @@ def _num_layers(model: PreTrainedModel) -> int:
     return int(count)
 
 
+def vision_targets(config: AdapterConfig, model: nn.Module) -> list[str]:
+    """Full names of the vision tower's linear layers (by preset and block), nothing else."""
+    towers = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in VISION_TOWERS]
+    if not towers:
+        raise ValueError(
+            "adapter.method vision_lora needs a vision-language model (e.g. Qwen2-VL); this model has no "
+            f"vision tower (no module named {' / '.join(VISION_TOWERS)})"
+        )
+    tower = min(towers, key=len)
+    linears = [
+        name
+        for name, module in model.named_modules()
+        if name.startswith(tower + ".")
+        and (isinstance(module, nn.Linear) or "Linear" in type(module).__name__)
+    ]
+    blocks = {int(m.group(1)) for n in linears if (m := re.search(r"\.blocks\.(\d+)\.", n))}
+    layers = config.layer_indices(len(blocks)) if blocks else None
+    wanted = {
+        "minimal": ("qkv", "q_proj", "v_proj"),
+        "attention_only": VISION_ATTENTION,
+        "ffn_only": VISION_FFN,
+    }.get(config.preset)
+    chosen = []
+    for name in linears:
+        suffix = name.rsplit(".", 1)[-1]
+        if config.preset == "custom" and suffix not in config.target_modules:
+            continue
+        if wanted is not None and suffix not in wanted:
+            continue
+        block = re.search(r"\.blocks\.(\d+)\.", name)
+        if layers is not None and (block is None or int(block.group(1)) not in layers):
+            continue
+        chosen.append(name)
+    if not chosen:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ValueError(f"adapter: no vision-tower layer matches; its linear layers are {', '.join(names)}")
+    return chosen
+
+
 def peft_config(config: AdapterConfig, model: PreTrainedModel, total_steps: int | None = None) -> PeftConfig:
     """The peft config for `adapter:` on this model (targets and layers resolved and checked)."""
+    if config.method == "vision_lora":
+        return LoraConfig(
+            target_modules=vision_targets(config, model),
+            r=config.r,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            use_rslora=config.use_rslora,
+            bias="none",
+        )
     targets = target_modules(config, model)
     layers = config.layer_indices(_num_layers(model))
     common = {"target_modules": targets, "layers_to_transform": layers, "task_type": "CAUSAL_LM"}
@@ -242,7 +293,7 @@ def adapter_table(
 
     model_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     rows = []
-    for method in ("lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft"):
+    for method in ("lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "vision_lora"):
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
         total = sum(p.numel() for p in model.parameters())

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from lmforge.config.base import Section
 
 PRESETS = ("minimal", "attention_only", "ffn_only", "all", "custom")
-METHODS = ("lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "none")
+METHODS = ("lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "vision_lora", "none")
 LAYERS = re.compile(r"^(?:(top|last):(\d+)|(\d+)-(\d+)|all)$")
 
 
@@ -31,11 +31,13 @@ class FourierFTOptions(Section):
 
 
 class AdapterConfig(Section):
-    method: Literal["lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "none"] = Field(
-        "lora",
-        description="Adapter: lora, dora (weight-decomposed LoRA), adalora (adaptive rank), fourierft, "
-        "vera, ia3, oft; `none` trains no adapter (pre-training only). A quantized base makes any "
-        "of them QLoRA-style.",
+    method: Literal["lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "vision_lora", "none"] = (
+        Field(
+            "lora",
+            description="Adapter: lora, dora (weight-decomposed LoRA), adalora (adaptive rank), fourierft, "
+            "vera, ia3, oft, vision_lora (LoRA on a vision-language model's vision tower only); `none` "
+            "trains no adapter (pre-training only).",
+        )
     )
     preset: Literal["minimal", "attention_only", "ffn_only", "all", "custom"] = Field(
         "all",
@@ -47,8 +49,8 @@ class AdapterConfig(Section):
     )
     layers: str | list[int] = Field(
         "all",
-        description="Which decoder layers: all, top:N or last:N (the last N), A-B (0-based, inclusive), "
-        "or a list of indices.",
+        description="Which layers: all, top:N or last:N (the last N), A-B (0-based, inclusive), or a "
+        "list of indices (vision_lora: the vision tower's blocks).",
     )
     r: int = Field(8, gt=0, description="Rank (LoRA/DoRA/VeRA; AdaLoRA's average final rank; OFT's blocks).")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -88,7 +90,7 @@ class AdapterConfig(Section):
         lora_family = ("lora", "dora", "adalora")
         if self.use_rslora and self.method not in lora_family:
             raise ValueError(f"adapter.use_rslora applies to lora/dora/adalora, not {self.method}")
-        if self.loraplus_lr_ratio is not None and self.method not in ("lora", "dora"):
+        if self.loraplus_lr_ratio is not None and self.method not in ("lora", "dora", "vision_lora"):
             raise ValueError(f"adapter.loraplus_lr_ratio applies to lora/dora, not {self.method}")
         if self.init == "pissa" and self.method != "lora":
             raise ValueError(f"adapter.init pissa applies to method lora, not {self.method}")
