@@ -29,6 +29,7 @@ def test_quickstart_learns_merges_chats_and_feeds_the_example_config(tmp_path):
     out = tmp_path / "quickstart"
     result = runner.invoke(app, ["quickstart", "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
+    assert "Loading weights" not in result.output and "Map:" not in result.output  # only lmforge's bars
 
     results = json.loads((out / "results.json").read_text())
     assert results["heldout"] >= 100
