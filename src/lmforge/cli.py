@@ -100,8 +100,8 @@ def data_check(
     from lmforge.config.model import ModelConfig
     from lmforge.data.check import check_data, print_report
     from lmforge.data.loader import STAGE_NEEDS
-    from lmforge.data.templates import get_template, guess_template
-    from lmforge.models.loading import load_tokenizer, saved_template_name
+    from lmforge.models.loading import load_tokenizer
+    from lmforge.training.stage import template_for
 
     try:
         if target.endswith((".yaml", ".yml")):
@@ -119,10 +119,7 @@ def data_check(
         tokenizer = chat_template = None
         if model_cfg is not None:
             tokenizer = load_tokenizer(model_cfg)
-            name = data.template
-            if name == "auto":
-                name = saved_template_name(model_cfg.name_or_path) or guess_template(model_cfg.name_or_path)
-            chat_template = get_template(name)
+            chat_template = template_for(data.template, model_cfg.name_or_path)
         report = check_data(data, STAGE_NEEDS[method], tokenizer, chat_template)
     except USER_ERRORS as exc:
         _fail(exc, traceback)

@@ -73,10 +73,15 @@ VISION_ATTENTION = ("qkv", "proj", "q_proj", "k_proj", "v_proj", "out_proj", "o_
 VISION_FFN = ("fc1", "fc2", "0", "2", "up_proj", "down_proj", "gate_proj")
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """A plain or bitsandbytes-quantized linear layer (what every method here can wrap)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
 def _linear_names(model: nn.Module) -> set[str]:
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or module.__class__.__name__ in ("Linear4bit", "Linear8bitLt"):
+        if _is_linear(module):
             names.add(name.rsplit(".", 1)[-1])
     return names - {"lm_head", "score", "classifier"}
 
@@ -128,10 +133,7 @@ def vision_targets(config: AdapterConfig, model: nn.Module) -> list[str]:
         )
     tower = min(towers, key=len)
     linears = [
-        name
-        for name, module in model.named_modules()
-        if name.startswith(tower + ".")
-        and (isinstance(module, nn.Linear) or "Linear" in type(module).__name__)
+        name for name, module in model.named_modules() if name.startswith(tower + ".") and _is_linear(module)
     ]
     blocks = {int(m.group(1)) for n in linears if (m := re.search(r"\.blocks\.(\d+)\.", n))}
     layers = config.layer_indices(len(blocks)) if blocks else None

@@ -33,4 +33,11 @@ class RunConfig(Section):
                 f"model.quantization is {self.model.quantization} but adapter.method is none: "
                 "a quantized base cannot be trained directly; use adapter.method: lora (QLoRA)"
             )
+        if self.adapter.loraplus_lr_ratio is not None and self.train.optimizer not in (
+            "adamw_torch",
+            "adamw_torch_fused",
+        ):
+            raise ValueError(
+                "adapter.loraplus_lr_ratio needs train.optimizer adamw_torch (LoRA+ builds AdamW)"
+            )
         return self

@@ -8,8 +8,8 @@ examples that would be truncated, and those left with no trainable token after t
 
 from __future__ import annotations
 
-import itertools
 import math
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,9 +19,9 @@ from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
 from lmforge.config.data import DataConfig
-from lmforge.data.files import DataError, iter_hub, iter_records
-from lmforge.data.formats import Example, detect_format, problems, to_example
-from lmforge.data.loader import prepare
+from lmforge.data.files import DataError
+from lmforge.data.formats import Example, problems
+from lmforge.data.loader import normalised, prepare
 from lmforge.data.registry import resolve
 from lmforge.data.templates import AnyTemplate
 from lmforge.data.tokenize import IGNORE, encode_conversation
@@ -111,8 +111,6 @@ def check_data(
     template: AnyTemplate | None = None,
 ) -> CheckReport:
     """Read every record of every dataset in `data` and report (never raises for a bad record)."""
-    import random
-
     report = CheckReport(needs=needs)
     rng = random.Random(data.seed)
     for source in data.sources():
@@ -121,29 +119,14 @@ def check_data(
         except DataError as exc:
             report.note("malformed", str(exc))
             continue
-        spec = resolved.source
-        records = (
-            iter_records(resolved.local, keep_going=True)
-            if resolved.local is not None
-            else iter_hub(resolved.hub or "", spec.split, spec.subset)
-        )
-        fmt = spec.format
-        report.records[resolved.name] += 0
+        report.records[resolved.name] = 0
         try:
-            for where, record in itertools.islice(records, spec.max_samples):
+            for where, example in normalised(resolved, keep_going=True):
                 report.records[resolved.name] += 1
-                if isinstance(record, DataError):
-                    report.note("malformed", str(record))
+                if isinstance(example, DataError):
+                    report.note("malformed", str(example))
                     continue
-                try:
-                    if fmt == "auto":
-                        fmt = detect_format(record, where, spec.columns)
-                    example = prepare(
-                        to_example(record, where, fmt, spec.columns, spec.tags, resolved.root), data, rng
-                    )
-                except DataError as exc:
-                    report.note("malformed", str(exc))
-                    continue
+                example = prepare(example, data, rng)
                 report.kinds[example.kind] += 1
                 found = problems(example, needs)
                 for code, message in found:

@@ -30,7 +30,6 @@ from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
 OPENAI_TAGS = Tags(
     role_tag="role", content_tag="content", user_tag="user", assistant_tag="assistant", observation_tag="tool"
 )
-KINDS = ("sft", "preference", "kto", "prompt", "text")
 
 
 @dataclass(frozen=True)

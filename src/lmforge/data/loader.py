@@ -29,20 +29,39 @@ class LoadedData:
     read: dict[str, int] = field(default_factory=dict)  # examples read per dataset name
 
 
-def read_source(resolved: ResolvedSource) -> Iterator[Example]:
-    """Normalised examples of one dataset, lazily, capped at its max_samples."""
+def normalised(
+    resolved: ResolvedSource, keep_going: bool = False
+) -> Iterator[tuple[str, Example | DataError]]:
+    """(where, example) for one dataset, lazily, capped at its max_samples.
+
+    A record that cannot be parsed or normalised raises its DataError, or with `keep_going` is
+    yielded in the example's place, so `lmforge data check` can count it and read on.
+    """
     source = resolved.source
     if resolved.local is not None:
-        records = iter_records(resolved.local)
+        records = iter_records(resolved.local, keep_going)
     else:
         assert resolved.hub is not None
         records = iter_hub(resolved.hub, source.split, source.subset)
     fmt = source.format
     for where, record in itertools.islice(records, source.max_samples):
-        assert isinstance(record, dict)  # iter_records raises for a record it cannot parse
-        if fmt == "auto":
-            fmt = detect_format(record, where, source.columns)
-        yield to_example(record, where, fmt, source.columns, source.tags, resolved.root)
+        try:
+            if isinstance(record, DataError):
+                raise record
+            if fmt == "auto":
+                fmt = detect_format(record, where, source.columns)
+            yield where, to_example(record, where, fmt, source.columns, source.tags, resolved.root)
+        except DataError as exc:
+            if not keep_going:
+                raise
+            yield where, exc
+
+
+def read_source(resolved: ResolvedSource) -> Iterator[Example]:
+    """Normalised examples of one dataset, lazily, capped at its max_samples."""
+    for _, example in normalised(resolved):
+        assert isinstance(example, Example)  # without keep_going, bad records raise
+        yield example
 
 
 def prepare(example: Example, data: DataConfig, rng: random.Random) -> Example:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from lmforge.config.data import Columns, DatasetSource, Tags
+from lmforge.config.data import DatasetSource
 from lmforge.data.files import DataError, inside
 
 REGISTRY_FILES = ("datasets.yaml", "datasets.yml", "dataset_info.json")
@@ -169,6 +169,3 @@ def resolve(source: DatasetSource, dataset_dir: str | Path) -> ResolvedSource:
         f"dataset `{source.path}` is not a file or folder (relative paths start at the directory you "
         f"run lmforge from), not a registered name and not a hub id{hint}"
     )
-
-
-__all__ = ["Columns", "ResolvedSource", "Tags", "load_registry", "registry_path", "resolve"]

@@ -69,6 +69,20 @@ def encode_conversation(
     return {"input_ids": input_ids, "labels": labels}, truncated
 
 
+def encode_example(
+    example: Example,
+    template: AnyTemplate,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    train_on: str = "all_turns",
+) -> tuple[dict[str, list[int]] | None, bool]:
+    """(input_ids + labels, was_truncated); None also when truncation would cut an image's tokens."""
+    encoded, truncated = encode_conversation(
+        example.conversation(), template, tokenizer, max_length, train_on
+    )
+    return (None if truncated and example.images else encoded), truncated
+
+
 def tokenize_examples(
     examples: list[Example],
     template: AnyTemplate,
@@ -81,15 +95,11 @@ def tokenize_examples(
     stats = TokenizeStats()
     rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     for example in examples:
-        encoded, truncated = encode_conversation(
-            example.conversation(), template, tokenizer, max_length, train_on
-        )
+        encoded, truncated = encode_example(example, template, tokenizer, max_length, train_on)
         if truncated:
             stats.truncated += 1
             stats.note("truncated", example.where)
-        if truncated and example.images:
-            stats.image_cut += 1
-            encoded = None
+            stats.image_cut += int(bool(example.images))
         if encoded is None:
             stats.dropped += 1
             stats.note("dropped", example.where)
@@ -138,10 +148,8 @@ def iter_tokenized(
 ) -> Iterator[dict[str, list[int]]]:
     """Rows for streaming: like `tokenize_examples`, lazily, skipping what it would drop."""
     for example in examples:
-        encoded, truncated = encode_conversation(
-            example.conversation(), template, tokenizer, max_length, train_on
-        )
-        if encoded is not None and not (truncated and example.images):
+        encoded, _ = encode_example(example, template, tokenizer, max_length, train_on)
+        if encoded is not None:
             yield encoded
 
 

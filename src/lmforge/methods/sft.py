@@ -81,23 +81,19 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config)
 
+    def tokenize(examples):
+        return tokenize_examples(examples, template, tokenizer, config.data.max_length, config.data.train_on)
+
+    eval_ds = None
     if config.data.streaming:
-        train_ds, stats, eval_ds = _streamed(config, template, tokenizer), TokenizeStats(), None
+        train_ds, stats = _streamed(config, template, tokenizer), TokenizeStats()
         if config.data.eval_path:
-            evaluation = load_eval(config.data, "sft")
-            eval_ds, _ = tokenize_examples(
-                evaluation, template, tokenizer, config.data.max_length, config.data.train_on
-            )
+            eval_ds, _ = tokenize(load_eval(config.data, "sft"))
     else:
         data = load_examples(config.data, "sft")
-        train_ds, stats = tokenize_examples(
-            data.train, template, tokenizer, config.data.max_length, config.data.train_on
-        )
-        eval_ds = None
+        train_ds, stats = tokenize(data.train)
         if data.eval:
-            eval_ds, _ = tokenize_examples(
-                data.eval, template, tokenizer, config.data.max_length, config.data.train_on
-            )
+            eval_ds, _ = tokenize(data.eval)
         if not quiet:
             _report(stats, config.data.max_length, "train")
         if stats.examples == 0:

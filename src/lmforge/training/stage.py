@@ -31,9 +31,13 @@ class StageResult:
 
 def resolve_template(config: RunConfig) -> AnyTemplate:
     """data.template, else the one saved with the model, else a guess from the model name."""
-    name = config.data.template
+    return template_for(config.data.template, config.model.name_or_path)
+
+
+def template_for(name: str, model_name_or_path: str) -> AnyTemplate:
+    """The template `name`; `auto` is the one saved with the model, else a guess from its name."""
     if name == "auto":
-        name = saved_template_name(config.model.name_or_path) or guess_template(config.model.name_or_path)
+        name = saved_template_name(model_name_or_path) or guess_template(model_name_or_path)
     return get_template(name)
 
 

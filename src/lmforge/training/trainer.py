@@ -159,11 +159,7 @@ def build_trainer(
     if config.adapter.method == "adalora":
         callbacks.append(AdaLoraRankCallback())
     optimizer = None
-    if config.adapter.loraplus_lr_ratio is not None:
-        if config.train.optimizer not in ("adamw_torch", "adamw_torch_fused"):
-            raise ValueError(
-                "adapter.loraplus_lr_ratio needs train.optimizer adamw_torch (LoRA+ builds AdamW)"
-            )
+    if config.adapter.loraplus_lr_ratio is not None:  # train.optimizer is AdamW (checked in RunConfig)
         from peft.optimizers import create_loraplus_optimizer
 
         optimizer = create_loraplus_optimizer(
