@@ -21,9 +21,19 @@ import sys
 import time
 from pathlib import Path
 
-LR = {"lora": 3e-3, "dora": 3e-3, "adalora": 1e-2, "fourierft": 5e-2, "vera": 5e-2, "ia3": 5e-2, "oft": 3e-3}
+LR = {
+    "lora": 3e-3,
+    "dora": 3e-3,
+    "adalora": 1e-2,
+    "moe_dora": 3e-3,
+    "fourierft": 5e-2,
+    "vera": 5e-2,
+    "ia3": 5e-2,
+    "oft": 3e-3,
+}
 METHODS = list(LR)
-# The same settings for every method; AdaLoRA starts at rank 24 and prunes to an average of 16.
+# The same settings for every method; AdaLoRA starts at rank 24 and prunes to an average of 16;
+# MoE-DoRA has 4 rank-16 experts per layer, 2 per token, on all layers (`layers: auto` = top 8).
 ADAPTER = {"r": 16, "alpha": 32, "dropout": 0.0, "preset": "all", "adalora": {"init_r": 24}}
 
 

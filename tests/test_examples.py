@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.adapters.build import QUANTIZED_OK
 from lmforge.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,6 +20,7 @@ def test_examples_exist():
         "llama2/sft_qlora.yaml",
         "deepseek_r1/sft_lora.yaml",
         "mistral/sft_qlora.yaml",
+        "llama2/moe_dora.yaml",
     } <= names
 
 
@@ -29,4 +31,4 @@ def test_example_validates_and_shows_its_command(path):
     assert first_line == f"# lmforge train {path.relative_to(ROOT).as_posix()}"
     assert config.model.trust_remote_code is False
     if config.model.quantization != "none":
-        assert config.adapter.method == "lora"
+        assert config.adapter.method in QUANTIZED_OK

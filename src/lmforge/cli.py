@@ -204,7 +204,7 @@ def merge(
     trust_remote_code: Annotated[bool, typer.Option(help="Run code shipped with the model.")] = False,
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
-    """Merge a LoRA/QLoRA adapter into its unquantized base and save safetensors + tokenizer + template."""
+    """Merge an adapter (any method but moe_dora) into its unquantized base; saves safetensors."""
     from lmforge.export.merge import merge_adapter
 
     try:

@@ -142,13 +142,23 @@ def test_bad_adapter_choices_are_named(tmp_path, base_dir, alpaca_file):
 
 
 def test_adapter_table_counts_match_real_adapters(base_dir):
-    from lmforge.adapters.build import adapter_table, peft_config
+    from lmforge.adapters.build import adapter_table, moe_dora_settings, peft_config
+    from lmforge.adapters.moe_dora import MoeDoraModel
     from lmforge.config.adapter import AdapterConfig
 
     config = AdapterConfig(r=4, layers="top:1")
     rows = {row["method"]: row for row in adapter_table(str(base_dir), config)}
-    assert set(rows) == {*METHODS, "vision_lora"} and "error" in rows["ia3"]
+    assert set(rows) == {*METHODS, "vision_lora", "moe_dora"} and "error" in rows["ia3"]
     assert "needs a vision-language model" in rows.pop("vision_lora")["error"]
+    moe = MoeDoraModel(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        moe_dora_settings(
+            config.model_copy(update={"method": "moe_dora"}), AutoModelForCausalLM.from_pretrained(base_dir)
+        ),
+    )
+    assert (
+        rows.pop("moe_dora")["trainable"] == sum(p.numel() for p in moe.parameters() if p.requires_grad) > 0
+    )
     for method in METHODS:
         model = AutoModelForCausalLM.from_pretrained(base_dir)
         method_config = config.model_copy(update={"method": method})
@@ -168,7 +178,7 @@ def test_adapters_command_prints_the_table(base_dir):
 
     result = CliRunner().invoke(app, ["adapters", "--model", str(base_dir), "adapter.r=4"])
     assert result.exit_code == 0, result.output
-    for method in METHODS:
+    for method in (*METHODS, "moe_dora"):
         assert method in result.output
     bad = CliRunner().invoke(app, ["adapters", "--model", str(base_dir), "train.lr=1"])
     assert bad.exit_code == 1 and "only adapter.* settings apply here" in bad.output

@@ -57,3 +57,29 @@ def test_quantized_base_is_refused_with_fix(tmp_path, base_dir, adapter_dir):
 def test_not_an_adapter(tmp_path, base_dir):
     with pytest.raises(MergeError, match="not an adapter folder"):
         merge_adapter(str(base_dir), base_dir, tmp_path / "out")
+
+
+@pytest.mark.parametrize("method", ["adalora", "ia3", "oft", "vera", "fourierft"])
+def test_other_peft_methods_merge_through_lmforge_merge(tmp_path, base_dir, tokenizer, method):
+    from peft import get_peft_model
+
+    from lmforge.adapters.build import peft_config
+    from lmforge.config.adapter import AdapterConfig
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = AdapterConfig(method=method, r=4, fourierft={"n_frequency": 64})
+    wrapped = get_peft_model(model, peft_config(config, model, total_steps=100))
+    with torch.no_grad():  # a trained-looking adapter: every adapter tensor moved off its init
+        for param in wrapped.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    wrapped.save_pretrained(tmp_path / "adapter")
+    ids = tokenizer(["add 3 and 4 is"], return_tensors="pt")
+    with torch.no_grad():
+        expected = wrapped.eval()(**ids).logits
+    merged_dir = merge_adapter(str(base_dir), tmp_path / "adapter", tmp_path / "merged")
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir)(**ids).logits
+        base = AutoModelForCausalLM.from_pretrained(base_dir)(**ids).logits
+    assert (expected - base).abs().max() > 1e-3
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=0)

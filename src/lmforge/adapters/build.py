@@ -1,10 +1,10 @@
-"""Build a peft adapter from `adapter:` and attach it to the base model.
+"""Build an adapter from `adapter:` and attach it to the base model.
 
-Every method here is peft's own implementation (LoRA, DoRA, AdaLoRA, FourierFT, VeRA, IA3,
+Every method but one is peft's own implementation (LoRA, DoRA, AdaLoRA, FourierFT, VeRA, IA3,
 OFT); lmforge only chooses the modules and layers, checks the combination before training,
 and supplies what peft leaves to the training loop (AdaLoRA's per-step rank update, LoRA+'s
-optimizer, see `training/trainer.py`). The adapter is saved in peft's format, loadable by peft
-alone.
+optimizer, see `training/trainer.py`). Those adapters are saved in peft's format, loadable by
+peft alone. MoE-DoRA is lmforge's own (`adapters/moe_dora.py`), with its own format.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from peft import (
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from lmforge.adapters.moe_dora import MoeDoraModel, MoeDoraSettings, is_moe_dora_folder
 from lmforge.config.adapter import AdapterConfig
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -66,7 +67,8 @@ FFN_ALT = (
 MINIMAL = ("q_proj", "v_proj", "query", "value", "q", "v")
 # Which methods train on a bitsandbytes-quantized base (tested on CPU). FourierFT has no
 # quantized layer in peft; peft 0.21's 4-bit VeRA layer mixes dtypes and fails.
-QUANTIZED_OK = {"lora", "dora", "adalora", "ia3", "oft", "vision_lora"}
+QUANTIZED_OK = {"lora", "dora", "adalora", "moe_dora", "ia3", "oft", "vision_lora"}
+# MoE-DoRA routes per token: its update depends on the input and cannot be merged.
 MERGEABLE = {"lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "vision_lora"}
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")
 VISION_ATTENTION = ("qkv", "proj", "q_proj", "k_proj", "v_proj", "out_proj", "o_proj")
@@ -231,13 +233,29 @@ def peft_config(config: AdapterConfig, model: PreTrainedModel, total_steps: int 
     raise ValueError(f"adapter.method {config.method} has no peft adapter")
 
 
+def moe_dora_settings(config: AdapterConfig, model: PreTrainedModel) -> MoeDoraSettings:
+    """Where MoE-DoRA goes on this model (targets and layers resolved and checked) and its shape."""
+    options = config.moe_dora
+    return MoeDoraSettings(
+        targets=adapted_modules(config, model),
+        experts=options.experts,
+        top_k=options.top_k,
+        r=config.r,
+        alpha=config.alpha,
+        dropout=config.dropout,
+        use_rslora=config.use_rslora,
+        aux_loss_weight=options.aux_loss_weight,
+        base_model=str(getattr(model.config, "_name_or_path", "") or ""),
+    )
+
+
 def attach_adapter(
     model: PreTrainedModel,
     config: AdapterConfig,
     gradient_checkpointing: bool,
     total_steps: int | None = None,
     init_dir: Path | None = None,
-) -> PeftModel:
+) -> PeftModel | MoeDoraModel:
     """Wrap `model` with a trainable adapter (QLoRA-style when the base is quantized).
 
     With PiSSA the base keeps only the residual of each weight; the initial adapter is saved to
@@ -257,6 +275,12 @@ def attach_adapter(
         )
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if config.method == "moe_dora":
+        if config.path:
+            return MoeDoraModel.from_pretrained(model, config.path, is_trainable=True)
+        return MoeDoraModel(model, moe_dora_settings(config, model))
+    if config.path and is_moe_dora_folder(config.path):
+        raise ValueError(f"adapter.path {config.path} is a MoE-DoRA adapter: set adapter.method: moe_dora")
     if config.path:
         return PeftModel.from_pretrained(model, config.path, is_trainable=True)
     wrapped = get_peft_model(model, peft_config(config, model, total_steps))
@@ -269,13 +293,13 @@ def attach_adapter(
     return wrapped
 
 
-def _adapted_modules(config: AdapterConfig, model: PreTrainedModel) -> list[str]:
-    """Names of the modules an adapter with this config wraps."""
+def adapted_modules(config: AdapterConfig, model: PreTrainedModel) -> list[str]:
+    """Full names of the linear layers an adapter with this config wraps."""
     targets = set(target_modules(config, model))
     layers = config.layer_indices(_num_layers(model))
     found = []
-    for name, _ in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in targets:
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in targets or not _is_linear(module):
             continue
         index = re.search(r"\.(?:layers|h|block|blocks|layer)\.(\d+)\.", name)
         if layers is None or (index is not None and int(index.group(1)) in layers):
@@ -295,7 +319,7 @@ def adapter_table(
 
     model_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
     rows = []
-    for method in ("lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "vision_lora"):
+    for method in ("lora", "dora", "adalora", "moe_dora", "fourierft", "vera", "ia3", "oft", "vision_lora"):
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
         total = sum(p.numel() for p in model.parameters())
@@ -305,7 +329,10 @@ def adapter_table(
             if method == "fourierft":
                 # n_frequency coefficients per adapted matrix; building it would draw a random
                 # permutation of every weight matrix (minutes for a 7B model) just to count.
-                trainable = config.fourierft.n_frequency * len(_adapted_modules(method_config, model))
+                trainable = config.fourierft.n_frequency * len(adapted_modules(method_config, model))
+            elif method == "moe_dora":
+                wrapped = MoeDoraModel(model, moe_dora_settings(method_config, model))
+                trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
             else:
                 wrapped = get_peft_model(model, peft_config(method_config, model, total_steps=1000))
                 trainable = sum(

@@ -10,8 +10,8 @@ from pydantic import Field, model_validator
 from lmforge.config.base import Section
 
 PRESETS = ("minimal", "attention_only", "ffn_only", "all", "custom")
-METHODS = ("lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "vision_lora", "none")
-LAYERS = re.compile(r"^(?:(top|last):(\d+)|(\d+)-(\d+)|all)$")
+METHODS = ("lora", "dora", "adalora", "moe_dora", "fourierft", "vera", "ia3", "oft", "vision_lora", "none")
+LAYERS = re.compile(r"^(?:(top|last):(\d+)|(\d+)-(\d+)|all|auto)$")
 
 
 class AdaLoraOptions(Section):
@@ -30,14 +30,27 @@ class FourierFTOptions(Section):
     scaling: float = Field(150.0, gt=0, description="Scale of the inverse-DFT update (like LoRA's alpha).")
 
 
+class MoeDoraOptions(Section):
+    """MoE-DoRA: E DoRA experts per adapted layer, top-k routed per token (lmforge's own adapter)."""
+
+    experts: int = Field(4, ge=2, description="DoRA experts per adapted linear layer.")
+    top_k: int = Field(2, ge=1, description="Experts each token is routed to (gates renormalised over them).")
+    aux_loss_weight: float = Field(
+        0.01, ge=0, description="Weight of the Switch-style load-balancing loss added to the training loss."
+    )
+    top_layers: int = Field(
+        8, gt=0, description="With adapter.layers: auto, the number of top decoder layers adapted."
+    )
+
+
 class AdapterConfig(Section):
-    method: Literal["lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "vision_lora", "none"] = (
-        Field(
-            "lora",
-            description="Adapter: lora, dora (weight-decomposed LoRA), adalora (adaptive rank), fourierft, "
-            "vera, ia3, oft, vision_lora (LoRA on a vision-language model's vision tower only); `none` "
-            "trains no adapter (pre-training only).",
-        )
+    method: Literal[
+        "lora", "dora", "adalora", "moe_dora", "fourierft", "vera", "ia3", "oft", "vision_lora", "none"
+    ] = Field(
+        "lora",
+        description="Adapter: lora, dora (weight-decomposed LoRA), adalora (adaptive rank), moe_dora "
+        "(routed mixture of DoRA experts), fourierft, vera, ia3, oft, vision_lora (LoRA on a "
+        "vision-language model's vision tower only); `none` trains no adapter (pre-training only).",
     )
     preset: Literal["minimal", "attention_only", "ffn_only", "all", "custom"] = Field(
         "all",
@@ -48,9 +61,10 @@ class AdapterConfig(Section):
         description="Module names for preset `custom` (e.g. [q_proj, v_proj]).",
     )
     layers: str | list[int] = Field(
-        "all",
-        description="Which layers: all, top:N or last:N (the last N), A-B (0-based, inclusive), or a "
-        "list of indices (vision_lora: the vision tower's blocks).",
+        "auto",
+        description="Which layers: auto (all; moe_dora: the top moe_dora.top_layers), all, top:N or "
+        "last:N (the last N), A-B (0-based, inclusive), or a list of indices (vision_lora: the vision "
+        "tower's blocks).",
     )
     r: int = Field(8, gt=0, description="Rank (LoRA/DoRA/VeRA; AdaLoRA's average final rank; OFT's blocks).")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
@@ -66,6 +80,7 @@ class AdapterConfig(Section):
     )
     adalora: AdaLoraOptions = Field(default_factory=AdaLoraOptions, description="AdaLoRA schedule.")
     fourierft: FourierFTOptions = Field(default_factory=FourierFTOptions, description="FourierFT options.")
+    moe_dora: MoeDoraOptions = Field(default_factory=MoeDoraOptions, description="MoE-DoRA options.")
     path: str | None = Field(
         None, description="Start from an existing adapter folder instead of a fresh one."
     )
@@ -87,9 +102,14 @@ class AdapterConfig(Section):
                 f"adapter.layers `{self.layers}` is not understood: use all, top:8, last:4, 0-11 or a "
                 "list such as [28, 29, 30, 31]"
             )
-        lora_family = ("lora", "dora", "adalora")
+        lora_family = ("lora", "dora", "adalora", "moe_dora")
         if self.use_rslora and self.method not in lora_family:
-            raise ValueError(f"adapter.use_rslora applies to lora/dora/adalora, not {self.method}")
+            raise ValueError(f"adapter.use_rslora applies to lora/dora/adalora/moe_dora, not {self.method}")
+        if self.moe_dora.top_k > self.moe_dora.experts:
+            raise ValueError(
+                f"adapter.moe_dora.top_k ({self.moe_dora.top_k}) is more than moe_dora.experts "
+                f"({self.moe_dora.experts}): lower top_k or add experts"
+            )
         if self.loraplus_lr_ratio is not None and self.method not in ("lora", "dora", "vision_lora"):
             raise ValueError(f"adapter.loraplus_lr_ratio applies to lora/dora, not {self.method}")
         if self.init == "pissa" and self.method != "lora":
@@ -116,7 +136,10 @@ class AdapterConfig(Section):
             return sorted(set(self.layers))
         match = LAYERS.match(self.layers.strip())
         assert match is not None  # checked by the validator
-        if self.layers.strip() == "all":
+        if self.layers.strip() == "auto" and self.method == "moe_dora":
+            count = min(self.moe_dora.top_layers, num_layers)
+            return list(range(num_layers - count, num_layers))
+        if self.layers.strip() in ("all", "auto"):
             return None
         if match.group(1):
             count = int(match.group(2))

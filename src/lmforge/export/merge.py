@@ -1,4 +1,7 @@
-"""Merge a LoRA adapter into its base model and save a standalone model.
+"""Merge an adapter into its base model and save a standalone model.
+
+Mergeable: LoRA (with DoRA, rsLoRA, PiSSA, Vision-LoRA), AdaLoRA, FourierFT, VeRA, IA3, OFT;
+MoE-DoRA is refused (per-token routing has no single merged weight).
 
 The base is always loaded unquantized, in the dtype it was saved in (16-bit for the
 7B targets): merging LoRA deltas into 4-bit or 8-bit weights would re-quantize them and
@@ -17,12 +20,17 @@ from peft import PeftModel
 from rich.console import Console
 from transformers import AutoConfig
 
+from lmforge.adapters.moe_dora import is_moe_dora_folder
 from lmforge.config.model import ModelConfig
 from lmforge.data.templates import get_template, guess_template
 from lmforge.models.loading import load_causal_lm, load_tokenizer, saved_template_name
 from lmforge.training.artifacts import save_artifact
 
 console = Console(stderr=True)
+
+
+# peft adapter types whose update is a fixed weight delta (or scaling) that merges exactly.
+MERGEABLE_PEFT_TYPES = {"LORA", "ADALORA", "FOURIERFT", "VERA", "IA3", "OFT"}
 
 
 class MergeError(ValueError):
@@ -53,12 +61,19 @@ def merge_adapter(
     trust_remote_code: bool = False,
 ) -> Path:
     adapter = Path(adapter)
+    if is_moe_dora_folder(adapter):
+        raise MergeError(
+            f"{adapter} is a MoE-DoRA adapter, which cannot be merged: each token is routed to its own "
+            "experts, so the weight update depends on the input and no single merged weight reproduces "
+            f"it. Use it as an adapter: lmforge chat --model {base} --adapter {adapter}"
+        )
     if not (adapter / "adapter_config.json").is_file():
         raise MergeError(f"{adapter} is not an adapter folder (no adapter_config.json)")
     adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
-    if adapter_config.get("peft_type") not in ("LORA", None):
+    if adapter_config.get("peft_type", "LORA") not in MERGEABLE_PEFT_TYPES:
         raise MergeError(
-            f"{adapter}: adapter type {adapter_config['peft_type']} cannot be merged by lmforge merge"
+            f"{adapter}: adapter type {adapter_config['peft_type']} cannot be merged (mergeable: "
+            f"{', '.join(sorted(MERGEABLE_PEFT_TYPES))}); use it as an adapter over the base"
         )
     dtype = _saved_dtype(base, trust_remote_code) if dtype == "auto" else dtype
     console.print(f"merging {adapter} into {base} ({dtype}, unquantized)")

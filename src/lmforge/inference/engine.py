@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
+from lmforge.adapters.moe_dora import MoeDoraModel, is_moe_dora_folder
 from lmforge.config.model import ModelConfig
 from lmforge.data.templates import AnyTemplate, Conversation, get_template, guess_template
 from lmforge.models.loading import load_causal_lm, load_tokenizer, saved_template_name
@@ -56,7 +57,9 @@ class Engine:
         tokenizer = load_tokenizer(ModelConfig(name_or_path=source))
         model_config = ModelConfig(name_or_path=model_path, device=device, dtype=dtype)  # type: ignore[arg-type]
         model, _ = load_causal_lm(model_config, for_training=False, quiet=quiet)
-        if adapter:
+        if adapter and is_moe_dora_folder(adapter):
+            model = MoeDoraModel.from_pretrained(model, adapter, is_trainable=False)
+        elif adapter:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter, is_trainable=False)

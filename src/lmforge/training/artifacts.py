@@ -41,11 +41,17 @@ def write_resolved_config(config: RunConfig, output_dir: Path) -> Path:
     return path
 
 
+def _library(kind: str, config: RunConfig | None) -> str:
+    if kind != "adapter":
+        return "transformers"
+    return "lmforge" if config is not None and config.adapter.method == "moe_dora" else "peft"
+
+
 def _model_card(kind: str, config: RunConfig | None, template: AnyTemplate, extra: str) -> str:
     base = config.model.name_or_path if config else "(unknown)"
     lines = [
         "---",
-        "library_name: " + ("peft" if kind == "adapter" else "transformers"),
+        "library_name: " + _library(kind, config),
         f"base_model: {base}",
         "tags: [lmforge]",
         "---",

@@ -40,6 +40,9 @@ class ForgeTrainer(SFTTrainer):
             self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
         )
         mode = "train" if model.training else "eval"
+        aux_loss = outputs.get("aux_loss") if hasattr(outputs, "get") else None
+        if aux_loss is not None:  # MoE-DoRA's load-balancing term (already in the loss)
+            self._metrics[mode]["moe_aux_loss"].append(aux_loss.item())
         labels = inputs.get("labels")
         logits = getattr(outputs, "logits", None)
         if labels is not None and logits is not None:
