@@ -189,7 +189,7 @@ class MoeDoraModel(nn.Module):
                 f"adapter.moe_dora.top_k ({settings.top_k}) must be between 1 and "
                 f"moe_dora.experts ({settings.experts})"
             )
-        self.base_model = model
+        self.causal_lm = model
         self.settings = settings
         self._batch = _Batch()
         model.requires_grad_(False)
@@ -202,10 +202,10 @@ class MoeDoraModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.base_model, name)
+            return getattr(self.causal_lm, name)
 
     def moe_layers(self) -> Iterator[tuple[str, MoeDoraLinear]]:
-        for name, module in self.base_model.named_modules():
+        for name, module in self.causal_lm.named_modules():
             if isinstance(module, MoeDoraLinear):
                 yield name, module
 
@@ -214,7 +214,7 @@ class MoeDoraModel(nn.Module):
         for module in layers:
             module.aux_loss = None
         self._batch.mask = attention_mask
-        outputs = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        outputs = self.causal_lm(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         losses = [module.aux_loss for module in layers if module.aux_loss is not None]
         if not losses:
             return outputs
@@ -229,10 +229,10 @@ class MoeDoraModel(nn.Module):
         return outputs
 
     def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+        return self.causal_lm.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        return self.causal_lm
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
