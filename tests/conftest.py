@@ -41,6 +41,21 @@ def alpaca_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """`lmforge quickstart` run once: (output folder, CLI output). Tests that use it are in the
+    xdist group `quickstart`, so one worker runs it once (about a minute on both cores)."""
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    torch.set_num_threads(2)
+    out = tmp_path_factory.mktemp("quickstart-run") / "quickstart"
+    result = CliRunner().invoke(app, ["quickstart", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

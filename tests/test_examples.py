@@ -21,6 +21,11 @@ def test_examples_exist():
         "deepseek_r1/sft_lora.yaml",
         "mistral/sft_qlora.yaml",
         "llama2/moe_dora.yaml",
+        "llama2/dpo.yaml",
+        "llama2/orpo.yaml",
+        "deepseek_r1/simpo.yaml",
+        "mistral/kto.yaml",
+        "qwen2.5/reward.yaml",
     } <= names
 
 

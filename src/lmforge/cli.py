@@ -23,6 +23,8 @@ config_app = typer.Typer(help="Inspect configs: resolved values and every key.",
 app.add_typer(config_app, name="config")
 data_app = typer.Typer(help="Inspect and validate training data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+reward_app = typer.Typer(help="Use a trained reward model.", no_args_is_help=True)
+app.add_typer(reward_app, name="reward")
 console = Console(stderr=True)
 
 
@@ -52,6 +54,18 @@ def run_stage(config: RunConfig):
         from lmforge.methods import pretrain
 
         return pretrain.run(config)
+    if config.method.name in ("dpo", "orpo", "simpo"):
+        from lmforge.methods import dpo
+
+        return dpo.run(config)
+    if config.method.name == "kto":
+        from lmforge.methods import kto
+
+        return kto.run(config)
+    if config.method.name == "reward":
+        from lmforge.methods import reward
+
+        return reward.run(config)
     from lmforge.methods import sft
 
     return sft.run(config)
@@ -63,7 +77,7 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="Overrides: section.key=value ...")] = None,
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
-    """Run one training stage (sft or pretrain) from a YAML config."""
+    """Run one training stage (sft, pretrain, dpo, orpo, simpo, kto, reward) from a YAML config."""
     try:
         cfg = load_config(config, overrides or [])
         result = run_stage(cfg)
@@ -248,6 +262,31 @@ def chat(
     if not sys.stdin.isatty():
         console.print("[dim]reading prompts from standard input, one per line[/]")
     interactive(engine, params, system)
+
+
+@reward_app.command("score")
+def reward_score(
+    model: Annotated[Path, typer.Option(help="Reward folder (from method.name: reward) or a classifier.")],
+    prompt: Annotated[str | None, typer.Option(help="Score one prompt ...")] = None,
+    response: Annotated[str | None, typer.Option(help="... with this response.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Or score a data set: prompt/response records, or chosen/rejected pairs."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write one JSON line per record here.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (default: the adapter's).")] = None,
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Score prompt/response pairs; for preference pairs also the share where chosen wins."""
+    from lmforge.inference.reward import score_command
+
+    try:
+        lines = score_command(model, prompt, response, data, out, base)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    for line in lines:
+        Console().print(line)
 
 
 @config_app.command("show")

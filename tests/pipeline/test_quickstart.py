@@ -1,7 +1,7 @@
 """`lmforge quickstart` end to end, then the shipped example config trained on what it wrote.
 
-One test on purpose: the pipeline is the expensive part (about a minute), and a module
-fixture could run once per xdist worker.
+The pipeline is the expensive part (about a minute): it runs once, in the session fixture
+`quickstart_run`, on the worker of the xdist group `quickstart`.
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
+import pytest
 from typer.testing import CliRunner
 
 from lmforge.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
+pytestmark = pytest.mark.xdist_group("quickstart")
 
 
 def losses(metrics: Path) -> list[float]:
@@ -23,13 +24,9 @@ def losses(metrics: Path) -> list[float]:
     return [row["loss"] for row in rows if "loss" in row]
 
 
-def test_quickstart_learns_merges_chats_and_feeds_the_example_config(tmp_path):
-    # The suite's longest test, usually running last: both cores, as `lmforge quickstart` would.
-    torch.set_num_threads(2)
-    out = tmp_path / "quickstart"
-    result = runner.invoke(app, ["quickstart", "--output-dir", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "Loading weights" not in result.output and "Map:" not in result.output  # only lmforge's bars
+def test_quickstart_learns_merges_chats_and_feeds_the_example_config(tmp_path, quickstart_run):
+    out, output = quickstart_run
+    assert "Loading weights" not in output and "Map:" not in output  # only lmforge's bars
 
     results = json.loads((out / "results.json").read_text())
     assert results["heldout"] >= 100
@@ -37,7 +34,7 @@ def test_quickstart_learns_merges_chats_and_feeds_the_example_config(tmp_path):
     # merging changes no answer: the merged model is the adapter model
     assert results["accuracy_merged"] == results["accuracy_after"]
     assert results["chat_answer"] == results["expected_answer"]
-    assert "held-out exact match" in result.output  # the results table
+    assert "held-out exact match" in output  # the results table
 
     train = {r["instruction"] for r in json.loads((out / "data" / "sft_train.json").read_text())}
     heldout = {r["instruction"] for r in json.loads((out / "data" / "heldout.json").read_text())}

@@ -161,8 +161,16 @@ def vision_targets(config: AdapterConfig, model: nn.Module) -> list[str]:
     return chosen
 
 
-def peft_config(config: AdapterConfig, model: PreTrainedModel, total_steps: int | None = None) -> PeftConfig:
-    """The peft config for `adapter:` on this model (targets and layers resolved and checked)."""
+def peft_config(
+    config: AdapterConfig,
+    model: PreTrainedModel,
+    total_steps: int | None = None,
+    task_type: str = "CAUSAL_LM",
+) -> PeftConfig:
+    """The peft config for `adapter:` on this model (targets and layers resolved and checked).
+
+    `task_type` SEQ_CLS (reward models) makes peft train and save the classification head too.
+    """
     if config.method == "vision_lora":
         return LoraConfig(
             target_modules=vision_targets(config, model),
@@ -174,7 +182,7 @@ def peft_config(config: AdapterConfig, model: PreTrainedModel, total_steps: int 
         )
     targets = target_modules(config, model)
     layers = config.layer_indices(_num_layers(model))
-    common = {"target_modules": targets, "layers_to_transform": layers, "task_type": "CAUSAL_LM"}
+    common = {"target_modules": targets, "layers_to_transform": layers, "task_type": task_type}
     lora_like = {"r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "bias": "none"}
     if config.method in ("lora", "dora"):
         # PiSSA with 4 subspace iterations: the fast randomized SVD peft recommends for 7B models.
@@ -227,7 +235,7 @@ def peft_config(config: AdapterConfig, model: PreTrainedModel, total_steps: int 
                 "layers_to_transform); use adapter.layers: all"
             )
         feedforward = [t for t in targets if t in FFN + FFN_ALT]
-        return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type="CAUSAL_LM")
+        return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=task_type)
     if config.method == "oft":
         return OFTConfig(**common, r=config.r, oft_block_size=0, module_dropout=config.dropout)
     raise ValueError(f"adapter.method {config.method} has no peft adapter")
@@ -249,19 +257,10 @@ def moe_dora_settings(config: AdapterConfig, model: PreTrainedModel) -> MoeDoraS
     )
 
 
-def attach_adapter(
-    model: PreTrainedModel,
-    config: AdapterConfig,
-    gradient_checkpointing: bool,
-    total_steps: int | None = None,
-    init_dir: Path | None = None,
-) -> PeftModel | MoeDoraModel:
-    """Wrap `model` with a trainable adapter (QLoRA-style when the base is quantized).
-
-    With PiSSA the base keeps only the residual of each weight; the initial adapter is saved to
-    `init_dir` so the final one can be converted to a plain LoRA of the *original* base
-    (`save_artifact` passes it to peft's `path_initial_model_for_weight_conversion`).
-    """
+def prepare_base(
+    model: PreTrainedModel, config: AdapterConfig, gradient_checkpointing: bool
+) -> PreTrainedModel:
+    """Check the adapter can train on this base; a quantized base gets peft's k-bit preparation."""
     quantized = getattr(model, "is_quantized", False)
     if quantized and config.init == "pissa":
         raise ValueError(
@@ -275,6 +274,24 @@ def attach_adapter(
         )
     if quantized:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return model
+
+
+def attach_adapter(
+    model: PreTrainedModel,
+    config: AdapterConfig,
+    gradient_checkpointing: bool,
+    total_steps: int | None = None,
+    init_dir: Path | None = None,
+    task_type: str = "CAUSAL_LM",
+) -> PeftModel | MoeDoraModel:
+    """Wrap `model` with a trainable adapter (QLoRA-style when the base is quantized).
+
+    With PiSSA the base keeps only the residual of each weight; the initial adapter is saved to
+    `init_dir` so the final one can be converted to a plain LoRA of the *original* base
+    (`save_artifact` passes it to peft's `path_initial_model_for_weight_conversion`).
+    """
+    model = prepare_base(model, config, gradient_checkpointing)
     if config.method == "moe_dora":
         if config.path:
             return MoeDoraModel.from_pretrained(model, config.path, is_trainable=True)
@@ -283,7 +300,7 @@ def attach_adapter(
         raise ValueError(f"adapter.path {config.path} is a MoE-DoRA adapter: set adapter.method: moe_dora")
     if config.path:
         return PeftModel.from_pretrained(model, config.path, is_trainable=True)
-    wrapped = get_peft_model(model, peft_config(config, model, total_steps))
+    wrapped = get_peft_model(model, peft_config(config, model, total_steps, task_type))
     if config.init == "pissa":
         if init_dir is None:
             raise ValueError("adapter.init pissa needs a folder for the initial adapter")

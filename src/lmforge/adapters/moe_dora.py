@@ -228,6 +228,15 @@ class MoeDoraModel(nn.Module):
             outputs["loss"] = outputs.loss + self.settings.aux_loss_weight * share * aux
         return outputs
 
+    def pop_aux_loss(self) -> torch.Tensor | None:
+        """The mean load-balancing loss of the last training forward (then cleared)."""
+        losses = []
+        for _, module in self.moe_layers():
+            if module.aux_loss is not None:
+                losses.append(module.aux_loss)
+                module.aux_loss = None
+        return torch.stack(losses).mean() if losses else None
+
     def generate(self, *args, **kwargs):
         return self.causal_lm.generate(*args, **kwargs)
 

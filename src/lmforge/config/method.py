@@ -1,16 +1,85 @@
-"""`method:` — which training stage to run."""
+"""`method:` — which training stage to run, and the options of the preference methods."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmforge.config.base import Section
 
+PREFERENCE = ("dpo", "orpo", "simpo", "kto", "reward")
+# The paper defaults: DPO, ORPO (its lambda) and KTO use 0.1; SimPO uses beta 2.0 (gamma 0.5 below).
+DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
+# Which method reads which option (an option set for another method is an error, not ignored).
+APPLIES = {
+    "loss_type": ("dpo",),
+    "beta": ("dpo", "orpo", "simpo", "kto"),
+    "label_smoothing": ("dpo",),
+    "sft_weight": ("dpo", "simpo"),
+    "precompute_ref": ("dpo", "kto"),
+    "gamma": ("simpo",),
+    "desirable_weight": ("kto",),
+    "undesirable_weight": ("kto",),
+    "margin": ("reward",),
+    "center_rewards": ("reward",),
+}
+
 
 class MethodConfig(Section):
-    name: Literal["sft", "pretrain"] = Field(
+    name: Literal["sft", "pretrain", "dpo", "orpo", "simpo", "kto", "reward"] = Field(
         "sft",
-        description="Stage: sft (supervised fine-tuning) or pretrain (causal LM on raw text).",
+        description="Stage: sft, pretrain (causal LM on raw text), dpo, orpo, simpo (preference pairs), "
+        "kto (unpaired good/bad answers), reward (a reward model from preference pairs).",
     )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid",
+        description="DPO loss: sigmoid (the paper's), ipo, hinge (SLiC), robust (with label_smoothing).",
+    )
+    beta: float | None = Field(
+        None,
+        gt=0,
+        description="Strength of the preference term: DPO/KTO deviation from the reference (0.1), ORPO's "
+        "odds-ratio weight lambda (0.1), SimPO's reward scale (2.0). Unset: the method's default.",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Robust DPO: the assumed share of flipped preference labels."
+    )
+    sft_weight: float = Field(
+        0.0, ge=0, description="Weight of an SFT (NLL on the chosen answer) term added to DPO or SimPO."
+    )
+    precompute_ref: bool = Field(
+        False,
+        description="DPO/KTO: compute the reference log-probs once before training (no reference "
+        "forward per step).",
+    )
+    gamma: float = Field(0.5, ge=0, description="SimPO's target reward margin.")
+    desirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the desirable examples' loss.")
+    undesirable_weight: float = Field(1.0, gt=0, description="KTO: weight of the undesirable examples' loss.")
+    margin: bool = Field(
+        False,
+        description="Reward model: subtract each pair's `margin` field from the score difference "
+        "(records must carry `margin`).",
+    )
+    center_rewards: float | None = Field(
+        None, ge=0, description="Reward model: weight of a term pulling mean rewards to zero (e.g. 0.01)."
+    )
+
+    @model_validator(mode="after")
+    def _options_of_this_method(self) -> MethodConfig:
+        defaults = type(self).model_fields
+        for option, methods in APPLIES.items():
+            if self.name not in methods and getattr(self, option) != defaults[option].default:
+                raise ValueError(
+                    f"method.{option} applies to {'/'.join(methods)}, not method.name {self.name}; remove it"
+                )
+        if self.label_smoothing and self.loss_type != "robust":
+            raise ValueError(
+                "method.label_smoothing applies to loss_type robust; set method.loss_type: robust"
+            )
+        return self
+
+    @property
+    def preference_beta(self) -> float:
+        """beta, or the method's default."""
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.name]

@@ -30,6 +30,8 @@ PROBLEM_NAMES = {
     "malformed": "malformed records",
     "wrong_kind": "records of the wrong kind",
     "empty_response": "empty responses",
+    "identical_pair": "pairs with identical chosen and rejected",
+    "empty_prompt": "empty prompts",
     "image_mismatch": "image/placeholder mismatches",
     "missing_image": "missing image files",
 }

@@ -445,7 +445,7 @@ KIND_NEEDS = {
 def problems(example: Example, needs: str) -> list[tuple[str, str]]:
     """(code, message) for what makes this example unusable for a stage needing `needs` examples.
 
-    Codes: wrong_kind, empty_response, image_mismatch, missing_image.
+    Codes: wrong_kind, empty_response, identical_pair, empty_prompt, image_mismatch, missing_image.
     """
     found: list[tuple[str, str]] = []
     kind = example.kind
@@ -475,6 +475,21 @@ def problems(example: Example, needs: str) -> list[tuple[str, str]]:
         found.append(("empty_response", "has an empty response"))
     if needs == "preference" and kind == "preference" and not (example.response and example.rejected):
         found.append(("empty_response", "has an empty chosen or rejected response"))
+    elif (
+        needs == "preference"
+        and kind == "preference"
+        and example.response.strip() == example.rejected.strip()
+    ):
+        found.append(
+            (
+                "identical_pair",
+                "has identical chosen and rejected answers; a pair must differ to teach a preference",
+            )
+        )
+    if needs in ("preference", "kto") and not example.prompt.strip() and not example.images:
+        found.append(
+            ("empty_prompt", "has an empty prompt; preference data needs the question being answered")
+        )
     placeholders = sum(text.count(IMAGE_PLACEHOLDER) for turn in example.turns for text in turn)
     placeholders += (example.system or "").count(IMAGE_PLACEHOLDER)
     if placeholders != len(example.images):

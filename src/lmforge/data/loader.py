@@ -19,7 +19,16 @@ from lmforge.data.formats import Example, detect_format, problems, to_example
 from lmforge.data.registry import ResolvedSource, resolve
 from lmforge.data.templates import THINK_BLOCK
 
-STAGE_NEEDS = {"sft": "sft", "pretrain": "text", "dpo": "preference", "kto": "kto", "grpo": "prompt"}
+STAGE_NEEDS = {
+    "sft": "sft",
+    "pretrain": "text",
+    "dpo": "preference",
+    "orpo": "preference",
+    "simpo": "preference",
+    "reward": "preference",
+    "kto": "kto",
+    "grpo": "prompt",
+}
 
 
 @dataclass

@@ -228,3 +228,31 @@ def is_correct(prediction: str, example: TaskExample) -> bool:
 def to_alpaca_records(examples: Iterable[TaskExample]) -> list[dict[str, str]]:
     """Alpaca records (instruction = the prompt, empty input, output = the answer)."""
     return [{"instruction": ex.prompt, "input": "", "output": ex.answer} for ex in examples]
+
+
+def plausible_wrong(answer: str, rng: random.Random) -> str:
+    """A near miss: the sorted answer with one adjacent pair of digits swapped."""
+    digits = list(answer)
+    i = rng.randrange(len(digits) - 1)
+    digits[i], digits[i + 1] = digits[i + 1], digits[i]
+    return "".join(digits)
+
+
+def preference_records(
+    examples: Iterable[TaskExample], attempts: Iterable[str], seed: int = 0
+) -> list[dict[str, str]]:
+    """Preference pairs for the task: the right answer chosen, a plausible wrong one rejected.
+
+    `attempts` are a model's own answers to the same prompts (e.g. greedy generations of the SFT
+    model): a wrong attempt is the most useful rejected answer, the mistake this model makes
+    (on-policy negatives). Where the attempt was right, a near miss (`plausible_wrong`) stands in.
+    """
+    rng = random.Random(seed)
+    records = []
+    for example, attempt in zip(examples, attempts, strict=True):
+        attempt = attempt.strip()
+        rejected = (
+            attempt if attempt and not is_correct(attempt, example) else plausible_wrong(example.answer, rng)
+        )
+        records.append({"instruction": example.prompt, "chosen": example.answer, "rejected": rejected})
+    return records

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -69,27 +72,66 @@ def quantization_config(config: ModelConfig, hardware: Hardware):  # -> BitsAndB
     )
 
 
+@contextmanager
+def quiet_library_bars() -> Iterator[None]:
+    """Hide the libraries' per-file progress bars (weights loading, dataset maps) inside this block,
+    for commands whose output is lmforge's own (small local models load in a blink)."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+        hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def expected_head_swap() -> Iterator[None]:
+    """Loading a causal LM as a classifier drops `lm_head` and adds `score`: transformers reports
+    both as a warning table; for a reward model that is the intent, so keep it quiet."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_causal_lm(
     config: ModelConfig,
     for_training: bool = True,
     hardware: Hardware | None = None,
     quiet: bool = False,
+    reward: bool = False,
 ) -> tuple[PreTrainedModel, Hardware]:
-    """Load the model with the hardware choice applied; KV cache off for training, on otherwise."""
+    """Load the model with the hardware choice applied; KV cache off for training, on otherwise.
+
+    `reward=True` loads it as a sequence classifier with one output (a reward model: the
+    backbone's weights plus a new scalar head, `score`).
+    """
     hardware = hardware or choose_hardware(config)
     if not quiet:
         console.print(f"[bold]hardware[/]: {hardware.describe()}")
     quant = quantization_config(config, hardware)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_location(config.name_or_path),
-        revision=config.revision,
-        trust_remote_code=config.trust_remote_code,
-        dtype=hardware.dtype,
-        attn_implementation=hardware.attn_implementation,
-        quantization_config=quant,
-        device_map={"": hardware.device} if quant is not None else None,
-        use_safetensors=True,
-    )
+    auto_class = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    extra = {"num_labels": 1} if reward else {}
+    with expected_head_swap() if reward else nullcontext():
+        model = auto_class.from_pretrained(
+            model_location(config.name_or_path),
+            **extra,
+            revision=config.revision,
+            trust_remote_code=config.trust_remote_code,
+            dtype=hardware.dtype,
+            attn_implementation=hardware.attn_implementation,
+            quantization_config=quant,
+            device_map={"": hardware.device} if quant is not None else None,
+            use_safetensors=True,
+        )
     if quant is None:
         model.to(hardware.device)
     model.config.use_cache = not for_training

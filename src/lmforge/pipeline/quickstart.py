@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +36,7 @@ from lmforge.data.templates import Conversation
 from lmforge.export.merge import merge_adapter
 from lmforge.inference.engine import Engine, SamplingParams
 from lmforge.methods import pretrain, sft
+from lmforge.models.loading import quiet_library_bars
 from lmforge.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny
 
 console = Console()
@@ -75,24 +74,8 @@ def _stage_config(base: dict, **sections: dict) -> RunConfig:
     return validate_config(merged, source="quickstart")
 
 
-@contextmanager
-def _quiet_library_bars() -> Iterator[None]:
-    """Everything here is local and small: the libraries' per-file bars (weights loading, dataset
-    maps) would bury the stage output, so only lmforge's own progress bars show."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        datasets.enable_progress_bars()
-        hf_logging.enable_progress_bar()
-
-
 def run_quickstart(output_dir: str | Path = "runs/quickstart", seed: int = 0) -> QuickstartResult:
-    with _quiet_library_bars():
+    with quiet_library_bars():
         return _run(Path(output_dir), seed)
 
 

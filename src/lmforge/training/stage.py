@@ -42,17 +42,23 @@ def template_for(name: str, model_name_or_path: str) -> AnyTemplate:
 
 
 def load_model_for_training(
-    config: RunConfig, quiet: bool = False, total_steps: int | None = None
+    config: RunConfig, quiet: bool = False, total_steps: int | None = None, reward: bool = False
 ) -> tuple[PreTrainedModel, Hardware]:
     """Seeded model load plus the configured adapter; prints trainable / total parameters.
 
     `total_steps` (the optimizer steps the run will take) is needed by AdaLoRA's rank schedule.
+    `reward=True` loads a one-output sequence classifier (the reward model's backbone + head).
     """
-    set_seed(config.train.seed)  # adapter initialisation must be reproducible too
-    model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet)
+    set_seed(config.train.seed)  # adapter (and reward head) initialisation must be reproducible too
+    model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet, reward=reward)
     if config.adapter.method != "none":
         model = attach_adapter(
-            model, config.adapter, config.train.gradient_checkpointing, total_steps, pissa_init_dir(config)
+            model,
+            config.adapter,
+            config.train.gradient_checkpointing,
+            total_steps,
+            pissa_init_dir(config),
+            task_type="SEQ_CLS" if reward else "CAUSAL_LM",
         )
     trainable, total = count_parameters(model)
     if not quiet:

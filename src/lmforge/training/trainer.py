@@ -66,14 +66,8 @@ class ForgeTrainer(SFTTrainer):
         return loss
 
 
-def training_arguments(
-    train: TrainConfig,
-    hardware: Hardware,
-    max_length: int,
-    has_eval: bool,
-    padding_free: bool,
-) -> SFTConfig:
-    """Translate `train:` into trl/transformers arguments."""
+def common_arguments(train: TrainConfig, hardware: Hardware, has_eval: bool) -> dict:
+    """`train:` as transformers TrainingArguments keywords, shared by every stage's trl config."""
     warmup: float = train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio
     save_strategy = "steps" if train.save_steps > 0 else "no"
     if has_eval:
@@ -81,47 +75,89 @@ def training_arguments(
     else:
         eval_strategy = "no"
     on_cuda = hardware.device == "cuda"
+    return {
+        "output_dir": train.output_dir,
+        "num_train_epochs": train.epochs,
+        "max_steps": train.max_steps,
+        "per_device_train_batch_size": train.batch_size,
+        "per_device_eval_batch_size": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "learning_rate": train.lr,
+        "lr_scheduler_type": train.scheduler,
+        "lr_scheduler_kwargs": {"min_lr_rate": 0.1} if train.scheduler == "cosine_with_min_lr" else None,
+        "warmup_steps": warmup,
+        "weight_decay": train.weight_decay,
+        "max_grad_norm": train.max_grad_norm,
+        "optim": train.optimizer,
+        "seed": train.seed,
+        "data_seed": train.seed,
+        "activation_checkpointing": train.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if train.gradient_checkpointing else None,
+        "logging_steps": train.logging_steps,
+        "logging_first_step": True,
+        "logging_nan_inf_filter": False,  # a NaN must stop the run, not be averaged away
+        "save_strategy": save_strategy,
+        "save_steps": train.save_steps or 500,
+        "save_total_limit": train.save_total_limit,
+        "eval_strategy": eval_strategy,
+        "eval_steps": train.eval_steps or None,
+        "report_to": ["tensorboard"] if train.tensorboard else [],
+        "disable_tqdm": True,  # lmforge's own progress bar shows tokens/s and ETA
+        "use_cpu": not on_cuda,
+        "bf16": on_cuda and hardware.dtype == torch.bfloat16,
+        "fp16": on_cuda and hardware.dtype == torch.float16,
+        "remove_unused_columns": False,
+        "save_only_model": False,
+        "dataloader_num_workers": 0,
+    }
+
+
+def training_arguments(
+    train: TrainConfig,
+    hardware: Hardware,
+    max_length: int,
+    has_eval: bool,
+    padding_free: bool,
+) -> SFTConfig:
+    """Translate `train:` into trl's SFT arguments."""
     return SFTConfig(
-        output_dir=train.output_dir,
-        num_train_epochs=train.epochs,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum,
-        learning_rate=train.lr,
-        lr_scheduler_type=train.scheduler,
-        lr_scheduler_kwargs={"min_lr_rate": 0.1} if train.scheduler == "cosine_with_min_lr" else None,
-        warmup_steps=warmup,
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        optim=train.optimizer,
-        seed=train.seed,
-        data_seed=train.seed,
-        activation_checkpointing=train.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
-        logging_steps=train.logging_steps,
-        logging_first_step=True,
-        logging_nan_inf_filter=False,  # a NaN must stop the run, not be averaged away
-        save_strategy=save_strategy,
-        save_steps=train.save_steps or 500,
-        save_total_limit=train.save_total_limit,
-        eval_strategy=eval_strategy,
-        eval_steps=train.eval_steps or None,
-        report_to=["tensorboard"] if train.tensorboard else [],
-        disable_tqdm=True,  # lmforge's own progress bar shows tokens/s and ETA
+        **common_arguments(train, hardware, has_eval),
         include_num_input_tokens_seen="non_padding",
-        use_cpu=not on_cuda,
-        bf16=on_cuda and hardware.dtype == torch.bfloat16,
-        fp16=on_cuda and hardware.dtype == torch.float16,
         # lmforge truncates while tokenizing; trl only needs it for its own preparation (skipped).
         max_length=None if padding_free else max_length,
         padding_free=padding_free,
         train_sampling_strategy="group_by_length" if train.group_by_length else "random",
         dataset_kwargs={"skip_prepare_dataset": True},  # lmforge tokenizes and masks itself
-        remove_unused_columns=False,
-        save_only_model=False,
-        dataloader_num_workers=0,
     )
+
+
+def loraplus_optimizer(config: RunConfig, model) -> torch.optim.Optimizer | None:
+    """LoRA+'s AdamW with B matrices at lr x ratio; None (the Trainer's own) without LoRA+."""
+    if config.adapter.loraplus_lr_ratio is None:  # train.optimizer is AdamW (checked in RunConfig)
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    return create_loraplus_optimizer(
+        model,
+        torch.optim.AdamW,
+        lr=config.train.lr,
+        loraplus_lr_ratio=config.adapter.loraplus_lr_ratio,
+        weight_decay=config.train.weight_decay,
+    )
+
+
+def stage_callbacks(config: RunConfig, model, stage: str, quiet: bool) -> list:
+    """lmforge's callbacks for any stage: metrics file, checkpoint markers, NaN guard, progress."""
+    callbacks = [
+        MetricsFileCallback(config.train.output_dir),
+        CompleteCheckpointCallback(),
+        NonFiniteGradientCallback(model),
+    ]
+    if config.train.progress and not quiet:
+        callbacks.append(ProgressCallback(stage))
+    if config.adapter.method == "adalora":
+        callbacks.append(AdaLoraRankCallback())
+    return callbacks
 
 
 def build_trainer(
@@ -134,7 +170,7 @@ def build_trainer(
     stage: str,
     quiet: bool = False,
 ) -> ForgeTrainer:
-    """The trainer with lmforge's callbacks: metrics file, checkpoint markers, NaN guard, progress."""
+    """The SFT/pre-training trainer with lmforge's callbacks and collators."""
     # With flash-attn, trl's padding-free collator flattens each batch (varlen kernels attend
     # within examples). With SDPA/eager attention a flattened batch gets one dense mask, so our
     # collators keep rows: packed rows as they are, unpacked examples packed into rows as wide as
@@ -152,26 +188,8 @@ def build_trainer(
     # Training never needs a KV cache, and with one transformers would not detect the packed rows
     # of padding-free batches (attention would then cross examples).
     model.config.use_cache = False
-    callbacks = [
-        MetricsFileCallback(config.train.output_dir),
-        CompleteCheckpointCallback(),
-        NonFiniteGradientCallback(model),
-    ]
-    if config.train.progress and not quiet:
-        callbacks.append(ProgressCallback(stage))
-    if config.adapter.method == "adalora":
-        callbacks.append(AdaLoraRankCallback())
-    optimizer = None
-    if config.adapter.loraplus_lr_ratio is not None:  # train.optimizer is AdamW (checked in RunConfig)
-        from peft.optimizers import create_loraplus_optimizer
-
-        optimizer = create_loraplus_optimizer(
-            model,
-            torch.optim.AdamW,
-            lr=config.train.lr,
-            loraplus_lr_ratio=config.adapter.loraplus_lr_ratio,
-            weight_decay=config.train.weight_decay,
-        )
+    callbacks = stage_callbacks(config, model, stage, quiet)
+    optimizer = loraplus_optimizer(config, model)
     trainer = ForgeTrainer(
         model=model,
         args=args,

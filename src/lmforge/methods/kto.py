@@ -1,0 +1,104 @@
+"""Unpaired good/bad answers -> an adapter: KTO (Ethayarajh et al., 2024) through trl's KTOTrainer.
+
+Records carry a boolean `label` (desirable or not). Preference pairs are accepted too: each pair
+becomes one desirable example (the chosen answer) and one undesirable one (the rejected answer).
+`desirable_weight` / `undesirable_weight` rebalance the two kinds (the paper keeps
+weight x count roughly equal between them). The reference is the starting model, as for DPO.
+
+trl estimates KTO's KL term from mismatched completions within a batch, which needs a fixed batch
+order: the examples are shuffled once with `train.seed`, then read in order, at least two per batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+from rich.console import Console
+from transformers import PrinterCallback
+from trl import KTOConfig, KTOTrainer
+
+from lmforge.config import RunConfig
+from lmforge.data.loader import iter_examples, load_examples
+from lmforge.data.tokenize import TokenizeStats
+from lmforge.methods.dpo import final_adapter
+from lmforge.models.loading import load_tokenizer
+from lmforge.training.artifacts import save_artifact, write_resolved_config
+from lmforge.training.checkpoints import resolve_resume
+from lmforge.training.preference import MoeAuxLoss, kto_dataset, kto_from_pairs, policy_model, use_template
+from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
+from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks
+
+console = Console(stderr=True)
+
+
+class ForgeKTOTrainer(MoeAuxLoss, KTOTrainer):
+    """trl's KTOTrainer, plus MoE-DoRA's load-balancing loss when that is the adapter."""
+
+
+def check(config: RunConfig) -> None:
+    if config.method.name != "kto":
+        raise ValueError(f"methods.kto cannot run method.name={config.method.name}")
+    if config.adapter.method == "none":
+        raise ValueError("kto trains an adapter (no full fine-tuning in post-training): set adapter.method")
+    if config.train.batch_size < 2:
+        raise ValueError(
+            "kto needs train.batch_size >= 2: its KL estimate pairs each example with another in the batch"
+        )
+    if config.data.streaming or config.data.packing:
+        raise ValueError("kto reads the whole data set unpacked; turn off data.streaming and data.packing")
+
+
+def run(config: RunConfig, quiet: bool = False) -> StageResult:
+    check(config)
+    output_dir = Path(config.train.output_dir)
+    write_resolved_config(config, output_dir)
+
+    tokenizer = load_tokenizer(config.model)
+    template = resolve_template(config)
+    use_template(tokenizer, template)
+    first = next(itertools.islice(iter_examples(config.data), 1), None)
+    pairs = first is not None and first.kind == "preference"
+    data = load_examples(config.data, "preference" if pairs else "kto")
+    train = kto_from_pairs(data.train) if pairs else data.train
+    held_out = kto_from_pairs(data.eval) if pairs else data.eval
+    train_ds = kto_dataset(train).shuffle(seed=config.train.seed)
+    eval_ds = kto_dataset(held_out) if held_out else None
+    if not quiet:
+        good = sum(e.label for e in train)
+        console.print(f"[bold]kto examples[/]: {good} desirable, {len(train) - good} undesirable")
+
+    model, hardware, peft = policy_model(config, quiet, optimizer_steps(config, len(train_ds)))
+    method = config.method
+    args = KTOConfig(
+        **common_arguments(config.train, hardware, eval_ds is not None),
+        train_sampling_strategy="sequential",
+        beta=method.preference_beta,
+        desirable_weight=method.desirable_weight,
+        undesirable_weight=method.undesirable_weight,
+        precompute_ref_log_probs=method.precompute_ref or config.adapter.method == "moe_dora",
+        max_length=config.data.max_length,
+    )
+    trainer = ForgeKTOTrainer(
+        model=model,
+        peft_config=peft,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        callbacks=stage_callbacks(config, model, "kto", quiet),
+        optimizers=(loraplus_optimizer(config, model), None),
+    )
+    trainer.remove_callback(PrinterCallback)
+    resume = resolve_resume(output_dir, config.train.resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+
+    model = final_adapter(trainer.model)
+    artifact = save_artifact(model, tokenizer, template, output_dir / "adapter", "adapter", config)
+    if not quiet:
+        console.print(f"[bold green]saved[/] adapter to {artifact}")
+    stats = TokenizeStats(examples=len(train_ds))
+    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
