@@ -56,6 +56,33 @@ def quickstart_run(tmp_path_factory):
     return out, result.output
 
 
+@pytest.fixture(scope="session")
+def quickstart_sft(quickstart_run, tmp_path_factory) -> Path:
+    """A partly trained LoRA SFT adapter on the quickstart model (about a quarter of held-out prompts
+    right): the start of the preference and RL learning tests (group `quickstart` too)."""
+    from lmforge.config import validate_config
+    from lmforge.methods import sft
+
+    out, _ = quickstart_run
+    config = {
+        "model": {"name_or_path": str(out / "pretrain" / "model")},
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.0},
+        "data": {"path": str(out / "data" / "sft_train.json"), "template": "chatml", "max_length": 64},
+        "train": {
+            "output_dir": str(tmp_path_factory.mktemp("quickstart-sft")),
+            "max_steps": 30,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "warmup_ratio": 0.0,
+            "logging_steps": 5,
+            "progress": False,
+            "tensorboard": False,
+        },
+    }
+    torch.set_num_threads(2)
+    return sft.run(validate_config(config), quiet=True).artifact
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -66,6 +66,14 @@ def run_stage(config: RunConfig):
         from lmforge.methods import reward
 
         return reward.run(config)
+    if config.method.name == "grpo":
+        from lmforge.methods import grpo
+
+        return grpo.run(config)
+    if config.method.name == "ppo":
+        from lmforge.methods import ppo
+
+        return ppo.run(config)
     from lmforge.methods import sft
 
     return sft.run(config)
@@ -77,7 +85,7 @@ def train(
     overrides: Annotated[list[str] | None, typer.Argument(help="Overrides: section.key=value ...")] = None,
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
-    """Run one training stage (sft, pretrain, dpo, orpo, simpo, kto, reward) from a YAML config."""
+    """Run one training stage (sft, pretrain, dpo, orpo, simpo, kto, reward, grpo, ppo) from a YAML config."""
     try:
         cfg = load_config(config, overrides or [])
         result = run_stage(cfg)

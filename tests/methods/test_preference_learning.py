@@ -21,7 +21,7 @@ from lmforge.config import validate_config
 from lmforge.config.model import ModelConfig
 from lmforge.data.synthetic import TaskExample
 from lmforge.data.templates import get_template
-from lmforge.methods import dpo, kto, sft
+from lmforge.methods import dpo, kto
 from lmforge.models.loading import load_tokenizer
 from lmforge.pipeline.preference_task import judge, write_pairs
 from lmforge.training.preference import PairScores
@@ -71,12 +71,11 @@ def tasks(path: Path, n: int) -> list[TaskExample]:
 
 
 @pytest.fixture(scope="module")
-def start(quickstart_run, tmp_path_factory) -> Start:
+def start(quickstart_run, quickstart_sft, tmp_path_factory) -> Start:
     out, _ = quickstart_run
     model = out / "pretrain" / "model"
     work = tmp_path_factory.mktemp("preference-learning")
-    config = stage_config(model, out / "data" / "sft_train.json", work / "sft", "sft", max_steps=30, lr=3e-3)
-    adapter = sft.run(validate_config(config), quiet=True).artifact
+    adapter = quickstart_sft
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(model)))
     sft_model = with_adapter(model, adapter)
     held = tasks(out / "data" / "heldout.json", 100)

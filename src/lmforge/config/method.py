@@ -7,8 +7,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from lmforge.config.base import Section
+from lmforge.config.rl import GrpoOptions, PpoOptions, RewardSpec, SamplingOptions
 
 PREFERENCE = ("dpo", "orpo", "simpo", "kto", "reward")
+ONLINE = ("grpo", "ppo")
 # The paper defaults: DPO, ORPO (its lambda) and KTO use 0.1; SimPO uses beta 2.0 (gamma 0.5 below).
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1}
 # Which method reads which option (an option set for another method is an error, not ignored).
@@ -23,14 +25,20 @@ APPLIES = {
     "undesirable_weight": ("kto",),
     "margin": ("reward",),
     "center_rewards": ("reward",),
+    "rewards": ONLINE,
+    "sampling": ONLINE,
+    "samples_every": ONLINE,
+    "grpo": ("grpo",),
+    "ppo": ("ppo",),
 }
 
 
 class MethodConfig(Section):
-    name: Literal["sft", "pretrain", "dpo", "orpo", "simpo", "kto", "reward"] = Field(
+    name: Literal["sft", "pretrain", "dpo", "orpo", "simpo", "kto", "reward", "grpo", "ppo"] = Field(
         "sft",
         description="Stage: sft, pretrain (causal LM on raw text), dpo, orpo, simpo (preference pairs), "
-        "kto (unpaired good/bad answers), reward (a reward model from preference pairs).",
+        "kto (unpaired good/bad answers), reward (a reward model from preference pairs), grpo, ppo "
+        "(online RL on prompts with method.rewards).",
     )
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
         "sigmoid",
@@ -65,14 +73,36 @@ class MethodConfig(Section):
         None, ge=0, description="Reward model: weight of a term pulling mean rewards to zero (e.g. 0.01)."
     )
 
+    rewards: list[RewardSpec] = Field(
+        default_factory=list,
+        description="GRPO/PPO: reward sources summed with their weights, e.g. "
+        "[{builtin: exact_answer}, {builtin: think_format, weight: 0.5}, {model: runs/reward/reward}].",
+    )
+    sampling: SamplingOptions = Field(
+        default_factory=SamplingOptions, description="GRPO/PPO: how completions are sampled."
+    )
+    samples_every: int = Field(
+        10, ge=0, description="GRPO/PPO: write sampled completions to samples/ every N steps (0: never)."
+    )
+    grpo: GrpoOptions = Field(default_factory=GrpoOptions, description="GRPO's options.")
+    ppo: PpoOptions = Field(default_factory=PpoOptions, description="PPO's options.")
+
     @model_validator(mode="after")
     def _options_of_this_method(self) -> MethodConfig:
         defaults = type(self).model_fields
         for option, methods in APPLIES.items():
-            if self.name not in methods and getattr(self, option) != defaults[option].default:
+            default = defaults[option].get_default(call_default_factory=True)
+            if self.name not in methods and getattr(self, option) != default:
                 raise ValueError(
                     f"method.{option} applies to {'/'.join(methods)}, not method.name {self.name}; remove it"
                 )
+        if self.name in ONLINE and not self.rewards:
+            raise ValueError(
+                f"method.name {self.name} needs method.rewards, e.g. rewards: [{{builtin: exact_answer}}]"
+            )
+        labels = [r.label for r in self.rewards]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"method.rewards names repeat ({labels}); give each a distinct `name`")
         if self.label_smoothing and self.loss_type != "robust":
             raise ValueError(
                 "method.label_smoothing applies to loss_type robust; set method.loss_type: robust"

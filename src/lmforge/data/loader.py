@@ -28,6 +28,7 @@ STAGE_NEEDS = {
     "reward": "preference",
     "kto": "kto",
     "grpo": "prompt",
+    "ppo": "prompt",
 }
 
 

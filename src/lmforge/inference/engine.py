@@ -21,6 +21,12 @@ from lmforge.data.templates import AnyTemplate, Conversation, get_template, gues
 from lmforge.models.loading import load_causal_lm, load_tokenizer, saved_template_name
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: AnyTemplate) -> list[int]:
+    """The ids that end an answer: the template's stop token and the tokenizer's eos."""
+    stop_id = tokenizer.convert_tokens_to_ids(template.stop_token(tokenizer))
+    return sorted({stop_id, tokenizer.eos_token_id} - {None, tokenizer.unk_token_id})
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
@@ -39,8 +45,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.template = template
         self.model.config.use_cache = True
-        stop_id = tokenizer.convert_tokens_to_ids(template.stop_token(tokenizer))
-        self.stop_ids = sorted({stop_id, tokenizer.eos_token_id} - {None, tokenizer.unk_token_id})
+        self.stop_ids = stop_token_ids(tokenizer, template)
 
     @classmethod
     def load(
