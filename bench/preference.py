@@ -10,6 +10,7 @@ own), and is judged on the held-out pairs and prompts:
 - trl's `DPOTrainer` used directly with its defaults, on the same model, adapter and pairs (the
   peer: lmforge's DPO runs on it, so this row shows what lmforge's wrapping costs).
 
+"peak RSS" is the process's peak from the start of the run (the count is reset after imports).
 "s/step" is the trainer's own runtime over its steps; "total s" is the whole run (loading,
 tokenizing, the precompute pass, training, saving). Default steps = one epoch of the pairs, so the
 precompute pass covers exactly the data the run trains on.
@@ -161,6 +162,23 @@ def train_trl(workdir: Path, steps: int) -> tuple[Path, dict]:
     return out / "adapter", dict(result.metrics)
 
 
+def reset_peak_rss() -> None:
+    """Start the peak-RSS count at the current RSS (Linux), so the peak is the run's, not the imports'."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib() -> float:
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_one(variant: str, workdir: Path, steps: int) -> dict:
     """Train one variant and judge it (runs in a child process)."""
     import torch
@@ -172,12 +190,13 @@ def run_one(variant: str, workdir: Path, steps: int) -> dict:
     from lmforge.training.preference import PairScores
 
     torch.manual_seed(0)
+    reset_peak_rss()
     began = time.perf_counter()
     adapter, metrics = (
         train_trl(workdir, steps) if variant == "trl_dpo" else train_lmforge(variant, workdir, steps)
     )
     total = time.perf_counter() - began
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     start = json.loads((workdir / "preference" / "start.json").read_text())
     tokenizer = load_tokenizer(ModelConfig(name_or_path=str(workdir / "pretrain" / "model")))
     held = _tasks(workdir / "data" / "heldout.json", 100)

@@ -26,6 +26,8 @@ def test_examples_exist():
         "deepseek_r1/simpo.yaml",
         "mistral/kto.yaml",
         "qwen2.5/reward.yaml",
+        "deepseek_r1/grpo.yaml",
+        "llama2/ppo_polish.yaml",
     } <= names
 
 

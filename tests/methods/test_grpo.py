@@ -235,3 +235,18 @@ def test_rl_config_errors_name_the_key_and_the_fix(tmp_path, base_dir, alpaca_fi
     raw["method"] = method
     with pytest.raises(ValueError, match=message):
         validate_config(raw)
+
+
+def test_grpo_resumes_from_its_latest_complete_checkpoint(tmp_path, base_dir, alpaca_file):
+    import shutil
+
+    raw = grpo_config(base_dir, alpaca_file, tmp_path / "full", [{"builtin": "exact_answer"}])
+    raw["train"]["save_steps"] = 1
+    full = grpo.run(validate_config(raw), quiet=True)
+    assert (full.output_dir / "checkpoint-1" / "LMFORGE_COMPLETE").is_file()
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(full.output_dir / "checkpoint-1", resumed_dir / "checkpoint-1")
+    raw["train"].update(output_dir=str(resumed_dir), resume="auto")
+    resumed = grpo.run(validate_config(raw), quiet=True)
+    steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert resumed.steps == 2 and 1 not in steps and 2 in steps, "only step 2 ran after resuming"

@@ -120,3 +120,27 @@ def test_ppo_checks_its_combinations(tmp_path, base_dir, alpaca_file, ppo_option
     raw = ppo_config(base_dir, alpaca_file, tmp_path, ppo_options, adapter)
     with pytest.raises(ValueError, match=message):
         ppo.run(validate_config(raw), quiet=True)
+
+
+def test_ppo_resumed_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, base_dir, alpaca_file):
+    import shutil
+
+    raw = ppo_config(
+        base_dir, alpaca_file, tmp_path / "full", {"kl_target": 0.5, "kl_horizon": 100}, max_steps=4
+    )
+    raw["train"]["save_steps"] = 2
+    full = ppo.run(validate_config(raw), quiet=True)
+    checkpoint = full.output_dir / "checkpoint-2"
+    assert (checkpoint / "LMFORGE_COMPLETE").is_file() and not (full.output_dir / "checkpoint-4").exists()
+    # An interrupted run: only checkpoint-2 survived.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(checkpoint, resumed_dir / "checkpoint-2")
+    raw["train"].update(output_dir=str(resumed_dir), resume="auto")
+    resumed = ppo.run(validate_config(raw), quiet=True)
+    assert [r["step"] for r in rows(resumed_dir)] == [3, 4]
+    last_full, last_resumed = rows(full.output_dir)[-1], rows(resumed_dir)[-1]
+    for key in ("loss", "reward", "kl", "kl_coef", "value_loss", "completions/mean_length"):
+        assert last_resumed[key] == pytest.approx(last_full[key], rel=1e-5, abs=1e-7), key
+    a = load_file(full.artifact / "adapter_model.safetensors")
+    b = load_file(resumed.artifact / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

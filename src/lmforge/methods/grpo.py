@@ -117,7 +117,8 @@ def grpo_arguments(config: RunConfig, hardware, has_eval: bool, weights: list[fl
         scale_rewards=grpo.scale_rewards,
         mask_truncated_completions=grpo.mask_truncated_completions,
         reward_weights=weights,
-        cache_implementation=None,  # the dynamic KV cache
+        cache_implementation=None,  # the dynamic KV cache, and on even though training turned it off:
+        generation_kwargs=None if sampling.use_vllm else {"use_cache": True},
         log_completions=False,  # lmforge writes samples.jsonl instead
     )
 

@@ -33,16 +33,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_scheduler
 
@@ -53,7 +56,8 @@ from lmforge.inference.engine import stop_token_ids
 from lmforge.losses import ppo as losses
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
-from lmforge.training.callbacks import plot_loss
+from lmforge.training.callbacks import mark_complete, plot_loss
+from lmforge.training.checkpoints import complete_checkpoints, resolve_resume
 from lmforge.training.rewards import build_rewards, weighted_total, write_samples
 from lmforge.training.stage import StageResult, load_model_for_training, resolve_template
 
@@ -243,7 +247,13 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         else losses.FixedKLController(ppo.kl_coef)
     )
     metrics_path = output_dir / "metrics.jsonl"
-    started, optimizer_step, order = time.time(), 0, []
+    loop, record = LoopState(), {}
+    resume = resolve_resume(output_dir, train.resume)
+    if resume:
+        loop = load_checkpoint(Path(resume), model, critic, optimizer, scheduler, kl_ctl)
+        if not quiet:
+            console.print(f"[bold]resuming[/] from {resume} (update {loop.step})")
+    started = time.time()
     progress = Progress(
         TextColumn("[bold]ppo"),
         BarColumn(),
@@ -255,11 +265,15 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         console=console,
     )
     with progress:
-        task = progress.add_task("ppo", total=updates, reward="-")
-        for step in range(1, updates + 1):
-            if not order:
-                order = random.sample(range(len(prompts)), len(prompts))
-            batch_examples = [prompts[order.pop()] for _ in range(min(ppo.rollout_batch_size, len(order)))]
+        task = progress.add_task("ppo", total=updates, completed=loop.step, reward="-")
+        while loop.step < updates:
+            loop.step += 1
+            step = loop.step
+            if not loop.order:
+                loop.order = random.sample(range(len(prompts)), len(prompts))
+            batch_examples = [
+                prompts[loop.order.pop()] for _ in range(min(ppo.rollout_batch_size, len(loop.order)))
+            ]
             t0 = time.perf_counter()
             roll = rollout(model, tokenizer, template, batch_examples, config, stop_ids)
             t1 = time.perf_counter()
@@ -268,9 +282,9 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
             )
             t2 = time.perf_counter()
             stats = update(model, critic, optimizer, scheduler, kl_ctl, roll, scores, config)
-            optimizer_step += stats.pop("optimizer_steps")
+            loop.optimizer_step += stats.pop("optimizer_steps")
             if config.adapter.method == "adalora":
-                model.base_model.update_and_allocate(optimizer_step)
+                model.base_model.update_and_allocate(loop.optimizer_step)
             t3 = time.perf_counter()
             tokens = int(roll["mask"].sum())
             record = {
@@ -296,6 +310,10 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
             if method.samples_every and step % method.samples_every == 0:
                 write_samples(output_dir / "samples.jsonl", step, sources)
             kl_ctl.update(stats["kl"], len(scores))
+            if train.save_steps and step % train.save_steps == 0 and step < updates:
+                save_checkpoint(
+                    output_dir, loop, model, critic, optimizer, scheduler, kl_ctl, train.save_total_limit
+                )
             progress.update(task, advance=1, reward=f"{record['reward']:.3f}")
     plot_loss(metrics_path, output_dir / "loss.png")
 
@@ -311,9 +329,58 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         critic.trunk.save_pretrained(str(output_dir / "critic"))
     if not quiet:
         console.print(f"[bold green]saved[/] adapter to {artifact}")
-    return StageResult(
-        output_dir, artifact, record["loss"], updates, TokenizeStats(examples=len(prompts)), record
-    )
+    loss = record.get("loss", math.nan)
+    return StageResult(output_dir, artifact, loss, updates, TokenizeStats(examples=len(prompts)), record)
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: what a checkpoint must restore (with the weights, optimizer and RNGs)."""
+
+    step: int = 0
+    optimizer_step: int = 0
+    order: list[int] = field(default_factory=list)  # prompts not yet drawn this epoch
+
+
+def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(output_dir: Path, loop: LoopState, model, critic, optimizer, scheduler, kl_ctl, limit):
+    """checkpoint-N/: trainable weights, optimizer, scheduler, loop state and RNGs; marked complete last."""
+    final = output_dir / f"checkpoint-{loop.step}"
+    tmp = output_dir / f".checkpoint-{loop.step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), str(tmp / "policy.safetensors"))
+    save_file(trainable_state(critic), str(tmp / "critic.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(torch.get_rng_state(), tmp / "rng.pt")
+    state = {**asdict(loop), "kl_coef": kl_ctl.value, "python_rng": random.getstate()}
+    (tmp / "loop.json").write_text(json.dumps(state), encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    mark_complete(final, loop.step)
+    if limit:
+        for old in complete_checkpoints(output_dir)[:-limit]:
+            shutil.rmtree(old)
+
+
+def load_checkpoint(path: Path, model, critic, optimizer, scheduler, kl_ctl) -> LoopState:
+    for module, name in ((model, "policy"), (critic, "critic")):
+        weights = load_file(str(path / f"{name}.safetensors"))
+        params = dict(module.named_parameters())
+        for key, value in weights.items():
+            params[key].data.copy_(value)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    state = json.loads((path / "loop.json").read_text(encoding="utf-8"))
+    version, internal, gauss = state.pop("python_rng")
+    random.setstate((version, tuple(internal), gauss))
+    kl_ctl.value = state.pop("kl_coef")
+    return LoopState(**state)
 
 
 def model_without_reference(model):

@@ -23,7 +23,7 @@ class NonFiniteError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the message names the step."""
 
 
-def _mark_complete(checkpoint: Path, step: int) -> None:
+def mark_complete(checkpoint: Path, step: int) -> None:
     """Written last, atomically: a checkpoint without it was interrupted mid-save."""
     tmp = checkpoint / f".{COMPLETE_MARKER}.tmp"
     tmp.write_text(json.dumps({"step": step, "time": time.time()}), encoding="utf-8")
@@ -35,7 +35,7 @@ class CompleteCheckpointCallback(TrainerCallback):
         # Trainer calls on_save after every file of the checkpoint is written.
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir() and state.is_world_process_zero:
-            _mark_complete(checkpoint, state.global_step)
+            mark_complete(checkpoint, state.global_step)
 
 
 class NonFiniteGradientCallback(TrainerCallback):

@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import numbers
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,7 @@ class RewardSource:
         self.last: list[float] = []
         self.last_prompts: list[str] = []
         self.last_completions: list[str] = []
+        self.seconds = 0.0  # time spent scoring, for the step-time split
 
     def __call__(self, prompts: list, completions: list, completion_ids: list | None = None, **kwargs):
         fields = {k: v for k, v in kwargs.items() if k not in _TRAINER_KWARGS}
@@ -146,12 +148,15 @@ class RewardSource:
         return scores
 
     def _call(self, prompts: list[str], completions: list[str], fields: dict) -> list[float]:
+        started = time.perf_counter()
         try:
             raw = list(self.function(prompts, completions, **self.options, **fields))
         except RewardError:
             raise
         except Exception as error:
             raise RewardError(self._describe_failure(prompts, completions, fields, error)) from error
+        finally:
+            self.seconds += time.perf_counter() - started
         if len(raw) != len(completions):
             raise RewardError(
                 f"reward {self.spec.label} returned {len(raw)} values for {len(completions)} completions; "
