@@ -249,14 +249,25 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    image: Annotated[
+        list[Path] | None, typer.Option(help="Image(s) for a vision-language model, with the first message.")
+    ] = None,
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Chat with a model (streaming, KV cache on), using the template it was trained with."""
-    from lmforge.inference.chat import DEMO_PROMPTS, answer, interactive
+    from lmforge.inference.chat import DEMO_PROMPTS, answer, interactive, with_images
     from lmforge.inference.engine import Engine, SamplingParams
 
+    images = list(image or [])
     try:
         engine = Engine.load(model, adapter=adapter, template=template)
+        missing = [str(p) for p in images if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"--image {', '.join(missing)} does not exist")
+        if images and engine.vision is None:
+            raise ValueError(
+                f"--image needs a vision-language model (e.g. Qwen2-VL); {model} has no vision tower"
+            )
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return
@@ -265,11 +276,15 @@ def chat(
     if prompt is not None or demo:
         for message in [prompt] if prompt is not None else DEMO_PROMPTS:
             out.print(f"[bold green]you[/]: {escape(message)}")
-            answer(engine, [], message, params, out, system)
+            try:
+                answer(engine, [], with_images(message, images), params, out, system, images)
+            except USER_ERRORS as exc:
+                _fail(exc, traceback)
+                return
         return
     if not sys.stdin.isatty():
         console.print("[dim]reading prompts from standard input, one per line[/]")
-    interactive(engine, params, system)
+    interactive(engine, params, system, images)
 
 
 @reward_app.command("score")

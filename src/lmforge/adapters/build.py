@@ -125,8 +125,13 @@ def _num_layers(model: PreTrainedModel) -> int:
     return int(count)
 
 
+PROJECTORS = ("merger", "multi_modal_projector", "mm_projector")
+
+
 def vision_targets(config: AdapterConfig, model: nn.Module) -> list[str]:
-    """Full names of the vision tower's linear layers (by preset and block), nothing else."""
+    """Full names of the linear layers of the chosen parts (`adapter.vision_parts`) of a
+    vision-language model: the vision tower's blocks (by preset and block), the projector, the
+    language model (by preset); nothing else."""
     towers = [name for name, _ in model.named_modules() if name.rsplit(".", 1)[-1] in VISION_TOWERS]
     if not towers:
         raise ValueError(
@@ -134,9 +139,36 @@ def vision_targets(config: AdapterConfig, model: nn.Module) -> list[str]:
             f"vision tower (no module named {' / '.join(VISION_TOWERS)})"
         )
     tower = min(towers, key=len)
-    linears = [
-        name for name, module in model.named_modules() if name.startswith(tower + ".") and _is_linear(module)
-    ]
+    linears = [name for name, module in model.named_modules() if _is_linear(module)]
+
+    def is_projector(name: str) -> bool:
+        return any(f".{p}." in f".{name}." for p in PROJECTORS)
+
+    in_tower = [n for n in linears if n.startswith(tower + ".") and not is_projector(n)]
+    chosen = []
+    if "vision" in config.vision_parts:
+        chosen += _vision_blocks(config, in_tower)
+    if "projector" in config.vision_parts:
+        projector = [n for n in linears if is_projector(n)]
+        if not projector:
+            raise ValueError(
+                f"adapter.vision_parts has projector, but this model has no {' / '.join(PROJECTORS)} module"
+            )
+        chosen += projector
+    if "language" in config.vision_parts:
+        wanted = set(target_modules(config.model_copy(update={"method": "lora"}), model))
+        chosen += [
+            n
+            for n in linears
+            if not n.startswith(tower + ".")
+            and not is_projector(n)
+            and n.rsplit(".", 1)[-1] in wanted
+            and n.rsplit(".", 1)[-1] not in ("lm_head", "score", "classifier")
+        ]
+    return chosen
+
+
+def _vision_blocks(config: AdapterConfig, linears: list[str]) -> list[str]:
     blocks = {int(m.group(1)) for n in linears if (m := re.search(r"\.blocks\.(\d+)\.", n))}
     layers = config.layer_indices(len(blocks)) if blocks else None
     wanted = {

@@ -84,6 +84,12 @@ class AdapterConfig(Section):
     path: str | None = Field(
         None, description="Start from an existing adapter folder instead of a fresh one."
     )
+    vision_parts: list[Literal["vision", "projector", "language"]] = Field(
+        default_factory=lambda: ["vision"],
+        description="vision_lora on a vision-language model: which parts get LoRA, any combination of "
+        "vision (the vision tower's blocks), projector (the merger into the language model) and language "
+        "(the language model's linear layers, by preset). Everything else stays frozen.",
+    )
 
     @model_validator(mode="after")
     def _combinations(self) -> AdapterConfig:
@@ -112,6 +118,10 @@ class AdapterConfig(Section):
             )
         if self.loraplus_lr_ratio is not None and self.method not in ("lora", "dora", "vision_lora"):
             raise ValueError(f"adapter.loraplus_lr_ratio applies to lora/dora, not {self.method}")
+        if self.vision_parts != ["vision"] and self.method != "vision_lora":
+            raise ValueError(f"adapter.vision_parts applies to method vision_lora, not {self.method}")
+        if not self.vision_parts:
+            raise ValueError("adapter.vision_parts is empty: name one or more of vision, projector, language")
         if self.init == "pissa" and self.method != "lora":
             raise ValueError(f"adapter.init pissa applies to method lora, not {self.method}")
         if self.init == "pissa" and self.path:

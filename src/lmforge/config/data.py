@@ -104,6 +104,12 @@ class DataConfig(Section):
         description="<think>…</think> blocks in responses: keep (and learn them) or drop them.",
     )
     max_length: int = Field(1024, gt=8, description="Tokens per example; longer ones are truncated.")
+    min_pixels: int | None = Field(
+        None, gt=0, description="Vision-language models: smaller images are scaled up to this many pixels."
+    )
+    max_pixels: int | None = Field(
+        None, gt=0, description="Vision-language models: larger images are scaled down to this many pixels."
+    )
     packing: bool = Field(
         False,
         description="Pack several examples into each max_length row (position ids restart, attention "

@@ -23,7 +23,13 @@ from transformers import AutoConfig
 from lmforge.adapters.moe_dora import is_moe_dora_folder
 from lmforge.config.model import ModelConfig
 from lmforge.data.templates import get_template, guess_template
-from lmforge.models.loading import load_causal_lm, load_tokenizer, saved_template_name
+from lmforge.models.loading import (
+    is_vision_language,
+    load_causal_lm,
+    load_tokenizer,
+    model_location,
+    saved_template_name,
+)
 from lmforge.training.artifacts import save_artifact
 
 console = Console(stderr=True)
@@ -93,4 +99,18 @@ def merge_adapter(
         saved_template_name(str(adapter)) or saved_template_name(base) or guess_template(base)
     )
     card = f"Merged from base `{base}` and adapter `{adapter}` in {dtype}."
-    return save_artifact(merged, tokenizer, template, Path(out), "merged model", card_extra=card)
+    image_processor = None
+    if is_vision_language(model_config):  # a vision-language model keeps its image processor
+        from transformers import AutoImageProcessor
+
+        source = str(adapter) if (adapter / "preprocessor_config.json").is_file() else model_location(base)
+        image_processor = AutoImageProcessor.from_pretrained(source)
+    return save_artifact(
+        merged,
+        tokenizer,
+        template,
+        Path(out),
+        "merged model",
+        card_extra=card,
+        image_processor=image_processor,
+    )

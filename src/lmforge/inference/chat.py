@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rich.console import Console
 
-from lmforge.data.templates import Conversation
+from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
 from lmforge.inference.engine import Engine, SamplingParams
 
 DEMO_PROMPTS = [
@@ -16,6 +18,13 @@ DEMO_PROMPTS = [
 HELP = "commands: /reset clears the history, /exit quits"
 
 
+def with_images(message: str, images: list[Path]) -> str:
+    """The message with one `<image>` per image in front, unless it places them itself."""
+    if not images or IMAGE_PLACEHOLDER in message:
+        return message
+    return IMAGE_PLACEHOLDER * len(images) + message
+
+
 def answer(
     engine: Engine,
     history: list[tuple[str, str]],
@@ -23,18 +32,23 @@ def answer(
     params: SamplingParams,
     console: Console,
     system: str | None = None,
+    images: list[Path] | None = None,
 ) -> str:
-    """Stream one answer to the console and return it."""
+    """Stream one answer to the console and return it. `images` go with the conversation's first
+    message (`message` itself when the history is empty)."""
     pieces = []
     console.print("[bold cyan]assistant[/]: ", end="")
-    for piece in engine.stream(Conversation(turns=[*history, (message, "")], system=system), params):
+    conversation = Conversation(turns=[*history, (message, "")], system=system)
+    for piece in engine.stream(conversation, params, images):
         pieces.append(piece)
         console.print(piece, end="", markup=False, highlight=False)
     console.print()
     return "".join(pieces).strip()
 
 
-def interactive(engine: Engine, params: SamplingParams, system: str | None = None) -> None:
+def interactive(
+    engine: Engine, params: SamplingParams, system: str | None = None, images: list[Path] | None = None
+) -> None:
     console = Console()
     console.print(f"[dim]template {engine.template.name} · {HELP}[/]")
     history: list[tuple[str, str]] = []
@@ -52,5 +66,7 @@ def interactive(engine: Engine, params: SamplingParams, system: str | None = Non
             history.clear()
             console.print("[dim]history cleared[/]")
             continue
-        reply = answer(engine, history, message, params, console, system)
+        if not history:
+            message = with_images(message, images or [])
+        reply = answer(engine, history, message, params, console, system, images)
         history.append((message, reply))

@@ -17,8 +17,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorS
 
 from lmforge.adapters.moe_dora import MoeDoraModel, is_moe_dora_folder
 from lmforge.config.model import ModelConfig
+from lmforge.data.multimodal import VisionProcessor, expand_image_tokens, open_image
 from lmforge.data.templates import AnyTemplate, Conversation, get_template, guess_template
-from lmforge.models.loading import load_causal_lm, load_tokenizer, saved_template_name
+from lmforge.models.loading import is_vision_language, load_causal_lm, load_tokenizer, saved_template_name
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: AnyTemplate) -> list[int]:
@@ -39,11 +40,16 @@ class SamplingParams:
 
 class Engine:
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: AnyTemplate
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        template: AnyTemplate,
+        vision: VisionProcessor | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = template
+        self.vision = vision  # a vision-language model's image side (None: text only)
         self.model.config.use_cache = True
         self.stop_ids = stop_token_ids(tokenizer, template)
 
@@ -69,7 +75,11 @@ class Engine:
 
             model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
         name = template or saved_template_name(adapter or "") or saved_template_name(model_path)
-        return cls(model, tokenizer, get_template(name or guess_template(model_path)))
+        vision = None
+        if is_vision_language(model_config):
+            has_processor = adapter and (Path(adapter) / "preprocessor_config.json").is_file()
+            vision = VisionProcessor.load(adapter if has_processor else model_path, tokenizer, None, None)
+        return cls(model, tokenizer, get_template(name or guess_template(model_path)), vision)
 
     @property
     def device(self) -> torch.device:
@@ -77,6 +87,40 @@ class Engine:
 
     def prompt_text(self, conversation: Conversation) -> str:
         return self.template.generation_prompt(conversation, self.tokenizer)
+
+    def _inputs(self, conversations: list[Conversation], images: list[list[Path]] | None) -> dict:
+        """Left-padded prompts; with images, each image's token expanded and its pixels made."""
+        texts = [self.prompt_text(c) for c in conversations]
+        if not images or not any(images):
+            return dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+        if self.vision is None:
+            raise ValueError(
+                "images need a vision-language model (e.g. Qwen2-VL); this model has no vision tower"
+            )
+        rows, pixels, grids = [], [], []
+        for text, paths in zip(texts, images, strict=True):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            placeholders = ids.count(self.vision.image_token_id)
+            if placeholders != len(paths):
+                raise ValueError(f"{placeholders} image placeholders in the prompt but {len(paths)} images")
+            if paths:
+                values, grid = self.vision.pixels([open_image(Path(p), str(p)) for p in paths])
+                counts = self.vision.tokens_per_image(grid)
+                ids, _ = expand_image_tokens(ids, [0] * len(ids), self.vision.image_token_id, counts)
+                pixels.append(values)
+                grids.append(grid)
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "mm_token_type_ids": (input_ids == self.vision.image_token_id).long() * mask,
+            "pixel_values": torch.cat(pixels),
+            "image_grid_thw": torch.cat(grids),
+        }
 
     def _generate_kwargs(self, params: SamplingParams) -> dict:
         sample = params.temperature > 0
@@ -100,30 +144,36 @@ class Engine:
         conversations: list[Conversation],
         params: SamplingParams | None = None,
         batch_size: int = 16,
+        images: list[list[Path]] | None = None,
     ) -> list[str]:
-        """Answers for many conversations, batched with left padding."""
+        """Answers for many conversations, batched with left padding (`images`: per conversation, in
+        the order of its `<image>` placeholders)."""
         params = params or SamplingParams()
         if params.seed is not None:
             torch.manual_seed(params.seed)
         self.tokenizer.padding_side = "left"
         answers: list[str] = []
         for start in range(0, len(conversations), batch_size):
-            texts = [self.prompt_text(c) for c in conversations[start : start + batch_size]]
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = batch.to(self.device)
+            chunk = conversations[start : start + batch_size]
+            chunk_images = images[start : start + batch_size] if images else None
+            batch = {k: v.to(self.device) for k, v in self._inputs(chunk, chunk_images).items()}
             out = self.model.generate(**batch, **self._generate_kwargs(params))
             new_tokens = out[:, batch["input_ids"].shape[1] :]
             answers += self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [a.strip() for a in answers]
 
-    def stream(self, conversation: Conversation, params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        conversation: Conversation,
+        params: SamplingParams | None = None,
+        images: list[Path] | None = None,
+    ) -> Iterator[str]:
         """Yield text pieces of one answer as they are generated."""
         params = params or SamplingParams()
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        batch = self.tokenizer(
-            [self.prompt_text(conversation)], return_tensors="pt", add_special_tokens=False
-        ).to(self.device)
+        inputs = self._inputs([conversation], [images] if images else None)
+        batch = {k: v.to(self.device) for k, v in inputs.items()}
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         kwargs = {**batch, **self._generate_kwargs(params), "streamer": streamer}
 

@@ -37,6 +37,18 @@ def model_location(name_or_path: str) -> str:
     return name_or_path
 
 
+def is_vision_language(config: ModelConfig) -> bool:
+    """Whether the model has a vision tower (its config has a `vision_config`), read from config.json."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(
+        model_location(config.name_or_path),
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+    )
+    return getattr(model_config, "vision_config", None) is not None
+
+
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
         model_location(config.name_or_path),
@@ -119,6 +131,10 @@ def load_causal_lm(
         console.print(f"[bold]hardware[/]: {hardware.describe()}")
     quant = quantization_config(config, hardware)
     auto_class = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    if not reward and is_vision_language(config):
+        from transformers import AutoModelForImageTextToText
+
+        auto_class = AutoModelForImageTextToText
     extra = {"num_labels": 1} if reward else {}
     with expected_head_swap() if reward else nullcontext():
         model = auto_class.from_pretrained(

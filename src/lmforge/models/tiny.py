@@ -109,3 +109,74 @@ def save_tiny(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_d
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_qwen2_vl(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vision_dim: int = 32,
+    vision_depth: int = 2,
+    seed: int = 0,
+):
+    """A randomly initialised Qwen2-VL (language model + vision tower + merger) for CPU tests.
+
+    Images are cut into 14-pixel patches and every 2x2 patches merge into one image token, as in
+    the real model; the token ids come from the tiny tokenizer's <|image_pad|> and friends.
+    """
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": hidden_size * 2,
+            "num_hidden_layers": num_layers,
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_heads // 2,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+            "max_position_embeddings": 1024,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "depth": vision_depth,
+            "embed_dim": vision_dim,
+            "hidden_size": hidden_size,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<unk>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def save_tiny_vlm(
+    model,
+    tokenizer: PreTrainedTokenizerFast,
+    out_dir: Path,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 112 * 112,
+) -> Path:
+    """Save a tiny vision-language model with its tokenizer and image processor (the layout of a hub
+    Qwen2-VL folder: preprocessor_config.json beside the weights)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    out_dir = save_tiny(model, tokenizer, out_dir)
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
+    image_processor.save_pretrained(out_dir)
+    return out_dir

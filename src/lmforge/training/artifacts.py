@@ -82,8 +82,10 @@ def save_artifact(
     kind: str,
     config: RunConfig | None = None,
     card_extra: str = "",
+    image_processor=None,
 ) -> Path:
-    """Save a model or adapter (safetensors) + tokenizer + template + card, atomically."""
+    """Save a model or adapter (safetensors) + tokenizer + template + card (+ a vision-language
+    model's image processor), atomically."""
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -103,6 +105,8 @@ def save_artifact(
     model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.chat_template = template.jinja(tokenizer)
     tokenizer.save_pretrained(tmp)
+    if image_processor is not None:
+        image_processor.save_pretrained(tmp)
     (tmp / TEMPLATE_FILE).write_text(template.name + "\n", encoding="utf-8")
     (tmp / "README.md").write_text(_model_card(kind, config, template, card_extra), encoding="utf-8")
     if dest.exists():

@@ -1,0 +1,184 @@
+"""Image-text SFT on a tiny random Qwen2-VL: trainable parts, frozen parts, images and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import corpus
+from lmforge.config import validate_config
+from lmforge.data.files import DataError
+from lmforge.data.formats import Example
+from lmforge.data.multimodal import VisionProcessor, encode_multimodal
+from lmforge.data.shapes import COLOURS, SHAPES, write_shapes_task
+from lmforge.data.templates import get_template
+from lmforge.methods import sft
+from lmforge.models.tiny import build_tiny_qwen2_vl, build_tiny_tokenizer, save_tiny_vlm
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    words = [*COLOURS, *SHAPES, "What colour is the shape? What shape is it?"]
+    tokenizer = build_tiny_tokenizer([*corpus(), *words], vocab_size=360)
+    return save_tiny_vlm(build_tiny_qwen2_vl(tokenizer), tokenizer, tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="module")
+def shapes_file(tmp_path_factory):
+    return write_shapes_task(tmp_path_factory.mktemp("shapes"), 24)
+
+
+def vision_config(vlm_dir, data, out, parts=None, method="vision_lora", **train) -> dict:
+    adapter = {"method": method, "r": 4, "alpha": 8, "dropout": 0.0}
+    if parts:
+        adapter["vision_parts"] = parts
+    return {
+        "model": {"name_or_path": str(vlm_dir)},
+        "adapter": adapter,
+        "data": {"path": str(data), "template": "qwen2-vl", "max_length": 64},
+        "train": {
+            "output_dir": str(out),
+            "max_steps": 3,
+            "batch_size": 4,
+            "lr": 5e-3,
+            "logging_steps": 1,
+            "progress": False,
+            "tensorboard": False,
+            **train,
+        },
+    }
+
+
+PART_OF = {"vision": ".visual.blocks.", "projector": ".visual.merger.", "language": ".language_model."}
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [["vision"], ["projector"], ["language"], ["vision", "projector"], ["vision", "projector", "language"]],
+    ids="+".join,
+)
+def test_each_choice_of_parts_trains_only_those_parts(tmp_path, vlm_dir, shapes_file, parts):
+    result = sft.run(validate_config(vision_config(vlm_dir, shapes_file, tmp_path, parts)), quiet=True)
+    weights = load_file(result.artifact / "adapter_model.safetensors")
+    touched = {part for part, marker in PART_OF.items() if any(marker in k for k in weights)}
+    assert touched == set(parts), "LoRA sits on exactly the chosen parts"
+    for part in parts:
+        b = [v for k, v in weights.items() if PART_OF[part] in k and "lora_B" in k]
+        assert b and any(v.abs().sum() > 0 for v in b), f"the {part} adapter trained"
+    assert (result.artifact / "preprocessor_config.json").is_file(), "the image processor is saved with it"
+    rows = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+
+
+def test_frozen_parts_stay_bit_identical(tmp_path, vlm_dir, shapes_file):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    result = sft.run(validate_config(vision_config(vlm_dir, shapes_file, tmp_path, ["vision"])), quiet=True)
+    base = AutoModelForImageTextToText.from_pretrained(vlm_dir)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, result.artifact).merge_and_unload()
+    merged = model.state_dict()
+    changed = {k for k in original if not torch.equal(original[k], merged[k])}
+    assert changed and all(".visual.blocks." in f".{k}" for k in changed), sorted(changed)[:5]
+
+
+def test_image_limits_change_the_number_of_image_tokens(vlm_dir, tmp_path):
+    from PIL import Image
+
+    from lmforge.config.model import ModelConfig
+    from lmforge.models.loading import load_tokenizer
+
+    Image.new("RGB", (112, 112), (255, 0, 0)).save(tmp_path / "big.png")
+    example = Example(
+        turns=(("<image>What colour is the shape?", "red"),), images=(tmp_path / "big.png",), where="r#0"
+    )
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(vlm_dir)))
+    template = get_template("qwen2-vl")
+
+    def image_tokens(max_pixels):
+        vision = VisionProcessor.load(str(vlm_dir), tokenizer, None, max_pixels)
+        row = encode_multimodal(example, template, tokenizer, vision, 256)
+        return row["input_ids"].count(vision.image_token_id)
+
+    assert image_tokens(112 * 112) == 16  # 8x8 patches of 14 px, merged 2x2
+    assert image_tokens(56 * 56) == 4  # scaled down to 4x4 patches
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"images": ["images/missing.png"]}, r"record 2 names missing image file\(s\): .*images/missing.png"),
+        ({"images": ["images/a.gif"]}, "a.gif is .gif; use jpg, png or webp"),
+        (
+            {"text": "<image><image>What colour?"},
+            r"record 2 has 2 `<image>` placeholder\(s\) but 1 image\(s\)",
+        ),
+        ({"max_length": 12}, "past data.max_length=12; raise data.max_length or lower data.max_pixels"),
+    ],
+    ids=["missing", "format", "mismatch", "cut"],
+)
+def test_bad_images_are_named(tmp_path, vlm_dir, shapes_file, record, message):
+    records = json.loads(shapes_file.read_text())[:4]
+    bad = records[2]
+    bad["images"] = record.get("images", bad["images"])
+    if "text" in record:
+        bad["messages"][0]["content"] = record["text"]
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.gif").write_bytes(b"GIF89a")
+    for r in records:
+        for name in r["images"]:
+            source = shapes_file.parent / name
+            if source.is_file():
+                (tmp_path / name).write_bytes(source.read_bytes())
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records))
+    raw = vision_config(vlm_dir, data, tmp_path / "out")
+    raw["data"]["max_length"] = record.get("max_length", 64)
+    with pytest.raises((DataError, ValueError), match=message):
+        sft.run(validate_config(raw), quiet=True)
+
+
+def test_engine_and_chat_answer_about_an_image(tmp_path, vlm_dir, shapes_file, base_dir):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+    from lmforge.data.multimodal import VisionCollator
+    from lmforge.data.templates import Conversation
+    from lmforge.inference.engine import Engine, SamplingParams
+
+    result = sft.run(validate_config(vision_config(vlm_dir, shapes_file, tmp_path / "sft")), quiet=True)
+    engine = Engine.load(str(vlm_dir), adapter=str(result.artifact))
+    assert engine.vision is not None and engine.template.name == "qwen2-vl"
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 60, 220))):
+        Image.new("RGB", (56, 56), colour).save(tmp_path / f"{name}.png")
+    question = Conversation(turns=[("<image>What colour is the shape?", "")])
+    batch = engine._inputs([question, question], [[tmp_path / "red.png"], [tmp_path / "blue.png"]])
+    with torch.no_grad():
+        logits = engine.model(**batch).logits[:, -1]
+    assert not torch.allclose(logits[0], logits[1]), "the image reaches the model"
+    # Inference encodes a prompt exactly as training does (same image tokens, same pixels).
+    example = Example(turns=(("<image>What colour is the shape?", "red"),), images=(tmp_path / "red.png",))
+    row = encode_multimodal(example, engine.template, engine.tokenizer, engine.vision, 64)
+    train_batch = VisionCollator(engine.tokenizer.pad_token_id, engine.vision)([row])
+    prompt_len = batch["attention_mask"][0].sum().item()
+    assert train_batch["input_ids"][0, :prompt_len].tolist() == batch["input_ids"][0, -prompt_len:].tolist()
+    assert torch.equal(train_batch["pixel_values"], batch["pixel_values"][: len(train_batch["pixel_values"])])
+    answers = engine.generate([question], SamplingParams(max_new_tokens=3), images=[[tmp_path / "red.png"]])
+    assert len(answers) == 1
+    image = str(tmp_path / "red.png")
+    cli = CliRunner().invoke(
+        app,
+        ["chat", "--model", str(vlm_dir), "--adapter", str(result.artifact), "--image", image,
+         "--temperature", "0", "--max-new-tokens", "3", "What colour is the shape?"],
+    )  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert "assistant" in cli.output
+    text_only = CliRunner().invoke(
+        app, ["chat", "--model", str(base_dir), "--image", str(tmp_path / "red.png"), "hi"]
+    )
+    assert text_only.exit_code == 1 and "needs a vision-language model" in text_only.output
