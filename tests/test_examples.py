@@ -28,6 +28,8 @@ def test_examples_exist():
         "qwen2.5/reward.yaml",
         "deepseek_r1/grpo.yaml",
         "llama2/ppo_polish.yaml",
+        "qwen2_vl/sft_vision_lora.yaml",
+        "qwen2_vl/dpo.yaml",
     } <= names
 
 

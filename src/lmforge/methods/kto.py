@@ -22,7 +22,7 @@ from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.methods.dpo import final_adapter
-from lmforge.models.loading import load_tokenizer
+from lmforge.models.loading import is_vision_language, load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import MoeAuxLoss, kto_dataset, kto_from_pairs, policy_model, use_template
@@ -47,6 +47,11 @@ def check(config: RunConfig) -> None:
         )
     if config.data.streaming or config.data.packing:
         raise ValueError("kto reads the whole data set unpacked; turn off data.streaming and data.packing")
+    if is_vision_language(config.model):
+        raise ValueError(
+            "kto on a vision-language model is not available; image-text preference training runs with "
+            "method.name: dpo"
+        )
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:

@@ -37,8 +37,6 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -58,6 +56,7 @@ from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.callbacks import mark_complete, plot_loss
 from lmforge.training.checkpoints import complete_checkpoints, resolve_resume
+from lmforge.training.preference import keep_reference_copy, reference
 from lmforge.training.rewards import build_rewards, weighted_total, write_samples
 from lmforge.training.stage import StageResult, load_model_for_training, resolve_template
 
@@ -108,29 +107,6 @@ class Critic(nn.Module):
             hidden = self.trunk(**inputs, output_hidden_states=True).hidden_states[-1]
         assert hidden is not None
         return self.head(hidden.float()).squeeze(-1)
-
-
-@contextmanager
-def reference(model) -> Iterator[None]:
-    """The starting model: the frozen "ref" copy of a continued adapter, else the adapter disabled."""
-    if "ref" in model.peft_config:
-        model.set_adapter("ref", inference_mode=True)
-        try:
-            yield
-        finally:
-            model.set_adapter("default")
-    else:
-        with model.disable_adapter():
-            yield
-
-
-def keep_reference_copy(model) -> None:
-    """Continuing an adapter: keep a frozen copy of it as the reference (peft adapter "ref")."""
-    model.add_adapter("ref", model.peft_config["default"])
-    for name, param in model.named_parameters():
-        if ".default." in name:
-            model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
-    model.set_adapter("default")
 
 
 def response_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,8 @@ is forced on).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,29 @@ def policy_model(config: RunConfig, quiet: bool, total_steps: int):
     return model, hardware, peft_config(config.adapter, model, total_steps)
 
 
+@contextmanager
+def reference(model) -> Iterator[None]:
+    """The starting model: the frozen "ref" copy of a continued adapter, else the adapter disabled."""
+    if "ref" in model.peft_config:
+        model.set_adapter("ref", inference_mode=True)
+        try:
+            yield
+        finally:
+            model.set_adapter("default")
+    else:
+        with model.disable_adapter():
+            yield
+
+
+def keep_reference_copy(model) -> None:
+    """Continuing an adapter: keep a frozen copy of it as the reference (peft adapter "ref")."""
+    model.add_adapter("ref", model.peft_config["default"])
+    for name, param in model.named_parameters():
+        if ".default." in name:
+            model.get_parameter(name.replace(".default.", ".ref.")).data.copy_(param.data)
+    model.set_adapter("default")
+
+
 def use_template(tokenizer: PreTrainedTokenizerBase, template: AnyTemplate) -> None:
     """Make trl's chat-template rendering lmforge's template."""
     tokenizer.chat_template = template.jinja(tokenizer)
@@ -74,8 +99,8 @@ def _no_images(examples: list[Example], stage: str) -> None:
     with_images = [e.where for e in examples if e.images]
     if with_images:
         raise ValueError(
-            f"{with_images[0]}: has images; {stage} on images needs the multimodal path (Qwen2-VL), "
-            "which is not available for this stage yet"
+            f"{with_images[0]}: has images; image-text preference pairs need a vision-language model "
+            f"(e.g. Qwen2-VL) with method.name: dpo ({stage} on this model reads text only)"
         )
 
 

@@ -1,4 +1,4 @@
-"""Image-text SFT on a tiny random Qwen2-VL: trainable parts, frozen parts, images and their errors."""
+"""Image-text SFT and DPO on a tiny random Qwen2-VL: trainable parts, frozen parts, images, errors."""
 
 from __future__ import annotations
 
@@ -182,3 +182,124 @@ def test_engine_and_chat_answer_about_an_image(tmp_path, vlm_dir, shapes_file, b
         app, ["chat", "--model", str(base_dir), "--image", str(tmp_path / "red.png"), "hi"]
     )
     assert text_only.exit_code == 1 and "needs a vision-language model" in text_only.output
+
+
+def shape_pairs(path, folder, n, seed):
+    """Pairs on the shapes task: the right colour chosen, another colour rejected (same image)."""
+    import random
+
+    rng = random.Random(seed)
+    records = json.loads(write_shapes_task(folder, n, seed=seed).read_text())
+    pairs = []
+    for r in records:
+        answer = r["messages"][1]["content"]
+        wrong = rng.choice([c for c in COLOURS if c != answer])
+        pairs.append(
+            {"messages": r["messages"][:1], "chosen": answer, "rejected": wrong, "images": r["images"]}
+        )
+    path.write_text(json.dumps(pairs))
+    return path
+
+
+def dpo_config(vlm_dir, data, out, method=None, adapter=None, **train) -> dict:
+    raw = vision_config(vlm_dir, data, out, ["vision", "language"], **train)
+    raw["method"] = {"name": "dpo", **(method or {})}
+    raw["adapter"].update(adapter or {})
+    raw["data"]["max_length"] = 128
+    return raw
+
+
+def test_vision_dpo_starts_at_its_formula_and_trains_the_adapter(tmp_path, vlm_dir):
+    import math
+
+    pairs = shape_pairs(tmp_path / "folder" / "pairs.json", tmp_path / "folder", 16, 0)
+    frozen = load_file(vlm_dir / "model.safetensors")
+    from lmforge.methods import dpo
+
+    out = dpo.run(validate_config(dpo_config(vlm_dir, pairs, tmp_path / "out", warmup_ratio=0.0)), quiet=True)
+    rows = [json.loads(line) for line in (out.output_dir / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r.get("step") == 1 and "loss" in r)
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-4), "a new adapter is its own reference"
+    assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logratio/chosen",
+    ):
+        assert key in first
+    after = load_file(vlm_dir / "model.safetensors")
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    weights = load_file(out.artifact / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+    assert not any(".ref." in k for k in weights)
+    assert (out.artifact / "preprocessor_config.json").is_file()
+
+
+def test_vision_dpo_from_an_sft_adapter_takes_it_as_the_reference(
+    tmp_path, vlm_dir, shapes_file, monkeypatch
+):
+    import math
+
+    from lmforge.methods import dpo, dpo_vision
+
+    sft_raw = vision_config(vlm_dir, shapes_file, tmp_path / "sft", ["vision", "language"], max_steps=10)
+    sft_raw["data"]["max_length"] = 128
+    adapter = sft.run(validate_config(sft_raw), quiet=True).artifact
+    pairs = shape_pairs(tmp_path / "folder" / "pairs.json", tmp_path / "folder", 8, 1)
+    raw = dpo_config(vlm_dir, pairs, tmp_path / "dpo", adapter={"path": str(adapter)}, max_steps=1)
+    out = dpo.run(validate_config(raw), quiet=True)
+    rows = [json.loads(line) for line in (out.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
+    # The check has teeth: against the bare base (the pitfall) the first loss is not log 2.
+    monkeypatch.setattr(dpo_vision, "keep_reference_copy", lambda model: None)
+    raw["train"]["output_dir"] = str(tmp_path / "pitfall")
+    pitfall = dpo.run(validate_config(raw), quiet=True)
+    rows = [json.loads(line) for line in (pitfall.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[0]["loss"] - math.log(2)) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("method", "message"),
+    [
+        ({"name": "kto"}, "kto on a vision-language model is not available"),
+        ({"name": "orpo"}, "orpo on a vision-language model is not available"),
+        ({"name": "dpo", "precompute_ref": True}, "precompute_ref is not available for image-text DPO"),
+    ],
+)
+def test_vision_preference_combinations_are_refused(tmp_path, vlm_dir, method, message):
+    from lmforge.methods import dpo, kto
+
+    pairs = shape_pairs(tmp_path / "folder" / "pairs.json", tmp_path / "folder", 4, 0)
+    raw = dpo_config(vlm_dir, pairs, tmp_path / "out")
+    raw["method"] = method
+    with pytest.raises(ValueError, match=message):
+        (kto if method["name"] == "kto" else dpo).run(validate_config(raw), quiet=True)
+
+
+def test_qlora_base_trains_vision_lora(tmp_path, vlm_dir, shapes_file):
+    pytest.importorskip("bitsandbytes")
+    raw = vision_config(vlm_dir, shapes_file, tmp_path, ["vision", "language"], max_steps=2)
+    raw["model"]["quantization"] = "4bit"
+    result = sft.run(validate_config(raw), quiet=True)
+    weights = load_file(result.artifact / "adapter_model.safetensors")
+    assert any(".language_model." in k for k in weights) and any(".visual." in k for k in weights)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+def test_png_jpg_and_webp_images_read_alike(tmp_path, vlm_dir, suffix):
+    from PIL import Image
+
+    from lmforge.config.model import ModelConfig
+    from lmforge.models.loading import load_tokenizer
+
+    Image.new("RGB", (56, 56), (30, 60, 220)).save(tmp_path / f"blue{suffix}")
+    example = Example(
+        turns=(("<image>What colour?", "blue"),), images=(tmp_path / f"blue{suffix}",), where="r#0"
+    )
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=str(vlm_dir)))
+    vision = VisionProcessor.load(str(vlm_dir), tokenizer, None, None)
+    row = encode_multimodal(example, get_template("qwen2-vl"), tokenizer, vision, 128)
+    assert row["input_ids"].count(vision.image_token_id) == 4

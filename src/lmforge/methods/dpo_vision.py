@@ -1,0 +1,217 @@
+"""Image-text DPO for vision-language models (Qwen2-VL): preference pairs that share images.
+
+`lmforge train` runs this instead of trl's DPOTrainer when `method.name: dpo` meets a model with a
+vision tower. trl's own vision path needs the model's full processor, whose video half requires
+torchvision; lmforge encodes images itself (`data/multimodal.py`, as for image-text SFT), so here the
+trainer is transformers' Trainer with DPO's loss (`losses/dpo.py`: sigmoid, ipo, hinge, robust, the
+same formulas as trl's, tested by hand) on the summed log-probs of each answer.
+
+Each pair is one prompt with its images and two answers; a batch runs the chosen and the rejected
+rows in one forward pass (the images go in twice). The reference is the starting model, as in text
+DPO: the adapter disabled for a new adapter, a frozen copy ("ref") of the adapter continued with
+`adapter.path`. `precompute_ref` is refused (the reference runs every step); `sft_weight` adds NLL on
+the chosen answer. Logged per step: loss, rewards/chosen|rejected|margins|accuracies, logps/*,
+logratio/*.
+
+Top to bottom: config -> tokenizer, template, image processor -> pairs encoded with their images ->
+model + adapter -> trainer -> train -> save the adapter (with the image processor).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from rich.console import Console
+from transformers import PrinterCallback, Trainer, TrainingArguments
+
+from lmforge.config import RunConfig
+from lmforge.data.loader import load_examples
+from lmforge.data.multimodal import VisionCollator, VisionProcessor, encode_multimodal
+from lmforge.data.tokenize import TokenizeStats
+from lmforge.losses.dpo import answer_logps, dpo_loss
+from lmforge.models.loading import load_tokenizer
+from lmforge.training.artifacts import save_artifact, write_resolved_config
+from lmforge.training.checkpoints import resolve_resume
+from lmforge.training.preference import keep_reference_copy, reference
+from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
+from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks
+
+console = Console(stderr=True)
+
+
+def check(config: RunConfig) -> None:
+    method = config.method
+    if method.name != "dpo":
+        raise ValueError(
+            f"{method.name} on a vision-language model is not available; image-text preference training "
+            "runs with method.name: dpo"
+        )
+    if method.precompute_ref:
+        raise ValueError("method.precompute_ref is not available for image-text DPO; turn it off")
+    if config.adapter.method in ("none", "moe_dora"):
+        raise ValueError("image-text DPO trains a peft adapter: set adapter.method: vision_lora (or lora)")
+    if config.data.packing or config.data.streaming:
+        raise ValueError("image-text DPO reads whole pairs: turn off data.packing and data.streaming")
+
+
+def encode_pairs(examples, template, tokenizer, vision: VisionProcessor, max_length: int) -> Dataset:
+    rows = []
+    for example in examples:
+        sides = {}
+        for side, answer in (("chosen", example.response), ("rejected", example.rejected or "")):
+            conversation = example.conversation(answer)
+            sides[side] = encode_multimodal(
+                example, template, tokenizer, vision, max_length, conversation=conversation
+            )
+        if sides["chosen"] is None or sides["rejected"] is None:
+            raise ValueError(f"{example.where}: no answer token fits in data.max_length={max_length}")
+        rows.append(
+            {
+                "chosen_input_ids": sides["chosen"]["input_ids"],
+                "chosen_labels": sides["chosen"]["labels"],
+                "rejected_input_ids": sides["rejected"]["input_ids"],
+                "rejected_labels": sides["rejected"]["labels"],
+                "image_paths": sides["chosen"]["image_paths"],
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+class PairCollator:
+    """A batch of pairs as 2N rows: the chosen answers, then the rejected ones (images in both)."""
+
+    def __init__(self, rows: VisionCollator) -> None:
+        self.rows = rows
+
+    def __call__(self, pairs: list[dict]) -> dict[str, torch.Tensor]:
+        rows = [
+            {
+                "input_ids": p[f"{side}_input_ids"],
+                "labels": p[f"{side}_labels"],
+                "image_paths": p["image_paths"],
+            }
+            for side in ("chosen", "rejected")
+            for p in pairs
+        ]
+        return self.rows(rows)
+
+
+class VisionDPOTrainer(Trainer):
+    """transformers' Trainer with DPO's loss on image-text pairs."""
+
+    def __init__(
+        self, *args, beta: float, loss_type: str, label_smoothing: float, sft_weight: float, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.beta, self.loss_type = beta, loss_type
+        self.label_smoothing, self.sft_weight = label_smoothing, sft_weight
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps = answer_logps(model(**inputs).logits, inputs["labels"])
+        with torch.no_grad(), reference(self.accelerator.unwrap_model(model)):
+            ref_logps = answer_logps(model(**inputs).logits, inputs["labels"])
+        n = len(logps) // 2
+        losses, chosen, rejected = dpo_loss(
+            logps[:n],
+            logps[n:],
+            ref_logps[:n],
+            ref_logps[n:],
+            self.beta,
+            self.loss_type,
+            self.label_smoothing,
+        )
+        loss = losses.mean()
+        if self.sft_weight > 0:
+            tokens = (inputs["labels"][:n, 1:] != -100).sum().clamp(min=1)
+            loss = loss + self.sft_weight * -(logps[:n].sum() / tokens)
+        metrics = self._metrics["train" if model.training else "eval"]
+        for key, value in {
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+            "logps/chosen": logps[:n].mean(),
+            "logps/rejected": logps[n:].mean(),
+            "logratio/chosen": chosen.mean() / self.beta,
+            "logratio/rejected": rejected.mean() / self.beta,
+        }.items():
+            metrics[key].append(float(value.detach()))
+        return (loss, {"logits": None}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items()})
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+
+def run(config: RunConfig, quiet: bool = False) -> StageResult:
+    check(config)
+    output_dir = Path(config.train.output_dir)
+    write_resolved_config(config, output_dir)
+
+    tokenizer = load_tokenizer(config.model)
+    template = resolve_template(config)
+    vision = VisionProcessor.load(
+        config.model.name_or_path, tokenizer, config.data.min_pixels, config.data.max_pixels
+    )
+    data = load_examples(config.data, "preference")
+    length = config.data.max_length
+    train_ds = encode_pairs(data.train, template, tokenizer, vision, length)
+    eval_ds = encode_pairs(data.eval, template, tokenizer, vision, length) if data.eval else None
+    if not quiet:
+        console.print(f"[bold]image-text pairs[/]: {len(train_ds)} train")
+
+    model, hardware = load_model_for_training(config, quiet, optimizer_steps(config, len(train_ds)))
+    if config.adapter.path:
+        keep_reference_copy(model)
+    model.config.use_cache = False
+    args = TrainingArguments(
+        **common_arguments(config.train, hardware, eval_ds is not None), prediction_loss_only=True
+    )
+    method = config.method
+    trainer = VisionDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=PairCollator(VisionCollator(tokenizer.pad_token_id, vision)),
+        processing_class=tokenizer,
+        callbacks=stage_callbacks(config, model, "dpo", quiet),
+        optimizers=(loraplus_optimizer(config, model), None),
+        beta=method.preference_beta,
+        loss_type=method.loss_type,
+        label_smoothing=method.label_smoothing,
+        sft_weight=method.sft_weight,
+    )
+    trainer.remove_callback(PrinterCallback)
+    resume = resolve_resume(output_dir, config.train.resume)
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+
+    if "ref" in model.peft_config:
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+    artifact = save_artifact(
+        model,
+        tokenizer,
+        template,
+        output_dir / "adapter",
+        "adapter",
+        config,
+        image_processor=vision.image_processor,
+    )
+    if not quiet:
+        console.print(f"[bold green]saved[/] adapter to {artifact}")
+    stats = TokenizeStats(examples=len(train_ds))
+    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
