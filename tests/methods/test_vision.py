@@ -303,3 +303,52 @@ def test_png_jpg_and_webp_images_read_alike(tmp_path, vlm_dir, suffix):
     vision = VisionProcessor.load(str(vlm_dir), tokenizer, None, None)
     row = encode_multimodal(example, get_template("qwen2-vl"), tokenizer, vision, 128)
     assert row["input_ids"].count(vision.image_token_id) == 4
+
+
+def test_qwen2_5_vl_trains_and_answers_with_the_same_code(tmp_path, shapes_file):
+    from lmforge.data.templates import Conversation
+    from lmforge.inference.engine import Engine, SamplingParams
+
+    tokenizer = build_tiny_tokenizer(corpus(), vocab_size=320)
+    model = build_tiny_qwen2_vl(tokenizer, family="qwen2_5_vl")
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    folder = save_tiny_vlm(model, tokenizer, tmp_path / "qwen2.5-vl")
+    raw = vision_config(
+        folder, shapes_file, tmp_path / "out", ["vision", "projector", "language"], max_steps=2
+    )
+    raw["data"]["max_length"] = 128
+    result = sft.run(validate_config(raw), quiet=True)
+    weights = load_file(result.artifact / "adapter_model.safetensors")
+    assert {part for part, marker in PART_OF.items() if any(marker in k for k in weights)} == set(PART_OF)
+    engine = Engine.load(str(folder), adapter=str(result.artifact))
+    image = shapes_file.parent / json.loads(shapes_file.read_text())[0]["images"][0]
+    question = Conversation(turns=[("<image>What colour is the shape?", "")])
+    assert len(engine.generate([question], SamplingParams(max_new_tokens=2), images=[[image]])) == 1
+
+
+def test_llamafactory_multimodal_dataset_trains_as_it_is(tmp_path, vlm_dir, shapes_file):
+    """LLaMA-Factory's mllm_demo layout: a dataset_info.json entry in sharegpt format whose messages
+    use role/content tags, with an `images` column."""
+    records = json.loads(shapes_file.read_text())[:8]
+    (tmp_path / "images").mkdir()
+    for r in records:
+        (tmp_path / r["images"][0]).write_bytes((shapes_file.parent / r["images"][0]).read_bytes())
+    (tmp_path / "mllm.json").write_text(json.dumps(records))
+    info = {
+        "mllm_demo": {
+            "file_name": "mllm.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "images": "images"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+            },
+        }
+    }
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    raw = vision_config(vlm_dir, "mllm_demo", tmp_path / "out", max_steps=2)
+    raw["data"].update(dataset_dir=str(tmp_path), max_length=128)
+    result = sft.run(validate_config(raw), quiet=True)
+    assert result.steps == 2 and (result.artifact / "adapter_model.safetensors").is_file()

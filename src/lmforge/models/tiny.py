@@ -119,17 +119,45 @@ def build_tiny_qwen2_vl(
     vision_dim: int = 32,
     vision_depth: int = 2,
     seed: int = 0,
+    family: str = "qwen2_vl",
 ):
-    """A randomly initialised Qwen2-VL (language model + vision tower + merger) for CPU tests.
+    """A randomly initialised Qwen2-VL (language model + vision tower + merger) for CPU tests;
+    `family="qwen2_5_vl"` builds a Qwen2.5-VL (windowed vision attention, SwiGLU vision MLP).
 
     Images are cut into 14-pixel patches and every 2x2 patches merge into one image token, as in
     the real model; the token ids come from the tiny tokenizer's <|image_pad|> and friends.
     """
     import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
 
     ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
+    vision = {
+        "depth": vision_depth,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    if family == "qwen2_5_vl":
+        vision.update(
+            hidden_size=vision_dim,
+            intermediate_size=vision_dim * 2,
+            out_hidden_size=hidden_size,
+            window_size=56,
+            fullatt_block_indexes=[vision_depth - 1],
+        )
+    else:
+        vision.update(embed_dim=vision_dim, hidden_size=hidden_size, mlp_ratio=2)
+    config_class, model_class = {
+        "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+        "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    }[family]
+    config = config_class(
         text_config={
             "vocab_size": len(tokenizer),
             "hidden_size": hidden_size,
@@ -143,16 +171,7 @@ def build_tiny_qwen2_vl(
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={
-            "depth": vision_depth,
-            "embed_dim": vision_dim,
-            "hidden_size": hidden_size,
-            "num_heads": 2,
-            "mlp_ratio": 2,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-        },
+        vision_config=vision,
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<unk>"),
         vision_start_token_id=ids("<|vision_start|>"),
@@ -160,7 +179,7 @@ def build_tiny_qwen2_vl(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    return Qwen2VLForConditionalGeneration(config)
+    return model_class(config)
 
 
 def save_tiny_vlm(
