@@ -122,7 +122,7 @@ def data_check(
     from lmforge.config.model import ModelConfig
     from lmforge.data.check import check_data, print_report
     from lmforge.data.loader import STAGE_NEEDS
-    from lmforge.models.loading import load_tokenizer
+    from lmforge.models.loading import is_vision_language, load_tokenizer
     from lmforge.training.stage import template_for
 
     try:
@@ -138,11 +138,17 @@ def data_check(
         method = stage or method
         if method not in STAGE_NEEDS:
             raise ValueError(f"--stage {method} is not one of {', '.join(STAGE_NEEDS)}")
-        tokenizer = chat_template = None
+        tokenizer = chat_template = vision = None
         if model_cfg is not None:
             tokenizer = load_tokenizer(model_cfg)
             chat_template = template_for(data.template, model_cfg.name_or_path)
-        report = check_data(data, STAGE_NEEDS[method], tokenizer, chat_template)
+            if is_vision_language(model_cfg):  # images count as the tokens they will take
+                from lmforge.data.multimodal import VisionProcessor
+
+                vision = VisionProcessor.load(
+                    model_cfg.name_or_path, tokenizer, data.min_pixels, data.max_pixels
+                )
+        report = check_data(data, STAGE_NEEDS[method], tokenizer, chat_template, vision)
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return

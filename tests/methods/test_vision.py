@@ -352,3 +352,29 @@ def test_llamafactory_multimodal_dataset_trains_as_it_is(tmp_path, vlm_dir, shap
     raw["data"].update(dataset_dir=str(tmp_path), max_length=128)
     result = sft.run(validate_config(raw), quiet=True)
     assert result.steps == 2 and (result.artifact / "adapter_model.safetensors").is_file()
+
+
+def test_data_check_counts_image_tokens_and_reports_cut_images(tmp_path, vlm_dir, shapes_file):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    config = tmp_path / "check.yaml"
+    import yaml
+
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name_or_path": str(vlm_dir)},
+                "adapter": {"method": "vision_lora"},
+                "data": {"path": str(shapes_file), "template": "qwen2-vl", "max_length": 128},
+                "train": {"output_dir": str(tmp_path)},
+            }
+        )
+    )
+    ok = CliRunner().invoke(app, ["data", "check", str(config)])
+    assert ok.exit_code == 0, ok.output
+    assert "<|image_pad|><|image_pad|><|image_pad|><|image_pad|>" in ok.output, "shown as the model sees it"
+    cut = CliRunner().invoke(app, ["data", "check", str(config), "--max-length", "30"])
+    assert cut.exit_code == 1 and "images cut by max_length" in cut.output
+    assert "past data.max_length=30" in cut.output

@@ -22,6 +22,7 @@ from lmforge.config.data import DataConfig
 from lmforge.data.files import DataError
 from lmforge.data.formats import Example, problems
 from lmforge.data.loader import normalised, prepare
+from lmforge.data.multimodal import VisionProcessor, encode_multimodal
 from lmforge.data.registry import resolve
 from lmforge.data.templates import AnyTemplate
 from lmforge.data.tokenize import IGNORE, encode_conversation
@@ -34,6 +35,7 @@ PROBLEM_NAMES = {
     "empty_prompt": "empty prompts",
     "image_mismatch": "image/placeholder mismatches",
     "missing_image": "missing image files",
+    "image_cut": "images cut by max_length",
 }
 
 
@@ -82,6 +84,7 @@ def _measure(
     max_length: int,
     train_on: str,
     sample: bool,
+    vision: VisionProcessor | None = None,
 ) -> None:
     if tokenizer is None or template is None:
         texts = [example.text] if example.text is not None else [t for turn in example.turns for t in turn]
@@ -90,6 +93,9 @@ def _measure(
     if example.kind == "text":
         length = len(tokenizer(example.text or "", add_special_tokens=False)["input_ids"]) + 1
         report.lengths.append(length)
+        return
+    if vision is not None and example.images and sample:
+        _measure_with_images(example, report, tokenizer, template, max_length, train_on, vision)
         return
     responses = [example.response] + ([example.rejected] if example.rejected is not None else [])
     longest = 0
@@ -106,13 +112,40 @@ def _measure(
     report.lengths.append(longest)
 
 
+def _measure_with_images(example, report, tokenizer, template, max_length, train_on, vision) -> None:
+    """A vision-language model's length: each image counts as the tokens it will take."""
+    try:
+        row = encode_multimodal(example, template, tokenizer, vision, 10**9, train_on)
+    except DataError as exc:
+        report.note("malformed", str(exc))
+        return
+    if row is None:
+        report.no_trainable += 1
+        return
+    ids = row["input_ids"]
+    if len(report.samples) < 2:
+        report.samples.append(_pieces(ids[:max_length], row["labels"][:max_length], tokenizer))
+    report.lengths.append(len(ids))
+    report.truncated += int(len(ids) > max_length)
+    report.no_trainable += int(all(label == IGNORE for label in row["labels"][:max_length]))
+    last = max(i for i, t in enumerate(ids) if t == vision.image_token_id)
+    if last >= max_length:
+        report.note(
+            "image_cut",
+            f"{example.where}: its image tokens end at token {last + 1}, past data.max_length={max_length}; "
+            "raise data.max_length or lower data.max_pixels",
+        )
+
+
 def check_data(
     data: DataConfig,
     needs: str,
     tokenizer: PreTrainedTokenizerBase | None = None,
     template: AnyTemplate | None = None,
+    vision: VisionProcessor | None = None,
 ) -> CheckReport:
-    """Read every record of every dataset in `data` and report (never raises for a bad record)."""
+    """Read every record of every dataset in `data` and report (never raises for a bad record).
+    With `vision` (a vision-language model's image side) images count as their image tokens."""
     report = CheckReport(needs=needs)
     rng = random.Random(data.seed)
     for source in data.sources():
@@ -133,7 +166,9 @@ def check_data(
                 found = problems(example, needs)
                 for code, message in found:
                     report.note(code, f"{where} {message}")
-                _measure(example, report, tokenizer, template, data.max_length, data.train_on, not found)
+                _measure(
+                    example, report, tokenizer, template, data.max_length, data.train_on, not found, vision
+                )
         except DataError as exc:  # a file that cannot be read on: broken JSON file, bad encoding
             report.note("malformed", str(exc))
         if not report.records[resolved.name]:
