@@ -42,6 +42,25 @@ def alpaca_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vlm_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-VL with its tokenizer and image processor, saved like a hub folder."""
+    from lmforge.data.shapes import COLOURS, SHAPES
+    from lmforge.models.tiny import build_tiny_qwen2_vl, save_tiny_vlm
+
+    words = [*COLOURS, *SHAPES, "What colour is the shape? What shape is it?"]
+    tokenizer = build_tiny_tokenizer([*corpus(), *words], vocab_size=360)
+    return save_tiny_vlm(build_tiny_qwen2_vl(tokenizer), tokenizer, tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def shapes_file(tmp_path_factory) -> Path:
+    """24 image-text records of the shapes task (images/ beside data.json)."""
+    from lmforge.data.shapes import write_shapes_task
+
+    return write_shapes_task(tmp_path_factory.mktemp("shapes"), 24)
+
+
+@pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
     """`lmforge quickstart` run once: (output folder, CLI output). Tests that use it are in the
     xdist group `quickstart`, so one worker runs it once (about a minute on both cores)."""

@@ -293,6 +293,55 @@ def chat(
     interactive(engine, params, system, images)
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Model folder or hub id (merged, or the base of --adapter).")],
+    adapter: Annotated[
+        list[str] | None, typer.Option(help="NAME=PATH: an adapter served as model NAME (repeatable).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="The base model's name in requests (default: folder name).")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to bind (0.0.0.0 exposes it to the network).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="LMFORGE_API_KEY", help="Key clients send as Bearer (env LMFORGE_API_KEY)."),
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Default max_tokens of a request.")] = 256,
+    image_root: Annotated[
+        Path | None, typer.Option(help="Folder file:// image URLs may come from (off by default).")
+    ] = None,
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Serve a model (and adapters over it) with an OpenAI-compatible API: /v1/chat/completions,
+    /v1/completions, /v1/models, /health."""
+    import secrets
+
+    import uvicorn
+
+    from lmforge.inference.server import create_app, load_served
+
+    try:
+        adapters = {}
+        for item in adapter or []:
+            adapter_name, sep, path = item.partition("=")
+            if not sep or not adapter_name or not path:
+                raise ValueError(f"--adapter {item!r}: use NAME=PATH, e.g. --adapter sql=runs/sql/adapter")
+            adapters[adapter_name] = path
+        served = load_served(model, adapters, name, image_root)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    if not api_key:
+        api_key = secrets.token_urlsafe(24)
+        console.print(f"[bold]no --api-key given[/]: clients must send this one: [bold]{api_key}[/]")
+    console.print(f"serving {', '.join(served.names)} on http://{host}:{port}/v1")
+    uvicorn.run(create_app(served, api_key, max_tokens), host=host, port=port, log_level="warning")
+
+
 @reward_app.command("score")
 def reward_score(
     model: Annotated[Path, typer.Option(help="Reward folder (from method.name: reward) or a classifier.")],

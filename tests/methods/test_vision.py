@@ -13,22 +13,10 @@ from lmforge.config import validate_config
 from lmforge.data.files import DataError
 from lmforge.data.formats import Example
 from lmforge.data.multimodal import VisionProcessor, encode_multimodal
-from lmforge.data.shapes import COLOURS, SHAPES, write_shapes_task
+from lmforge.data.shapes import COLOURS, write_shapes_task
 from lmforge.data.templates import get_template
 from lmforge.methods import sft
 from lmforge.models.tiny import build_tiny_qwen2_vl, build_tiny_tokenizer, save_tiny_vlm
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    words = [*COLOURS, *SHAPES, "What colour is the shape? What shape is it?"]
-    tokenizer = build_tiny_tokenizer([*corpus(), *words], vocab_size=360)
-    return save_tiny_vlm(build_tiny_qwen2_vl(tokenizer), tokenizer, tmp_path_factory.mktemp("tiny-qwen2-vl"))
-
-
-@pytest.fixture(scope="module")
-def shapes_file(tmp_path_factory):
-    return write_shapes_task(tmp_path_factory.mktemp("shapes"), 24)
 
 
 def vision_config(vlm_dir, data, out, parts=None, method="vision_lora", **train) -> dict:

@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
 
 from lmforge.adapters.moe_dora import MoeDoraModel, is_moe_dora_folder
 from lmforge.config.model import ModelConfig
@@ -36,6 +42,33 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings: generation ends at the first, which is cut off
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One answer with its token counts and why it ended ("stop" or "length")."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """The text up to the first stop string (and whether one was found)."""
+    positions = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(positions)], True) if positions else (text, False)
+
+
+class _Cancelled(StoppingCriteria):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
 
 
 class Engine:
@@ -92,6 +125,7 @@ class Engine:
         """Left-padded prompts; with images, each image's token expanded and its pixels made."""
         texts = [self.prompt_text(c) for c in conversations]
         if not images or not any(images):
+            self.tokenizer.padding_side = "left"
             return dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
         if self.vision is None:
             raise ValueError(
@@ -136,6 +170,8 @@ class Engine:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         return kwargs
 
     @torch.inference_mode()
@@ -148,34 +184,70 @@ class Engine:
     ) -> list[str]:
         """Answers for many conversations, batched with left padding (`images`: per conversation, in
         the order of its `<image>` placeholders)."""
+        return [g.text for g in self.generate_detailed(conversations, params, batch_size, images)]
+
+    @torch.inference_mode()
+    def generate_detailed(
+        self,
+        conversations: list[Conversation],
+        params: SamplingParams | None = None,
+        batch_size: int = 16,
+        images: list[list[Path]] | None = None,
+    ) -> list[Generation]:
+        """`generate`, with each answer's token counts and finish reason."""
         params = params or SamplingParams()
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        self.tokenizer.padding_side = "left"
-        answers: list[str] = []
+        out: list[Generation] = []
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
             chunk_images = images[start : start + batch_size] if images else None
-            batch = {k: v.to(self.device) for k, v in self._inputs(chunk, chunk_images).items()}
-            out = self.model.generate(**batch, **self._generate_kwargs(params))
-            new_tokens = out[:, batch["input_ids"].shape[1] :]
-            answers += self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [a.strip() for a in answers]
+            out += self._run(self._inputs(chunk, chunk_images), params)
+        return out
+
+    @torch.inference_mode()
+    def complete(self, prompts: list[str], params: SamplingParams | None = None) -> list[Generation]:
+        """Continue raw text (no chat template), as OpenAI's completions endpoint does."""
+        self.tokenizer.padding_side = "left"
+        inputs = dict(self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True))
+        return self._run(inputs, params or SamplingParams())
+
+    def _run(self, inputs: dict, params: SamplingParams) -> list[Generation]:
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        batch = {k: v.to(self.device) for k, v in inputs.items()}
+        out = self.model.generate(**batch, **self._generate_kwargs(params))
+        width = batch["input_ids"].shape[1]
+        results = []
+        for row, mask in zip(out[:, width:], batch["attention_mask"], strict=True):
+            ended = torch.isin(row, torch.tensor(self.stop_ids, device=row.device))
+            length = int(ended.int().argmax()) + 1 if ended.any() else len(row)
+            text = self.tokenizer.decode(row[:length], skip_special_tokens=True)
+            text, stopped = cut_at_stop(text, params.stop)
+            finish = "stop" if ended.any() or stopped or length < params.max_new_tokens else "length"
+            results.append(Generation(text.strip(), int(mask.sum()), length, finish))
+        return results
 
     def stream(
         self,
         conversation: Conversation,
         params: SamplingParams | None = None,
         images: list[Path] | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Yield text pieces of one answer as they are generated."""
+        """Yield text pieces of one answer as they are generated. Setting `cancel` (or closing the
+        iterator, as a server does when its client disconnects) stops generation at the next token."""
         params = params or SamplingParams()
         if params.seed is not None:
             torch.manual_seed(params.seed)
         inputs = self._inputs([conversation], [images] if images else None)
         batch = {k: v.to(self.device) for k, v in inputs.items()}
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {**batch, **self._generate_kwargs(params), "streamer": streamer}
+        cancel = cancel or threading.Event()
+        kwargs = {
+            **batch,
+            **self._generate_kwargs(params),
+            "streamer": streamer,
+            "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
+        }
 
         def work() -> None:
             with torch.inference_mode():
@@ -183,8 +255,11 @@ class Engine:
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        try:
+            yield from streamer
+        finally:
+            cancel.set()
+            thread.join()
 
     def chat(self, history: list[tuple[str, str]], message: str, system: str | None = None) -> str:
         return self.generate([Conversation(turns=[*history, (message, "")], system=system)])[0]

@@ -1,0 +1,366 @@
+"""`lmforge serve`: an OpenAI-compatible HTTP API over the generation engine.
+
+Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (streamed as server-sent
+events or not), `POST /v1/completions`. A request's `model` picks what answers: the base model's
+name, or one of the LoRA adapters loaded over it (`--adapter name=path`, several at once, one copy
+of the base in memory). Every `/v1` request needs `Authorization: Bearer <key>`; a missing or wrong
+key gets 401. A malformed request gets a 4xx with OpenAI's error body, never a traceback.
+
+Requests are queued: one generation runs at a time (the model is shared), and a streaming client
+that disconnects stops its generation at the next token, freeing the slot. Binds 127.0.0.1 unless
+told otherwise; no CORS headers are sent (browsers on other origins cannot call it).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+
+from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
+from lmforge.inference.engine import Engine, SamplingParams
+
+
+class APIError(Exception):
+    def __init__(
+        self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param = status, message, kind, param
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: dict[str, str] | None = None
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    model: str
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def params(self, default_max: int) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=stop,
+        )
+
+
+class ChatRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str]
+
+
+class Served:
+    """The engine and the names it answers to: the base, and each adapter loaded over it."""
+
+    def __init__(self, engine: Engine, base_name: str, adapters: list[str], image_root: Path | None) -> None:
+        self.engine, self.base_name, self.adapters = engine, base_name, adapters
+        self.image_root = image_root.resolve() if image_root else None
+        self.lock = threading.Lock()  # one generation at a time: requests queue here
+
+    @property
+    def names(self) -> list[str]:
+        return [self.base_name, *self.adapters]
+
+    @contextmanager
+    def selected(self, name: str) -> Iterator[None]:
+        """The model answering as `name` (call with the lock held)."""
+        if name not in self.names:
+            raise APIError(
+                404, f"model {name!r} is not served; available: {', '.join(self.names)}", param="model"
+            )
+        model = self.engine.model
+        if name == self.base_name:
+            with model.disable_adapter() if self.adapters else nullcontext():
+                yield
+        else:
+            model.set_adapter(name)
+            yield
+
+
+def conversation_of(
+    messages: list[Message], served: Served, scratch: Path
+) -> tuple[Conversation, list[Path]]:
+    """OpenAI messages -> (Conversation, image files in placeholder order)."""
+    system = None
+    turns: list[tuple[str, str]] = []
+    images: list[Path] = []
+    pending: str | None = None
+    for i, message in enumerate(messages):
+        text = _text_and_images(message.content, served, scratch, images, f"messages[{i}]")
+        if message.role == "system":
+            if turns or pending is not None:
+                raise APIError(400, "a system message must come first", param=f"messages[{i}]")
+            system = (system + "\n" if system else "") + text
+        elif message.role == "user":
+            if pending is not None:
+                raise APIError(400, "two user messages in a row; merge them", param=f"messages[{i}]")
+            pending = text
+        else:
+            if pending is None:
+                raise APIError(400, "an assistant message must follow a user message", param=f"messages[{i}]")
+            turns.append((pending, text))
+            pending = None
+    if pending is None:
+        raise APIError(400, "the last message must be the user's", param="messages")
+    return Conversation(turns=[*turns, (pending, "")], system=system), images
+
+
+def _text_and_images(content, served: Served, scratch: Path, images: list[Path], where: str) -> str:
+    if isinstance(content, str):
+        return content
+    text = ""
+    for part in content:
+        if part.type == "text":
+            text += part.text or ""
+            continue
+        if served.engine.vision is None:
+            raise APIError(400, f"{where}: image parts need a vision-language model", param=where)
+        url = (part.image_url or {}).get("url", "")
+        images.append(_image_file(url, served, scratch, where))
+        text += IMAGE_PLACEHOLDER
+    return text
+
+
+def _image_file(url: str, served: Served, scratch: Path, where: str) -> Path:
+    if url.startswith("data:image/"):
+        header, _, payload = url.partition(",")
+        suffix = "." + header.split("/")[1].split(";")[0]
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except binascii.Error:
+            raise APIError(400, f"{where}: the image data URL is not valid base64", param=where) from None
+        path = scratch / f"{uuid.uuid4().hex}{suffix}"
+        path.write_bytes(data)
+        return path
+    if url.startswith("file://"):
+        if served.image_root is None:
+            raise APIError(
+                400, f"{where}: file images are off; start the server with --image-root", param=where
+            )
+        path = Path(url.removeprefix("file://")).resolve()
+        if not path.is_relative_to(served.image_root):
+            raise APIError(403, f"{where}: {path} is outside the server's image root", param=where)
+        return path
+    raise APIError(400, f"{where}: send images as data:image/... URLs or file:// paths", param=where)
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def create_app(served: Served, api_key: str, default_max_tokens: int = 256) -> FastAPI:
+    app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error(exc.status, exc.message, exc.kind, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error(400, f"{where}: {first.get('msg', 'invalid request')}", param=where or None)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        return error(500, f"the server failed to answer ({type(exc).__name__}); see its log", "server_error")
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return error(
+                    401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error"
+                )
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": served.names}
+
+    @app.get("/v1/models")
+    async def models():
+        now = int(time.time())
+        return {
+            "object": "list",
+            "data": [
+                {"id": n, "object": "model", "created": now, "owned_by": "lmforge"} for n in served.names
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: ChatRequest):
+        scratch = Path(tempfile.mkdtemp(prefix="lmforge-serve-"))
+        conversation, images = conversation_of(request.messages, served, scratch)
+        params = request.params(default_max_tokens)
+        created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        if request.stream:
+            return StreamingResponse(
+                _stream_chat(served, request, conversation, images, params, created, ident),
+                media_type="text/event-stream",
+            )
+
+        def work():
+            with served.lock, served.selected(request.model):
+                return served.engine.generate_detailed(
+                    [conversation], params, images=[images] if images else None
+                )[0]
+
+        try:
+            result = await run_in_threadpool(work)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": request.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": result.text},
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": _usage(result.prompt_tokens, result.completion_tokens),
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest):
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if request.stream:
+            raise APIError(400, "streaming is available on /v1/chat/completions", param="stream")
+        params = request.params(default_max_tokens if request.max_tokens is None else request.max_tokens)
+
+        def work():
+            with served.lock, served.selected(request.model):
+                return served.engine.complete(prompts, params)
+
+        results = await run_in_threadpool(work)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": request.model,
+            "choices": [
+                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
+                for i, r in enumerate(results)
+            ],
+            "usage": _usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)),
+        }
+
+    return app
+
+
+async def _stream_chat(served: Served, request: ChatRequest, conversation, images, params, created, ident):
+    """Server-sent events: a role chunk, content chunks, a final chunk, [DONE]. The lock is held
+    while generating; a disconnect closes this generator, which stops the generation."""
+    base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": request.model}
+
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    cancel = threading.Event()
+
+    def pieces() -> Iterator[str]:
+        with served.lock, served.selected(request.model):
+            yield from served.engine.stream(conversation, params, images or None, cancel=cancel)
+
+    yield chunk({"role": "assistant", "content": ""})
+    text = ""
+    try:
+        async for piece in iterate_in_threadpool(pieces()):
+            text += piece
+            cut = next((text.find(s) for s in params.stop if s and s in text), -1)
+            if cut >= 0:
+                piece = piece[: max(0, len(piece) - (len(text) - cut))]
+                if piece:
+                    yield chunk({"content": piece})
+                cancel.set()
+                break
+            if piece:
+                yield chunk({"content": piece})
+    finally:
+        cancel.set()
+    tokenizer = served.engine.tokenizer
+    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    finish = "length" if tokens >= params.max_new_tokens else "stop"
+    yield chunk({}, finish)
+    if request.stream_options and request.stream_options.include_usage:
+        prompt = len(
+            tokenizer(served.engine.prompt_text(conversation), add_special_tokens=False)["input_ids"]
+        )
+        body: dict[str, Any] = {**base, "choices": [], "usage": _usage(prompt, tokens)}
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def load_served(
+    model: str, adapters: dict[str, str], name: str | None = None, image_root: Path | None = None
+) -> Served:
+    """The base model with every adapter loaded over it under its own name."""
+    from peft import PeftModel
+
+    from lmforge.models.loading import saved_template_name
+
+    paths = list(adapters.values())
+    template = next((t for t in map(saved_template_name, paths) if t), None)
+    engine = Engine.load(model, template=template)
+    for index, (adapter_name, path) in enumerate(adapters.items()):
+        if index == 0:
+            engine.model = PeftModel.from_pretrained(engine.model, path, adapter_name=adapter_name).eval()
+        else:
+            engine.model.load_adapter(path, adapter_name=adapter_name, is_trainable=False)
+    base_name = name or Path(model.rstrip("/")).name
+    if base_name in adapters:
+        raise ValueError(f"adapter name {base_name!r} is the base model's name; pick another")
+    return Served(engine, base_name, list(adapters), image_root)

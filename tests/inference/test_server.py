@@ -1,0 +1,229 @@
+"""`lmforge serve` through the real `openai` client, against a server on 127.0.0.1 in this process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import uvicorn
+
+from helpers import sft_config
+from lmforge.config import validate_config
+from lmforge.data.templates import Conversation
+from lmforge.inference.engine import Engine, SamplingParams
+from lmforge.inference.server import create_app, load_served
+from lmforge.methods import sft
+
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, base_dir, alpaca_file):
+    out = {}
+    for name, lr in (("add", 5e-3), ("add-strong", 2e-2)):
+        config = sft_config(base_dir, alpaca_file, tmp_path_factory.mktemp(name), max_steps=15, lr=lr)
+        out[name] = str(sft.run(validate_config(config), quiet=True).artifact)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(base_dir, adapters):
+    served = load_served(str(base_dir), adapters, name="tiny")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = uvicorn.Config(create_app(served, KEY, 16), host="127.0.0.1", port=port, log_level="error")
+    running = uvicorn.Server(config)
+    thread = threading.Thread(target=running.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if running.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    running.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
+
+
+def http(method: str, url: str, body: bytes | dict | None = None, key: str | None = KEY) -> tuple[int, str]:
+    """(status, text) of a raw request (no client library between the test and the server)."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def direct(base_dir, adapter, prompt, max_new_tokens=16):
+    engine = Engine.load(str(base_dir), adapter=adapter)
+    return engine.generate(
+        [Conversation(turns=[(prompt, "")])], SamplingParams(max_new_tokens=max_new_tokens)
+    )[0]
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == ["tiny", "add", "add-strong"]
+    status, text = http("GET", f"{server}/health", key=None)
+    assert status == 200 and json.loads(text)["status"] == "ok"
+
+
+def test_chat_answers_as_the_engine_does_for_each_served_model(client, base_dir, adapters):
+    for model, adapter in (("tiny", None), ("add", adapters["add"]), ("add-strong", adapters["add-strong"])):
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "add 2 and 3"}], temperature=0
+        )
+        assert reply.choices[0].message.content == direct(base_dir, adapter, "add 2 and 3"), model
+        assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    answers = {
+        m: client.chat.completions.create(
+            model=m, messages=[{"role": "user", "content": "add 4 and 4"}], temperature=0
+        )
+        .choices[0]
+        .message.content
+        for m in ("tiny", "add-strong")
+    }
+    assert answers["tiny"] != answers["add-strong"], "the request's model selects the adapter"
+
+
+def test_streamed_chat_equals_the_whole_answer(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "add 1 and 6"}]
+    whole = client.chat.completions.create(model="add", messages=messages, temperature=0)
+    stream = client.chat.completions.create(
+        model="add", messages=messages, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip() == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_completions_continue_raw_text(client, base_dir):
+    reply = client.completions.create(
+        model="tiny", prompt=["add 2 and 3 is", "the cat"], max_tokens=5, temperature=0
+    )
+    assert len(reply.choices) == 2 and all(isinstance(c.text, str) for c in reply.choices)
+    assert reply.usage.completion_tokens <= 10 and reply.usage.prompt_tokens > 0
+
+
+def test_stop_strings_end_the_answer(client):
+    full = (
+        client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "hello"}], temperature=0, max_tokens=16
+        )
+        .choices[0]
+        .message.content
+    )
+    assert len(full) > 2
+    stop = full[1:3]
+    cut = (
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "hello"}],
+            temperature=0,
+            max_tokens=16,
+            stop=[stop],
+        )
+        .choices[0]
+        .message.content
+    )
+    assert stop not in cut and full.startswith(cut.strip())
+
+
+def test_requests_without_the_key_get_401(server):
+    for key in ("wrong", ""):
+        bad = openai.OpenAI(base_url=f"{server}/v1", api_key=key or "x", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    assert http("GET", f"{server}/v1/models", key=None)[0] == 401
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (
+            {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
+            404,
+            "model 'nope' is not served",
+        ),
+        ({"model": "tiny", "messages": []}, 400, "messages"),
+        ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "must follow a user"),
+        ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 9},
+            400,
+            "temperature",
+        ),
+        (
+            {
+                "model": "tiny",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+                        ],
+                    }
+                ],
+            },
+            400,
+            "image parts need a vision-language model",
+        ),
+    ],
+)
+def test_bad_requests_get_4xx_with_a_message(server, body, status, message):
+    got, text = http("POST", f"{server}/v1/chat/completions", body)
+    assert got == status, text
+    assert message in json.loads(text)["error"]["message"] and "Traceback" not in text
+    assert http("POST", f"{server}/v1/chat/completions", b"{")[0] == 400
+
+
+def test_image_parts_reach_a_vision_language_model(vlm_dir, shapes_file, tmp_path):
+    import base64
+
+    served = load_served(str(vlm_dir), {}, name="vl", image_root=shapes_file.parent)
+    app = create_app(served, KEY, 4)
+    from fastapi.testclient import TestClient
+
+    image = shapes_file.parent / json.loads(shapes_file.read_text())[0]["images"][0]
+    data_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(image.read_bytes())
+    with TestClient(app) as http_client:
+        headers = {"Authorization": f"Bearer {KEY}"}
+
+        def ask(url: str):
+            content = [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "What colour?"},
+            ]
+            body = {"model": "vl", "messages": [{"role": "user", "content": content}], "temperature": 0}
+            return http_client.post("/v1/chat/completions", json=body, headers=headers)
+
+        by_data, by_file = ask(data_url), ask(f"file://{image}")
+        assert by_data.status_code == 200 and by_file.status_code == 200, by_data.text
+        assert (
+            by_data.json()["choices"][0]["message"]["content"]
+            == by_file.json()["choices"][0]["message"]["content"]
+        )
+        assert by_data.json()["usage"]["prompt_tokens"] > 20, "the image's tokens are counted"
+        assert ask(f"file://{outside}").status_code == 403, "files outside --image-root are refused"
