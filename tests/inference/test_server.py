@@ -227,3 +227,29 @@ def test_image_parts_reach_a_vision_language_model(vlm_dir, shapes_file, tmp_pat
         )
         assert by_data.json()["usage"]["prompt_tokens"] > 20, "the image's tokens are counted"
         assert ask(f"file://{outside}").status_code == 403, "files outside --image-root are refused"
+
+
+def test_bounded_load_32_clients_no_failures(server):
+    """256 requests from 32 concurrent clients (a third streamed) on loopback: every one succeeds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> float:
+        client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=120)
+        started = time.perf_counter()
+        messages = [{"role": "user", "content": f"add {i % 10} and {i % 7}"}]
+        model = ("tiny", "add", "add-strong")[i % 3]
+        if i % 3 == 0:
+            chunks = list(
+                client.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True)
+            )
+            assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+        else:
+            reply = client.chat.completions.create(model=model, messages=messages, max_tokens=8)
+            assert reply.choices[0].message.content is not None
+        return time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        latencies = sorted(pool.map(one, range(256)))
+    p50, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)]
+    print(f"256 requests, 32 clients: p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
+    assert len(latencies) == 256
