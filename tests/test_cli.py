@@ -130,3 +130,32 @@ def test_missing_model_is_one_clear_error(tmp_path, alpaca_file):
     config = sft_config(tmp_path / "no-such-model", alpaca_file, tmp_path / "out")
     result = runner.invoke(app, ["train", write_config(tmp_path, config)])
     assert_one_clear_error(result, "no-such-model")
+
+
+def test_chat_system_command_sets_the_system_prompt_and_resets(base_dir, monkeypatch):
+    from lmforge.inference.engine import Engine
+
+    seen = []
+    original = Engine.stream
+
+    def spy(self, conversation, params=None, images=None, cancel=None):
+        seen.append((conversation.system, list(conversation.turns)))
+        return original(self, conversation, params, images, cancel)
+
+    monkeypatch.setattr(Engine, "stream", spy)
+    args = [
+        "chat",
+        "--model",
+        str(base_dir),
+        "--template",
+        "chatml",
+        "--max-new-tokens",
+        "2",
+        "--temperature",
+        "0",
+    ]
+    result = runner.invoke(app, args, input="hi\n/system Be terse.\nhello\nmore\n/system\nbye\n/exit\n")
+    assert result.exit_code == 0, result.output
+    assert [s for s, _ in seen] == [None, "Be terse.", "Be terse.", None]
+    assert seen[1][1] == [("hello", "")], "history cleared when the system prompt changes"
+    assert len(seen[2][1]) == 2 and seen[3][1] == [("bye", "")]

@@ -294,6 +294,41 @@ def chat(
 
 
 @app.command()
+def predict(
+    model: Annotated[str, typer.Option(help="Model folder or hub id (merged, or the base of --adapter).")],
+    data: Annotated[str, typer.Option(help="Data set: file, folder, registry name or hub id.")],
+    out: Annotated[Path, typer.Option(help="The jsonl file to write (appended to: a rerun resumes).")],
+    adapter: Annotated[str | None, typer.Option(help="Adapter folder on top of --model.")] = None,
+    template: Annotated[str | None, typer.Option(help="Chat template (default: the one saved).")] = None,
+    dataset_dir: Annotated[str, typer.Option(help="Folder of datasets.yaml / dataset_info.json.")] = ".",
+    limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Generate an answer for every record of a data set into jsonl (prompt, output, reference,
+    token counts, timing), with a progress bar; rerunning resumes after the last complete line."""
+    from lmforge.inference.engine import Engine, SamplingParams
+    from lmforge.inference.predict import predict as run_predict
+    from lmforge.inference.predict import read_examples
+
+    try:
+        examples = read_examples(data, dataset_dir)[:limit]
+        engine = Engine.load(model, adapter=adapter, template=template)
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
+        written = run_predict(engine, examples, out, params, batch_size)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    console.print(f"[bold green]wrote[/] {written} predictions to {out} ({len(examples)} records in all)")
+
+
+@app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Model folder or hub id (merged, or the base of --adapter).")],
     adapter: Annotated[

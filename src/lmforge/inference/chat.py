@@ -15,7 +15,7 @@ DEMO_PROMPTS = [
     "What is 17 + 25?",
 ]
 
-HELP = "commands: /reset clears the history, /exit quits"
+HELP = "commands: /reset clears the history, /system TEXT sets the system prompt (and resets), /exit quits"
 
 
 def with_images(message: str, images: list[Path]) -> str:
@@ -65,6 +65,11 @@ def interactive(
         if message == "/reset":
             history.clear()
             console.print("[dim]history cleared[/]")
+            continue
+        if message == "/system" or message.startswith("/system "):
+            system = message.removeprefix("/system").strip() or None
+            history.clear()
+            console.print(f"[dim]system prompt {'set' if system else 'cleared'}; history cleared[/]")
             continue
         if not history:
             message = with_images(message, images or [])
