@@ -349,6 +349,9 @@ def serve(
     image_root: Annotated[
         Path | None, typer.Option(help="Folder file:// image URLs may come from (off by default).")
     ] = None,
+    reasoning: Annotated[
+        str, typer.Option(help="<think> traces: separate (reasoning_content), hide, or show in content.")
+    ] = "separate",
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Serve a model (and adapters over it) with an OpenAI-compatible API: /v1/chat/completions,
@@ -374,7 +377,12 @@ def serve(
         api_key = secrets.token_urlsafe(24)
         console.print(f"[bold]no --api-key given[/]: clients must send this one: [bold]{api_key}[/]")
     console.print(f"serving {', '.join(served.names)} on http://{host}:{port}/v1")
-    uvicorn.run(create_app(served, api_key, max_tokens), host=host, port=port, log_level="warning")
+    try:
+        api = create_app(served, api_key, max_tokens, reasoning)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    uvicorn.run(api, host=host, port=port, log_level="warning")
 
 
 @reward_app.command("score")

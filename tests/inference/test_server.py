@@ -253,3 +253,41 @@ def test_bounded_load_32_clients_no_failures(server):
     p50, p95 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.95)]
     print(f"256 requests, 32 clients: p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms")
     assert len(latencies) == 256
+
+
+@pytest.mark.parametrize("mode", ["separate", "hide", "show"])
+def test_reasoning_traces_are_separated_hidden_or_shown(base_dir, monkeypatch, mode):
+    from fastapi.testclient import TestClient
+
+    from lmforge.inference.engine import Generation
+
+    served = load_served(str(base_dir), {}, name="r1")
+    raw = "<think>\nadd: 2+3=5\n</think>\n\nThe answer is 5."
+    monkeypatch.setattr(served.engine, "generate_detailed", lambda *a, **k: [Generation(raw, 5, 12, "stop")])
+    monkeypatch.setattr(
+        served.engine, "stream", lambda *a, **k: iter([raw[i : i + 3] for i in range(0, len(raw), 3)])
+    )
+    body = {"model": "r1", "messages": [{"role": "user", "content": "add 2 and 3"}]}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(create_app(served, KEY, 16, mode)) as http_client:
+        message = http_client.post("/v1/chat/completions", json=body, headers=headers).json()["choices"][0][
+            "message"
+        ]
+        events = http_client.post("/v1/chat/completions", json={**body, "stream": True}, headers=headers).text
+    deltas = [
+        json.loads(line[6:])["choices"][0]["delta"]
+        for line in events.splitlines()
+        if line.startswith("data: {")
+    ]
+    streamed_content = "".join(d.get("content") or "" for d in deltas)
+    streamed_trace = "".join(d.get("reasoning_content") or "" for d in deltas)
+    if mode == "show":
+        assert message["content"] == raw and streamed_content == raw
+    else:
+        assert message["content"] == "The answer is 5." and streamed_content.strip() == "The answer is 5."
+    if mode == "separate":
+        assert message["reasoning_content"] == "add: 2+3=5" and streamed_trace.strip() == "add: 2+3=5"
+    else:
+        assert "reasoning_content" not in message and not streamed_trace
+    with pytest.raises(ValueError, match="use one of separate, hide, show"):
+        create_app(served, KEY, 16, "mumble")

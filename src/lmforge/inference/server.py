@@ -34,6 +34,7 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
 from lmforge.inference.engine import Engine, SamplingParams
+from lmforge.inference.reasoning import MODES, ReasoningStream, prompt_opens_reasoning, split_reasoning
 
 
 class APIError(Exception):
@@ -189,7 +190,13 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def create_app(served: Served, api_key: str, default_max_tokens: int = 256) -> FastAPI:
+def create_app(
+    served: Served, api_key: str, default_max_tokens: int = 256, reasoning: str = "separate"
+) -> FastAPI:
+    """The API. `reasoning` (for reasoning models): separate (the <think> trace in the message's
+    `reasoning_content`, the answer in `content`), hide (answer only) or show (the raw text)."""
+    if reasoning not in MODES:
+        raise ValueError(f"reasoning {reasoning!r}: use one of {', '.join(MODES)}")
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
@@ -242,7 +249,7 @@ def create_app(served: Served, api_key: str, default_max_tokens: int = 256) -> F
         created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         if request.stream:
             return StreamingResponse(
-                _stream_chat(served, request, conversation, images, params, created, ident),
+                _stream_chat(served, request, conversation, images, params, created, ident, reasoning),
                 media_type="text/event-stream",
             )
 
@@ -256,18 +263,18 @@ def create_app(served: Served, api_key: str, default_max_tokens: int = 256) -> F
             result = await run_in_threadpool(work)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
+        message: dict[str, Any] = {"role": "assistant", "content": result.text}
+        if reasoning != "show":
+            opened = prompt_opens_reasoning(served.engine.prompt_text(conversation))
+            trace, message["content"] = split_reasoning(result.text, opened)
+            if trace is not None and reasoning == "separate":
+                message["reasoning_content"] = trace
         return {
             "id": ident,
             "object": "chat.completion",
             "created": created,
             "model": request.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": result.text},
-                    "finish_reason": result.finish_reason,
-                }
-            ],
+            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
             "usage": _usage(result.prompt_tokens, result.completion_tokens),
         }
 
@@ -300,7 +307,16 @@ def create_app(served: Served, api_key: str, default_max_tokens: int = 256) -> F
     return app
 
 
-async def _stream_chat(served: Served, request: ChatRequest, conversation, images, params, created, ident):
+async def _stream_chat(
+    served: Served,
+    request: ChatRequest,
+    conversation,
+    images,
+    params,
+    created,
+    ident,
+    reasoning: str = "separate",
+):
     """Server-sent events: a role chunk, content chunks, a final chunk, [DONE]. The lock is held
     while generating; a disconnect closes this generator, which stops the generation."""
     base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": request.model}
@@ -315,6 +331,22 @@ async def _stream_chat(served: Served, request: ChatRequest, conversation, image
         with served.lock, served.selected(request.model):
             yield from served.engine.stream(conversation, params, images or None, cancel=cancel)
 
+    router = ReasoningStream(opened=prompt_opens_reasoning(served.engine.prompt_text(conversation)))
+
+    def deltas(piece: str, last: bool = False) -> Iterator[str]:
+        if reasoning == "show":
+            if piece:
+                yield chunk({"content": piece})
+            return
+        trace, answer = router.feed(piece)
+        if last:
+            held_trace, held_answer = router.flush()
+            trace, answer = trace + held_trace, answer + held_answer
+        if trace and reasoning == "separate":
+            yield chunk({"reasoning_content": trace})
+        if answer:
+            yield chunk({"content": answer})
+
     yield chunk({"role": "assistant", "content": ""})
     text = ""
     try:
@@ -322,13 +354,14 @@ async def _stream_chat(served: Served, request: ChatRequest, conversation, image
             text += piece
             cut = next((text.find(s) for s in params.stop if s and s in text), -1)
             if cut >= 0:
-                piece = piece[: max(0, len(piece) - (len(text) - cut))]
-                if piece:
-                    yield chunk({"content": piece})
+                for event in deltas(piece[: max(0, len(piece) - (len(text) - cut))]):
+                    yield event
                 cancel.set()
                 break
-            if piece:
-                yield chunk({"content": piece})
+            for event in deltas(piece):
+                yield event
+        for event in deltas("", last=True):
+            yield event
     finally:
         cancel.set()
     tokenizer = served.engine.tokenizer
