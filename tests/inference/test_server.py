@@ -291,3 +291,29 @@ def test_reasoning_traces_are_separated_hidden_or_shown(base_dir, monkeypatch, m
         assert "reasoning_content" not in message and not streamed_trace
     with pytest.raises(ValueError, match="use one of separate, hide, show"):
         create_app(served, KEY, 16, "mumble")
+
+
+def test_closing_a_stream_stops_its_generation(base_dir):
+    """What the server does when a client disconnects: closing the stream ends generation early."""
+    engine = Engine.load(str(base_dir))
+    lengths = []
+    generate = engine.model.generate
+
+    def spy(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    engine.model.generate = spy
+    original = engine._generate_kwargs
+    engine._generate_kwargs = lambda p: {
+        **original(p),
+        "min_new_tokens": p.max_new_tokens,
+    }  # never stops early
+    params = SamplingParams(max_new_tokens=300)
+    stream = engine.stream(Conversation(turns=[("hello", "")]), params)
+    next(stream)
+    stream.close()  # the client went away
+    assert lengths and lengths[0] < 300, lengths
+    full = list(engine.stream(Conversation(turns=[("hello", "")]), params))
+    assert full and lengths[1] == 300, "without the disconnect it runs to the end"
