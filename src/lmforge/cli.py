@@ -255,6 +255,7 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    cache: Annotated[str, typer.Option(help="KV cache: dynamic or static (preallocated).")] = "dynamic",
     image: Annotated[
         list[Path] | None, typer.Option(help="Image(s) for a vision-language model, with the first message.")
     ] = None,
@@ -266,6 +267,8 @@ def chat(
 
     images = list(image or [])
     try:
+        if cache not in ("dynamic", "static"):
+            raise ValueError(f"--cache {cache}: use dynamic or static")
         engine = Engine.load(model, adapter=adapter, template=template)
         missing = [str(p) for p in images if not p.is_file()]
         if missing:
@@ -277,7 +280,9 @@ def chat(
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, cache=cache
+    )
     out = Console()
     if prompt is not None or demo:
         for message in [prompt] if prompt is not None else DEMO_PROMPTS:
@@ -307,6 +312,7 @@ def predict(
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    cache: Annotated[str, typer.Option(help="KV cache: dynamic or static (preallocated).")] = "dynamic",
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Generate an answer for every record of a data set into jsonl (prompt, output, reference,
@@ -318,8 +324,10 @@ def predict(
     try:
         examples = read_examples(data, dataset_dir)[:limit]
         engine = Engine.load(model, adapter=adapter, template=template)
+        if cache not in ("dynamic", "static"):
+            raise ValueError(f"--cache {cache}: use dynamic or static")
         params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, cache=cache
         )
         written = run_predict(engine, examples, out, params, batch_size)
     except USER_ERRORS as exc:

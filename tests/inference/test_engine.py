@@ -48,3 +48,10 @@ def test_prompt_uses_template(base_dir, tokenizer):
     engine = Engine.load(str(base_dir), template="llama2")
     assert engine.prompt_text(PROMPTS[0]) == "<s>[INST] add 3 and 4 [/INST]"
     assert engine.template is get_template("llama2")
+
+
+def test_static_kv_cache_gives_the_same_answers(base_dir):
+    engine = Engine.load(str(base_dir), template="chatml")
+    dynamic = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))
+    assert engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, cache="static")) == dynamic
+    assert engine._generate_kwargs(SamplingParams(cache="static"))["cache_implementation"] == "static"

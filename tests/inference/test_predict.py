@@ -42,3 +42,16 @@ def test_predict_writes_every_record_and_resumes_after_the_last_complete_line(
         app, ["predict", "--model", str(base_dir), "--data", "nope.json", "--out", str(out)]
     )
     assert missing.exit_code == 1 and "nope.json" in missing.output
+
+
+def test_predict_with_a_static_kv_cache_gives_the_same_outputs(tmp_path, base_dir, alpaca_file):
+    outputs = {}
+    for cache in ("dynamic", "static"):
+        out = tmp_path / f"{cache}.jsonl"
+        args = ["predict", "--model", str(base_dir), "--data", str(alpaca_file), "--out", str(out)]
+        result = CliRunner().invoke(app, [*args, "--limit", "4", "--max-new-tokens", "5", "--cache", cache])
+        assert result.exit_code == 0, result.output
+        outputs[cache] = [json.loads(line)["output"] for line in out.read_text().splitlines()]
+    assert outputs["static"] == outputs["dynamic"]
+    bad = CliRunner().invoke(app, [*args, "--cache", "paged"])
+    assert bad.exit_code == 1 and "use dynamic or static" in bad.output

@@ -43,6 +43,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings: generation ends at the first, which is cut off
+    cache: str = "dynamic"  # KV cache: dynamic (grows as it goes) or static (preallocated, for torch.compile)
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,8 @@ class Engine:
             "repetition_penalty": params.repetition_penalty,
             "use_cache": True,
         }
+        if params.cache == "static":
+            kwargs["cache_implementation"] = "static"
         if sample:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:
