@@ -317,3 +317,31 @@ def test_closing_a_stream_stops_its_generation(base_dir):
     assert lengths and lengths[0] < 300, lengths
     full = list(engine.stream(Conversation(turns=[("hello", "")]), params))
     assert full and lengths[1] == 300, "without the disconnect it runs to the end"
+
+
+def test_concurrent_chat_requests_are_batched_and_answered_as_alone(base_dir, adapters):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    served = load_served(str(base_dir), adapters, name="tiny")
+    app = create_app(served, KEY, 8)
+    prompts = [
+        f"add {a} and {b}" for a, b in [(1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (9, 1), (4, 0), (6, 3)]
+    ]
+    with TestClient(app) as http_client:
+        barrier = threading.Barrier(len(prompts))
+
+        def ask(prompt: str) -> str:
+            body = {"model": "add", "messages": [{"role": "user", "content": prompt}], "temperature": 0}
+            barrier.wait()
+            reply = http_client.post(
+                "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+            )
+            return reply.json()["choices"][0]["message"]["content"]
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(ask, prompts))
+    assert app.state.batcher.batches < len(prompts), "requests that arrived together shared a generate call"
+    alone = [direct(base_dir, adapters["add"], p, max_new_tokens=8) for p in prompts]
+    assert answers == alone

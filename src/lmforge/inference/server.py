@@ -6,8 +6,10 @@ name, or one of the LoRA adapters loaded over it (`--adapter name=path`, several
 of the base in memory). Every `/v1` request needs `Authorization: Bearer <key>`; a missing or wrong
 key gets 401. A malformed request gets a 4xx with OpenAI's error body, never a traceback.
 
-Requests are queued: one generation runs at a time (the model is shared), and a streaming client
-that disconnects stops its generation at the next token, freeing the slot. Binds 127.0.0.1 unless
+Requests queue for the one model. Non-streamed chat requests that arrive together (within 10 ms,
+for the same model and sampling settings) are answered in one batched generate, up to 8 at a
+time; streamed requests and completions run one at a time. A streaming client that disconnects
+stops its generation at the next token, freeing the slot. Binds 127.0.0.1 unless
 told otherwise; no CORS headers are sent (browsers on other origins cannot call it).
 """
 
@@ -16,13 +18,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import queue
 import secrets
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,6 +124,64 @@ class Served:
             yield
 
 
+@dataclass
+class _Job:
+    model: str
+    conversation: Conversation
+    images: list[Path]
+    params: SamplingParams
+    future: Future = field(default_factory=Future)
+
+
+class Batcher:
+    """Answers concurrent non-streamed chat requests together: requests that arrive within `wait`
+    seconds of each other, for the same model and sampling settings, go into one batched generate
+    (left-padded; greedy answers equal one-by-one answers, tested in the engine's tests)."""
+
+    def __init__(self, served: Served, max_batch: int = 8, wait: float = 0.01) -> None:
+        self.served, self.max_batch, self.wait = served, max_batch, wait
+        self.jobs: queue.Queue[_Job] = queue.Queue()
+        self.batches = 0  # how many generate calls answered requests (for tests and logs)
+        threading.Thread(target=self._loop, daemon=True, name="lmforge-batcher").start()
+
+    def submit(
+        self, model: str, conversation: Conversation, images: list[Path], params: SamplingParams
+    ) -> Future:
+        job = _Job(model, conversation, images, params)
+        self.jobs.put(job)
+        return job.future
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self.jobs.get()]
+            deadline = time.monotonic() + self.wait
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            groups: dict[tuple[str, SamplingParams], list[_Job]] = {}
+            for job in batch:
+                groups.setdefault((job.model, job.params), []).append(job)
+            for (model, params), jobs in groups.items():
+                self._answer(model, params, jobs)
+
+    def _answer(self, model: str, params: SamplingParams, jobs: list[_Job]) -> None:
+        images = [job.images for job in jobs] if any(job.images for job in jobs) else None
+        try:
+            with self.served.lock, self.served.selected(model):
+                results = self.served.engine.generate_detailed(
+                    [job.conversation for job in jobs], params, len(jobs), images
+                )
+            self.batches += 1
+        except Exception as error:  # handed to each request, which turns it into a 4xx/5xx
+            for job in jobs:
+                job.future.set_exception(error)
+            return
+        for job, result in zip(jobs, results, strict=True):
+            job.future.set_result(result)
+
+
 def conversation_of(
     messages: list[Message], served: Served, scratch: Path
 ) -> tuple[Conversation, list[Path]]:
@@ -198,6 +261,8 @@ def create_app(
     if reasoning not in MODES:
         raise ValueError(f"reasoning {reasoning!r}: use one of {', '.join(MODES)}")
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    batcher = Batcher(served)
+    app.state.batcher = batcher
 
     def error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
         body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
