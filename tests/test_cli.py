@@ -159,3 +159,18 @@ def test_chat_system_command_sets_the_system_prompt_and_resets(base_dir, monkeyp
     assert [s for s, _ in seen] == [None, "Be terse.", "Be terse.", None]
     assert seen[1][1] == [("hello", "")], "history cleared when the system prompt changes"
     assert len(seen[2][1]) == 2 and seen[3][1] == [("bye", "")]
+
+
+def test_chat_can_hide_a_reasoning_trace(base_dir, monkeypatch):
+    from lmforge.inference.engine import Engine
+
+    raw = "<think>\nsum the digits\n</think>\n\nIt is 5."
+    monkeypatch.setattr(
+        Engine, "stream", lambda self, *a, **k: iter([raw[i : i + 4] for i in range(0, len(raw), 4)])
+    )
+    args = ["chat", "--model", str(base_dir), "--template", "chatml", "add 2 and 3"]
+    shown = runner.invoke(app, args)
+    hidden = runner.invoke(app, [*args, "--hide-reasoning"])
+    assert shown.exit_code == 0 and hidden.exit_code == 0, hidden.output
+    assert "sum the digits" in shown.output and "It is 5." in shown.output
+    assert "sum the digits" not in hidden.output and "It is 5." in hidden.output

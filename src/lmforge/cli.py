@@ -256,6 +256,9 @@ def chat(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     cache: Annotated[str, typer.Option(help="KV cache: dynamic or static (preallocated).")] = "dynamic",
+    hide_reasoning: Annotated[
+        bool, typer.Option(help="Show a reasoning model's answer without its <think> trace.")
+    ] = False,
     image: Annotated[
         list[Path] | None, typer.Option(help="Image(s) for a vision-language model, with the first message.")
     ] = None,
@@ -288,14 +291,14 @@ def chat(
         for message in [prompt] if prompt is not None else DEMO_PROMPTS:
             out.print(f"[bold green]you[/]: {escape(message)}")
             try:
-                answer(engine, [], with_images(message, images), params, out, system, images)
+                answer(engine, [], with_images(message, images), params, out, system, images, hide_reasoning)
             except USER_ERRORS as exc:
                 _fail(exc, traceback)
                 return
         return
     if not sys.stdin.isatty():
         console.print("[dim]reading prompts from standard input, one per line[/]")
-    interactive(engine, params, system, images)
+    interactive(engine, params, system, images, hide_reasoning)
 
 
 @app.command()
@@ -313,6 +316,9 @@ def predict(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     cache: Annotated[str, typer.Option(help="KV cache: dynamic or static (preallocated).")] = "dynamic",
+    backend: Annotated[
+        str, typer.Option(help="transformers (any device) or vllm (CUDA, pip install vllm).")
+    ] = ("transformers"),
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Generate an answer for every record of a data set into jsonl (prompt, output, reference,
@@ -323,7 +329,14 @@ def predict(
 
     try:
         examples = read_examples(data, dataset_dir)[:limit]
-        engine = Engine.load(model, adapter=adapter, template=template)
+        if backend not in ("transformers", "vllm"):
+            raise ValueError(f"--backend {backend}: use transformers or vllm")
+        if backend == "vllm":
+            from lmforge.inference.predict import VllmEngine
+
+            engine = VllmEngine(model, adapter, template)
+        else:
+            engine = Engine.load(model, adapter=adapter, template=template)
         if cache not in ("dynamic", "static"):
             raise ValueError(f"--cache {cache}: use dynamic or static")
         params = SamplingParams(

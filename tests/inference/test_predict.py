@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lmforge.cli import app
@@ -55,3 +56,43 @@ def test_predict_with_a_static_kv_cache_gives_the_same_outputs(tmp_path, base_di
     assert outputs["static"] == outputs["dynamic"]
     bad = CliRunner().invoke(app, [*args, "--cache", "paged"])
     assert bad.exit_code == 1 and "use dynamic or static" in bad.output
+
+
+def test_vllm_backend_is_refused_with_the_reason_without_it(tmp_path, base_dir, alpaca_file):
+    import importlib.util
+
+    import torch
+
+    args = [
+        "predict",
+        "--model",
+        str(base_dir),
+        "--data",
+        str(alpaca_file),
+        "--out",
+        str(tmp_path / "p.jsonl"),
+    ]
+    result = CliRunner().invoke(app, [*args, "--backend", "vllm"])
+    if importlib.util.find_spec("vllm") is None:
+        assert result.exit_code == 1 and "needs the vllm package" in result.output
+    elif not torch.cuda.is_available():
+        assert result.exit_code == 1 and "needs a CUDA GPU" in result.output
+    bad = CliRunner().invoke(app, [*args, "--backend", "onnx"])
+    assert bad.exit_code == 1 and "use transformers or vllm" in bad.output
+
+
+@pytest.mark.gpu
+def test_vllm_backend_matches_transformers_greedy(tmp_path, base_dir, alpaca_file):
+    pytest.importorskip("vllm")
+    outputs = {}
+    for backend in ("transformers", "vllm"):
+        out = tmp_path / f"{backend}.jsonl"
+        args = ["predict", "--model", str(base_dir), "--data", str(alpaca_file), "--out", str(out)]
+        result = CliRunner().invoke(
+            app, [*args, "--limit", "8", "--max-new-tokens", "5", "--backend", backend]
+        )
+        assert result.exit_code == 0, result.output
+        outputs[backend] = [json.loads(line)["output"] for line in out.read_text().splitlines()]
+    assert len(outputs["vllm"]) == 8
+    # vLLM may run an fp32 checkpoint in fp16, so a near-tie can flip a greedy token.
+    assert sum(a == b for a, b in zip(outputs["vllm"], outputs["transformers"], strict=True)) >= 6

@@ -8,6 +8,7 @@ from rich.console import Console
 
 from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
 from lmforge.inference.engine import Engine, SamplingParams
+from lmforge.inference.reasoning import ReasoningStream, prompt_opens_reasoning
 
 DEMO_PROMPTS = [
     "Hello! Who are you?",
@@ -33,21 +34,31 @@ def answer(
     console: Console,
     system: str | None = None,
     images: list[Path] | None = None,
+    hide_reasoning: bool = False,
 ) -> str:
     """Stream one answer to the console and return it. `images` go with the conversation's first
-    message (`message` itself when the history is empty)."""
+    message (`message` itself when the history is empty). `hide_reasoning` prints a reasoning
+    model's answer without its <think> trace."""
     pieces = []
     console.print("[bold cyan]assistant[/]: ", end="")
     conversation = Conversation(turns=[*history, (message, "")], system=system)
+    router = ReasoningStream(opened=prompt_opens_reasoning(engine.prompt_text(conversation)))
     for piece in engine.stream(conversation, params, images):
         pieces.append(piece)
-        console.print(piece, end="", markup=False, highlight=False)
+        shown = router.feed(piece)[1] if hide_reasoning else piece
+        console.print(shown, end="", markup=False, highlight=False)
+    if hide_reasoning:
+        console.print(router.flush()[1], end="", markup=False, highlight=False)
     console.print()
     return "".join(pieces).strip()
 
 
 def interactive(
-    engine: Engine, params: SamplingParams, system: str | None = None, images: list[Path] | None = None
+    engine: Engine,
+    params: SamplingParams,
+    system: str | None = None,
+    images: list[Path] | None = None,
+    hide_reasoning: bool = False,
 ) -> None:
     console = Console()
     console.print(f"[dim]template {engine.template.name} · {HELP}[/]")
@@ -73,5 +84,5 @@ def interactive(
             continue
         if not history:
             message = with_images(message, images or [])
-        reply = answer(engine, history, message, params, console, system, images)
+        reply = answer(engine, history, message, params, console, system, images, hide_reasoning)
         history.append((message, reply))

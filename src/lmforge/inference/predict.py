@@ -55,7 +55,7 @@ def reference_of(example: Example) -> str | None:
 
 
 def predict(
-    engine: Engine,
+    engine: Engine | VllmEngine,
     examples: list[Example],
     out: Path,
     params: SamplingParams,
@@ -97,3 +97,69 @@ def predict(
             written += len(batch)
             progress.update(task, advance=len(batch))
     return written
+
+
+class VllmEngine:
+    """The same `generate_detailed` as `Engine`, generating with vLLM (CUDA; `pip install vllm`).
+
+    Prompts are rendered with the same chat template and stop at the same stop tokens; an adapter is
+    served through vLLM's LoRA support. Images are not passed to vLLM here.
+    """
+
+    def __init__(self, model: str, adapter: str | None, template: str | None) -> None:
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError("--backend vllm needs the vllm package: pip install vllm (CUDA only)")
+        if not torch.cuda.is_available():
+            raise ValueError("--backend vllm needs a CUDA GPU; use --backend transformers on this machine")
+        from vllm import LLM
+
+        from lmforge.data.templates import get_template, guess_template
+        from lmforge.inference.engine import stop_token_ids
+        from lmforge.models.loading import model_location, saved_template_name
+
+        self.llm = LLM(model=model_location(model), enable_lora=adapter is not None)
+        self.tokenizer = self.llm.get_tokenizer()
+        name = (
+            template
+            or saved_template_name(adapter or "")
+            or saved_template_name(model)
+            or guess_template(model)
+        )
+        self.template = get_template(name)
+        self.stop_ids = stop_token_ids(self.tokenizer, self.template)
+        self.lora = None
+        if adapter is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora = LoRARequest("adapter", 1, adapter)
+
+    def generate_detailed(self, conversations, params: SamplingParams, batch_size: int = 16, images=None):
+        from vllm import SamplingParams as VllmParams
+
+        from lmforge.inference.engine import Generation, cut_at_stop
+
+        if images and any(images):
+            raise ValueError("--backend vllm does not take images here; use --backend transformers")
+        prompts = [self.template.generation_prompt(c, self.tokenizer) for c in conversations]
+        sampling = VllmParams(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            seed=params.seed,
+            stop=list(params.stop) or None,
+            stop_token_ids=self.stop_ids,
+        )
+        outputs = self.llm.generate(prompts, sampling, lora_request=self.lora, use_tqdm=False)
+        results = []
+        for output in outputs:
+            completion = output.outputs[0]
+            text, _ = cut_at_stop(completion.text, params.stop)
+            finish = "length" if completion.finish_reason == "length" else "stop"
+            results.append(
+                Generation(text.strip(), len(output.prompt_token_ids), len(completion.token_ids), finish)
+            )
+        return results
