@@ -264,9 +264,14 @@ def test_reasoning_traces_are_separated_hidden_or_shown(base_dir, monkeypatch, m
     served = load_served(str(base_dir), {}, name="r1")
     raw = "<think>\nadd: 2+3=5\n</think>\n\nThe answer is 5."
     monkeypatch.setattr(served.engine, "generate_detailed", lambda *a, **k: [Generation(raw, 5, 12, "stop")])
-    monkeypatch.setattr(
-        served.engine, "stream", lambda *a, **k: iter([raw[i : i + 3] for i in range(0, len(raw), 3)])
-    )
+
+    def rows(conversations, params, sinks, cancels, images=None):
+        for sink in sinks:
+            for i in range(0, len(raw), 3):
+                sink.put(raw[i : i + 3])
+            sink.put(None)
+
+    monkeypatch.setattr(served.engine, "stream_rows", rows)
     body = {"model": "r1", "messages": [{"role": "user", "content": "add 2 and 3"}]}
     headers = {"Authorization": f"Bearer {KEY}"}
     with TestClient(create_app(served, KEY, 16, mode)) as http_client:
@@ -345,3 +350,69 @@ def test_concurrent_chat_requests_are_batched_and_answered_as_alone(base_dir, ad
     assert app.state.batcher.batches < len(prompts), "requests that arrived together shared a generate call"
     alone = [direct(base_dir, adapters["add"], p, max_new_tokens=8) for p in prompts]
     assert answers == alone
+
+
+def test_concurrent_streams_are_batched_and_each_streams_its_own_answer(base_dir, adapters):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    served = load_served(str(base_dir), adapters, name="tiny")
+    app = create_app(served, KEY, 8)
+    prompts = ["add 1 and 2", "add 3 and 4", "add 5 and 6", "add 7 and 8"]
+    with TestClient(app) as http_client:
+        barrier = threading.Barrier(len(prompts))
+
+        def ask(prompt: str) -> str:
+            body = {
+                "model": "add",
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0,
+                "stream": True,
+            }
+            barrier.wait()
+            events = http_client.post(
+                "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+            )
+            deltas = [
+                json.loads(line[6:])["choices"][0]["delta"]
+                for line in events.text.splitlines()
+                if line.startswith("data: {")
+            ]
+            return "".join(d.get("content") or "" for d in deltas).strip()
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            answers = list(pool.map(ask, prompts))
+    assert app.state.batcher.batches < len(prompts), "streams that arrived together shared a generate call"
+    assert answers == [direct(base_dir, adapters["add"], p, max_new_tokens=8) for p in prompts]
+
+
+def test_a_cancelled_row_of_a_batched_stream_stops_while_the_others_go_on(base_dir):
+    import queue
+
+    engine = Engine.load(str(base_dir))
+    original = engine._generate_kwargs
+    engine._generate_kwargs = lambda p: {
+        **original(p),
+        "min_new_tokens": p.max_new_tokens,
+    }  # never stops early
+    sinks, cancels = [queue.Queue(), queue.Queue()], [threading.Event(), threading.Event()]
+    conversations = [Conversation(turns=[("hello", "")])] * 2
+    worker = threading.Thread(
+        target=engine.stream_rows, args=(conversations, SamplingParams(max_new_tokens=200), sinks, cancels)
+    )
+    worker.start()
+    first = sinks[0].get(timeout=60)
+    cancels[0].set()  # the first client went away
+    worker.join(timeout=120)
+
+    def drain(sink) -> str:
+        pieces = []
+        while (piece := sink.get(timeout=5)) is not None:
+            pieces.append(piece)
+        return "".join(pieces)
+
+    cancelled, kept = first + drain(sinks[0]), drain(sinks[1])
+    tokenizer = engine.tokenizer
+    assert len(tokenizer(cancelled)["input_ids"]) < len(tokenizer(kept)["input_ids"])
+    assert kept.startswith(cancelled[: len(first)])

@@ -20,6 +20,7 @@ from transformers import (
     StoppingCriteriaList,
     TextIteratorStreamer,
 )
+from transformers.generation.streamers import BaseStreamer
 
 from lmforge.adapters.moe_dora import MoeDoraModel, is_moe_dora_folder
 from lmforge.config.model import ModelConfig
@@ -70,6 +71,48 @@ class _Cancelled(StoppingCriteria):
         return torch.full(
             (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
         )
+
+
+class _RowsStreamer(BaseStreamer):
+    """Streams each row of a batched generate into its own queue (text pieces, then None)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, sinks: list, stop_ids: list[int]) -> None:
+        self.tokenizer, self.sinks, self.stop_ids = tokenizer, sinks, set(stop_ids)
+        self.tokens: list[list[int]] = [[] for _ in sinks]
+        self.sent = [""] * len(sinks)
+        self.done = [False] * len(sinks)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first hands over the prompt
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(len(self.sinks), -1)[:, -1].tolist()):
+            if self.done[row]:
+                continue
+            if token in self.stop_ids:
+                self.done[row] = True
+                continue
+            self.tokens[row].append(token)
+            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            if text.endswith("\ufffd"):
+                continue  # half of a multi-byte character: wait for the rest
+            if len(text) > len(self.sent[row]):
+                self.sinks[row].put(text[len(self.sent[row]) :])
+                self.sent[row] = text
+
+    def end(self) -> None:
+        for sink in self.sinks:
+            sink.put(None)
+
+
+class _RowsCancelled(StoppingCriteria):
+    def __init__(self, events: list[threading.Event]) -> None:
+        self.events = events
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+        flags = [event.is_set() for event in self.events]
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 class Engine:
@@ -263,6 +306,32 @@ class Engine:
         finally:
             cancel.set()
             thread.join()
+
+    @torch.inference_mode()
+    def stream_rows(
+        self,
+        conversations: list[Conversation],
+        params: SamplingParams,
+        sinks: list,
+        cancels: list[threading.Event],
+        images: list[list[Path]] | None = None,
+    ) -> None:
+        """One batched generate whose rows stream into their own queues (text pieces, then None).
+        A row whose event is set stops at its next token (a disconnected client)."""
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        batch = {k: v.to(self.device) for k, v in self._inputs(conversations, images).items()}
+        streamer = _RowsStreamer(self.tokenizer, sinks, self.stop_ids)
+        try:
+            self.model.generate(
+                **batch,
+                **self._generate_kwargs(params),
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_RowsCancelled(cancels)]),
+            )
+        except BaseException:
+            streamer.end()  # every waiting client gets its end marker
+            raise
 
     def chat(self, history: list[tuple[str, str]], message: str, system: str | None = None) -> str:
         return self.generate([Conversation(turns=[*history, (message, "")], system=system)])[0]

@@ -6,10 +6,10 @@ name, or one of the LoRA adapters loaded over it (`--adapter name=path`, several
 of the base in memory). Every `/v1` request needs `Authorization: Bearer <key>`; a missing or wrong
 key gets 401. A malformed request gets a 4xx with OpenAI's error body, never a traceback.
 
-Requests queue for the one model. Non-streamed chat requests that arrive together (within 10 ms,
-for the same model and sampling settings) are answered in one batched generate, up to 8 at a
-time; streamed requests and completions run one at a time. A streaming client that disconnects
-stops its generation at the next token, freeing the slot. Binds 127.0.0.1 unless
+Requests queue for the one model. Chat requests that arrive together (within 10 ms, for the same
+model and sampling settings, streamed or not) are answered in one batched generate, up to 8 at a
+time; each streamed request's row streams on its own. Completions run one at a time. A streaming
+client that disconnects stops its row at the next token. Binds 127.0.0.1 unless
 told otherwise; no CORS headers are sent (browsers on other origins cannot call it).
 """
 
@@ -35,7 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 
 from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
 from lmforge.inference.engine import Engine, SamplingParams
@@ -131,12 +131,15 @@ class _Job:
     images: list[Path]
     params: SamplingParams
     future: Future = field(default_factory=Future)
+    sink: queue.Queue | None = None  # a streamed request's text pieces (then None)
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class Batcher:
-    """Answers concurrent non-streamed chat requests together: requests that arrive within `wait`
-    seconds of each other, for the same model and sampling settings, go into one batched generate
-    (left-padded; greedy answers equal one-by-one answers, tested in the engine's tests)."""
+    """Answers concurrent chat requests together: requests that arrive within `wait` seconds of each
+    other, for the same model and sampling settings (and both streamed or both not), go into one
+    batched generate (left-padded; greedy answers equal one-by-one answers, tested). A streamed
+    request's row streams into its own queue; a disconnected client's row stops at its next token."""
 
     def __init__(self, served: Served, max_batch: int = 8, wait: float = 0.01) -> None:
         self.served, self.max_batch, self.wait = served, max_batch, wait
@@ -151,6 +154,13 @@ class Batcher:
         self.jobs.put(job)
         return job.future
 
+    def submit_stream(
+        self, model: str, conversation: Conversation, images: list[Path], params: SamplingParams
+    ) -> _Job:
+        job = _Job(model, conversation, images, params, sink=queue.Queue())
+        self.jobs.put(job)
+        return job
+
     def _loop(self) -> None:
         while True:
             batch = [self.jobs.get()]
@@ -160,11 +170,27 @@ class Batcher:
                     batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            groups: dict[tuple[str, SamplingParams], list[_Job]] = {}
+            groups: dict[tuple[str, SamplingParams, bool], list[_Job]] = {}
             for job in batch:
-                groups.setdefault((job.model, job.params), []).append(job)
-            for (model, params), jobs in groups.items():
-                self._answer(model, params, jobs)
+                groups.setdefault((job.model, job.params, job.sink is not None), []).append(job)
+            for (model, params, streamed), jobs in groups.items():
+                (self._stream if streamed else self._answer)(model, params, jobs)
+
+    def _stream(self, model: str, params: SamplingParams, jobs: list[_Job]) -> None:
+        images = [job.images for job in jobs] if any(job.images for job in jobs) else None
+        try:
+            with self.served.lock, self.served.selected(model):
+                self.served.engine.stream_rows(
+                    [job.conversation for job in jobs],
+                    params,
+                    [job.sink for job in jobs],
+                    [job.cancel for job in jobs],
+                    images,
+                )
+            self.batches += 1
+        except Exception as error:
+            for job in jobs:
+                job.sink.put(error)
 
     def _answer(self, model: str, params: SamplingParams, jobs: list[_Job]) -> None:
         images = [job.images for job in jobs] if any(job.images for job in jobs) else None
@@ -313,8 +339,14 @@ def create_app(
         params = request.params(default_max_tokens)
         created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         if request.stream:
+            if request.model not in served.names:
+                available = ", ".join(served.names)
+                raise APIError(
+                    404, f"model {request.model!r} is not served; available: {available}", param="model"
+                )
+            job = batcher.submit_stream(request.model, conversation, images, params)
             return StreamingResponse(
-                _stream_chat(served, request, conversation, images, params, created, ident, reasoning),
+                _stream_chat(served, request, conversation, job, params, created, ident, reasoning),
                 media_type="text/event-stream",
             )
 
@@ -376,25 +408,30 @@ async def _stream_chat(
     served: Served,
     request: ChatRequest,
     conversation,
-    images,
+    job: _Job,
     params,
     created,
     ident,
     reasoning: str = "separate",
 ):
-    """Server-sent events: a role chunk, content chunks, a final chunk, [DONE]. The lock is held
-    while generating; a disconnect closes this generator, which stops the generation."""
+    """Server-sent events: a role chunk, content chunks, a final chunk, [DONE]. A disconnect closes
+    this generator, which stops this request's row of the batched generation."""
     base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": request.model}
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
         body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
         return f"data: {json.dumps(body)}\n\n"
 
-    cancel = threading.Event()
+    cancel = job.cancel
 
-    def pieces() -> Iterator[str]:
-        with served.lock, served.selected(request.model):
-            yield from served.engine.stream(conversation, params, images or None, cancel=cancel)
+    async def pieces():
+        while True:
+            piece = await run_in_threadpool(job.sink.get)
+            if piece is None:
+                return
+            if isinstance(piece, Exception):
+                raise piece
+            yield piece
 
     router = ReasoningStream(opened=prompt_opens_reasoning(served.engine.prompt_text(conversation)))
 
@@ -415,7 +452,7 @@ async def _stream_chat(
     yield chunk({"role": "assistant", "content": ""})
     text = ""
     try:
-        async for piece in iterate_in_threadpool(pieces()):
+        async for piece in pieces():
             text += piece
             cut = next((text.find(s) for s in params.stop if s and s in text), -1)
             if cut >= 0:
