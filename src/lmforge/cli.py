@@ -256,6 +256,8 @@ def chat(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 0.9,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     cache: Annotated[str, typer.Option(help="KV cache: dynamic or static (preallocated).")] = "dynamic",
+    top_k: Annotated[int, typer.Option(help="Keep the k likeliest tokens (0: all).")] = 0,
+    repetition_penalty: Annotated[float, typer.Option(help=">1 discourages repeating tokens.")] = 1.0,
     hide_reasoning: Annotated[
         bool, typer.Option(help="Show a reasoning model's answer without its <think> trace.")
     ] = False,
@@ -284,7 +286,13 @@ def chat(
         _fail(exc, traceback)
         return
     params = SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, cache=cache
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        cache=cache,
     )
     out = Console()
     if prompt is not None or demo:

@@ -55,3 +55,21 @@ def test_static_kv_cache_gives_the_same_answers(base_dir):
     dynamic = engine.generate(PROMPTS, SamplingParams(max_new_tokens=6))
     assert engine.generate(PROMPTS, SamplingParams(max_new_tokens=6, cache="static")) == dynamic
     assert engine._generate_kwargs(SamplingParams(cache="static"))["cache_implementation"] == "static"
+
+
+def test_sampling_settings_reach_generate(base_dir):
+    engine = Engine.load(str(base_dir), template="chatml")
+    kwargs = engine._generate_kwargs(
+        SamplingParams(temperature=0.7, top_p=0.9, top_k=5, repetition_penalty=1.3)
+    )
+    assert (kwargs["temperature"], kwargs["top_p"], kwargs["top_k"], kwargs["repetition_penalty"]) == (
+        0.7,
+        0.9,
+        5,
+        1.3,
+    )
+    greedy = engine._generate_kwargs(SamplingParams(repetition_penalty=1.3))
+    assert greedy["do_sample"] is False and greedy["repetition_penalty"] == 1.3
+    plain = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
+    penalised = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, repetition_penalty=5.0))
+    assert plain != penalised, "the penalty changes what greedy decoding picks"

@@ -416,3 +416,22 @@ def test_a_cancelled_row_of_a_batched_stream_stops_while_the_others_go_on(base_d
     tokenizer = engine.tokenizer
     assert len(tokenizer(cancelled)["input_ids"]) < len(tokenizer(kept)["input_ids"])
     assert kept.startswith(cancelled[: len(first)])
+
+
+def test_sampling_fields_reach_the_engine_params():
+    from lmforge.inference.server import ChatRequest
+
+    request = ChatRequest(
+        model="m",
+        messages=[{"role": "user", "content": "hi"}],
+        temperature=0.7,
+        top_p=0.9,
+        top_k=5,
+        repetition_penalty=1.3,
+        max_completion_tokens=12,
+        stop="x",
+        seed=3,
+    )
+    params = request.params(256)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.9, 5, 1.3)
+    assert (params.max_new_tokens, params.stop, params.seed) == (12, ("x",), 3)

@@ -69,6 +69,10 @@ class SamplingFields(BaseModel):
     model: str
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="an extension (as vLLM's): keep the k likeliest tokens, 0 = all")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="an extension (as vLLM's): >1 discourages repeats"
+    )
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
@@ -83,6 +87,8 @@ class SamplingFields(BaseModel):
             max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
             seed=self.seed,
             stop=stop,
         )
