@@ -15,6 +15,7 @@ told otherwise; no CORS headers are sent (browsers on other origins cannot call 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -109,18 +110,28 @@ class Served:
         self.engine, self.base_name, self.adapters = engine, base_name, adapters
         self.image_root = image_root.resolve() if image_root else None
         self.lock = threading.Lock()  # one generation at a time: requests queue here
+        self._scratch: Path | None = None
+
+    @property
+    def scratch(self) -> Path:
+        """One folder for the images requests send as data URLs, made on first use."""
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="lmforge-serve-"))
+        return self._scratch
 
     @property
     def names(self) -> list[str]:
         return [self.base_name, *self.adapters]
 
+    def check(self, name: str) -> None:
+        if name not in self.names:
+            available = ", ".join(self.names)
+            raise APIError(404, f"model {name!r} is not served; available: {available}", param="model")
+
     @contextmanager
     def selected(self, name: str) -> Iterator[None]:
         """The model answering as `name` (call with the lock held)."""
-        if name not in self.names:
-            raise APIError(
-                404, f"model {name!r} is not served; available: {', '.join(self.names)}", param="model"
-            )
+        self.check(name)
         model = self.engine.model
         if name == self.base_name:
             with model.disable_adapter() if self.adapters else nullcontext():
@@ -214,16 +225,14 @@ class Batcher:
             job.future.set_result(result)
 
 
-def conversation_of(
-    messages: list[Message], served: Served, scratch: Path
-) -> tuple[Conversation, list[Path]]:
+def conversation_of(messages: list[Message], served: Served) -> tuple[Conversation, list[Path]]:
     """OpenAI messages -> (Conversation, image files in placeholder order)."""
     system = None
     turns: list[tuple[str, str]] = []
     images: list[Path] = []
     pending: str | None = None
     for i, message in enumerate(messages):
-        text = _text_and_images(message.content, served, scratch, images, f"messages[{i}]")
+        text = _text_and_images(message.content, served, images, f"messages[{i}]")
         if message.role == "system":
             if turns or pending is not None:
                 raise APIError(400, "a system message must come first", param=f"messages[{i}]")
@@ -242,7 +251,7 @@ def conversation_of(
     return Conversation(turns=[*turns, (pending, "")], system=system), images
 
 
-def _text_and_images(content, served: Served, scratch: Path, images: list[Path], where: str) -> str:
+def _text_and_images(content, served: Served, images: list[Path], where: str) -> str:
     if isinstance(content, str):
         return content
     text = ""
@@ -253,12 +262,12 @@ def _text_and_images(content, served: Served, scratch: Path, images: list[Path],
         if served.engine.vision is None:
             raise APIError(400, f"{where}: image parts need a vision-language model", param=where)
         url = (part.image_url or {}).get("url", "")
-        images.append(_image_file(url, served, scratch, where))
+        images.append(_image_file(url, served, where))
         text += IMAGE_PLACEHOLDER
     return text
 
 
-def _image_file(url: str, served: Served, scratch: Path, where: str) -> Path:
+def _image_file(url: str, served: Served, where: str) -> Path:
     if url.startswith("data:image/"):
         header, _, payload = url.partition(",")
         suffix = "." + header.split("/")[1].split(";")[0]
@@ -266,7 +275,7 @@ def _image_file(url: str, served: Served, scratch: Path, where: str) -> Path:
             data = base64.b64decode(payload, validate=True)
         except binascii.Error:
             raise APIError(400, f"{where}: the image data URL is not valid base64", param=where) from None
-        path = scratch / f"{uuid.uuid4().hex}{suffix}"
+        path = served.scratch / f"{uuid.uuid4().hex}{suffix}"
         path.write_bytes(data)
         return path
     if url.startswith("file://"):
@@ -340,30 +349,19 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat(request: ChatRequest):
-        scratch = Path(tempfile.mkdtemp(prefix="lmforge-serve-"))
-        conversation, images = conversation_of(request.messages, served, scratch)
+        conversation, images = conversation_of(request.messages, served)
         params = request.params(default_max_tokens)
         created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+        served.check(request.model)
         if request.stream:
-            if request.model not in served.names:
-                available = ", ".join(served.names)
-                raise APIError(
-                    404, f"model {request.model!r} is not served; available: {available}", param="model"
-                )
             job = batcher.submit_stream(request.model, conversation, images, params)
             return StreamingResponse(
                 _stream_chat(served, request, conversation, job, params, created, ident, reasoning),
                 media_type="text/event-stream",
             )
 
-        def work():
-            with served.lock, served.selected(request.model):
-                return served.engine.generate_detailed(
-                    [conversation], params, images=[images] if images else None
-                )[0]
-
         try:
-            result = await run_in_threadpool(work)
+            result = await asyncio.wrap_future(batcher.submit(request.model, conversation, images, params))
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         message: dict[str, Any] = {"role": "assistant", "content": result.text}
