@@ -272,8 +272,15 @@ def chat(
 
     images = list(image or [])
     try:
-        if cache not in ("dynamic", "static"):
-            raise ValueError(f"--cache {cache}: use dynamic or static")
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            cache=cache,
+        )
         engine = Engine.load(model, adapter=adapter, template=template)
         missing = [str(p) for p in images if not p.is_file()]
         if missing:
@@ -285,15 +292,6 @@ def chat(
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        repetition_penalty=repetition_penalty,
-        seed=seed,
-        cache=cache,
-    )
     out = Console()
     if prompt is not None or demo:
         for message in [prompt] if prompt is not None else DEMO_PROMPTS:
@@ -337,6 +335,9 @@ def predict(
 
     try:
         examples = read_examples(data, dataset_dir)[:limit]
+        params = SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, cache=cache
+        )
         if backend not in ("transformers", "vllm"):
             raise ValueError(f"--backend {backend}: use transformers or vllm")
         if backend == "vllm":
@@ -345,11 +346,6 @@ def predict(
             engine = VllmEngine(model, adapter, template)
         else:
             engine = Engine.load(model, adapter=adapter, template=template)
-        if cache not in ("dynamic", "static"):
-            raise ValueError(f"--cache {cache}: use dynamic or static")
-        params = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, cache=cache
-        )
         written = run_predict(engine, examples, out, params, batch_size)
     except USER_ERRORS as exc:
         _fail(exc, traceback)

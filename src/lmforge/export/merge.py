@@ -24,7 +24,6 @@ from lmforge.adapters.moe_dora import is_moe_dora_folder
 from lmforge.config.model import ModelConfig
 from lmforge.data.templates import get_template, guess_template
 from lmforge.models.loading import (
-    is_vision_language,
     load_causal_lm,
     load_tokenizer,
     model_location,
@@ -100,7 +99,9 @@ def merge_adapter(
     )
     card = f"Merged from base `{base}` and adapter `{adapter}` in {dtype}."
     image_processor = None
-    if is_vision_language(model_config):  # a vision-language model keeps its image processor
+    if (
+        getattr(model.config, "vision_config", None) is not None
+    ):  # a vision-language model keeps its image processor
         from transformers import AutoImageProcessor
 
         source = str(adapter) if (adapter / "preprocessor_config.json").is_file() else model_location(base)

@@ -26,7 +26,7 @@ from lmforge.adapters.moe_dora import MoeDoraModel, is_moe_dora_folder
 from lmforge.config.model import ModelConfig
 from lmforge.data.multimodal import VisionProcessor, expand_image_tokens, open_image
 from lmforge.data.templates import AnyTemplate, Conversation, get_template, guess_template
-from lmforge.models.loading import is_vision_language, load_causal_lm, load_tokenizer, saved_template_name
+from lmforge.models.loading import load_causal_lm, load_tokenizer, saved_template_name
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: AnyTemplate) -> list[int]:
@@ -45,6 +45,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings: generation ends at the first, which is cut off
     cache: str = "dynamic"  # KV cache: dynamic (grows as it goes) or static (preallocated, for torch.compile)
+
+    def __post_init__(self) -> None:
+        if self.cache not in ("dynamic", "static"):
+            raise ValueError(f"--cache {self.cache}: use dynamic or static")
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ class Engine:
             model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
         name = template or saved_template_name(adapter or "") or saved_template_name(model_path)
         vision = None
-        if is_vision_language(model_config):
+        if getattr(model.config, "vision_config", None) is not None:  # read from the loaded model
             has_processor = adapter and (Path(adapter) / "preprocessor_config.json").is_file()
             vision = VisionProcessor.load(adapter if has_processor else model_path, tokenizer, None, None)
         return cls(model, tokenizer, get_template(name or guess_template(model_path)), vision)

@@ -96,28 +96,19 @@ def score_command(
         reward = RewardModel.load(model, base=base)
     if prompt is not None and response is not None:
         return [f"{reward.score([(prompt, response)])[0]:.4f}"]
-    from lmforge.config.data import DatasetSource
-    from lmforge.data.loader import read_source
-    from lmforge.data.registry import resolve
+    from lmforge.inference.predict import read_examples
 
     assert data is not None
-    examples = list(read_source(resolve(DatasetSource(path=data), ".")))
-    if not examples:
-        raise ValueError(f"{data} has no records")
+    examples = read_examples(data)
     scores = reward.score([(e.prompt, e.response) for e in examples])
     pairs = [e for e in examples if e.rejected is not None]
-    rejected = reward.score([(e.prompt, e.rejected or "") for e in pairs]) if pairs else []
-    records = [
-        {"prompt": e.prompt, "response": e.response, "score": s}
-        for e, s in zip(examples, scores, strict=True)
-    ]
-    for record, e in zip(records, examples, strict=True):
-        if e.rejected is not None:
-            record["rejected"] = e.rejected
-    by_pair = iter(rejected)
-    for record in records:
-        if "rejected" in record:
-            record["rejected_score"] = next(by_pair)
+    rejected = iter(reward.score([(e.prompt, e.rejected or "") for e in pairs]) if pairs else [])
+    records = []
+    for example, score in zip(examples, scores, strict=True):
+        record = {"prompt": example.prompt, "response": example.response, "score": score}
+        if example.rejected is not None:
+            record.update(rejected=example.rejected, rejected_score=next(rejected))
+        records.append(record)
     if out is not None:
         tmp = out.with_name(out.name + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")

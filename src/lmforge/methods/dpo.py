@@ -19,7 +19,6 @@ from rich.console import Console
 from transformers import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
-from lmforge.adapters.moe_dora import MoeDoraModel
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
@@ -27,7 +26,7 @@ from lmforge.models.loading import is_vision_language, load_tokenizer
 from lmforge.training import trl_experimental
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.preference import MoeAuxLoss, pair_dataset, policy_model, use_template
+from lmforge.training.preference import MoeAuxLoss, final_adapter, pair_dataset, policy_model, use_template
 from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
 from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks
 
@@ -105,14 +104,6 @@ def build_trainer(config: RunConfig, model, tokenizer, hardware, train_ds, eval_
         trainer = trl_experimental.simpo_trainer(config.method, arguments, length, **kwargs)
     trainer.remove_callback(PrinterCallback)
     return trainer
-
-
-def final_adapter(model):
-    """The trained adapter alone: trl's frozen reference copy ("ref") is not part of the result."""
-    if not isinstance(model, MoeDoraModel) and "ref" in getattr(model, "peft_config", {}):
-        model.delete_adapter("ref")
-        model.set_adapter("default")
-    return model
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:

@@ -35,7 +35,7 @@ from lmforge.losses.dpo import answer_logps, dpo_loss
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.preference import keep_reference_copy, reference
+from lmforge.training.preference import final_adapter, keep_reference_copy, reference
 from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
 from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks
 
@@ -199,11 +199,8 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     if eval_ds is not None:
         metrics.update(trainer.evaluate())
 
-    if "ref" in model.peft_config:
-        model.delete_adapter("ref")
-        model.set_adapter("default")
     artifact = save_artifact(
-        model,
+        final_adapter(model),
         tokenizer,
         template,
         output_dir / "adapter",

@@ -34,11 +34,10 @@ from lmforge.data.formats import Example
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.inference.engine import stop_token_ids
-from lmforge.methods.dpo import final_adapter
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.preference import MoeAuxLoss, policy_model, prompt_messages, use_template
+from lmforge.training.preference import MoeAuxLoss, final_adapter, policy_model, prompt_messages, use_template
 from lmforge.training.rewards import RewardSource, build_rewards, write_samples
 from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
 from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks

@@ -21,11 +21,17 @@ from trl import KTOConfig, KTOTrainer
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_examples
 from lmforge.data.tokenize import TokenizeStats
-from lmforge.methods.dpo import final_adapter
 from lmforge.models.loading import is_vision_language, load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.preference import MoeAuxLoss, kto_dataset, kto_from_pairs, policy_model, use_template
+from lmforge.training.preference import (
+    MoeAuxLoss,
+    final_adapter,
+    kto_dataset,
+    kto_from_pairs,
+    policy_model,
+    use_template,
+)
 from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
 from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks
 

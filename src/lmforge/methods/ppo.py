@@ -56,7 +56,7 @@ from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.callbacks import mark_complete, plot_loss
 from lmforge.training.checkpoints import complete_checkpoints, resolve_resume
-from lmforge.training.preference import keep_reference_copy, reference
+from lmforge.training.preference import final_adapter, keep_reference_copy, reference
 from lmforge.training.rewards import build_rewards, weighted_total, write_samples
 from lmforge.training.stage import StageResult, load_model_for_training, resolve_template
 
@@ -294,7 +294,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     plot_loss(metrics_path, output_dir / "loss.png")
 
     artifact = save_artifact(
-        model_without_reference(model), tokenizer, template, output_dir / "adapter", "adapter", config
+        final_adapter(model), tokenizer, template, output_dir / "adapter", "adapter", config
     )
     # The critic, to inspect or continue from: its value head (and a separate critic's adapter).
     save_file(
@@ -357,13 +357,6 @@ def load_checkpoint(path: Path, model, critic, optimizer, scheduler, kl_ctl) -> 
     random.setstate((version, tuple(internal), gauss))
     kl_ctl.value = state.pop("kl_coef")
     return LoopState(**state)
-
-
-def model_without_reference(model):
-    if "ref" in model.peft_config:
-        model.delete_adapter("ref")
-        model.set_adapter("default")
-    return model
 
 
 def score(sources, examples, roll: dict, group: int, missing_eos_penalty: float | None) -> torch.Tensor:

@@ -29,6 +29,7 @@ from lmforge.config import RunConfig
 from lmforge.data.formats import Example
 from lmforge.data.templates import AnyTemplate
 from lmforge.data.tokenize import IGNORE, encode_conversation
+from lmforge.losses.dpo import answer_logps
 from lmforge.training.stage import load_model_for_training
 
 
@@ -66,6 +67,14 @@ def reference(model) -> Iterator[None]:
     else:
         with model.disable_adapter():
             yield
+
+
+def final_adapter(model):
+    """The trained adapter alone: the frozen reference copy ("ref") is not part of the result."""
+    if not isinstance(model, MoeDoraModel) and "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+    return model
 
 
 def keep_reference_copy(model) -> None:
@@ -226,12 +235,8 @@ def score_pairs(
         mask = torch.tensor(
             [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in batch], device=device
         )
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = labels[:, 1:]
-        keep = target != IGNORE
-        token_logps = logits.log_softmax(-1).gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        logps.append((token_logps * keep).sum(-1).cpu())
-        lengths.append(keep.sum(-1).cpu())
+        logps.append(answer_logps(model(input_ids=ids, attention_mask=mask).logits, labels).cpu())
+        lengths.append((labels[:, 1:] != IGNORE).sum(-1).cpu())
     model.train(was_training)
     flat, counts = torch.cat(logps), torch.cat(lengths).float()
     return PairScores(flat[0::2], flat[1::2], counts[0::2], counts[1::2])

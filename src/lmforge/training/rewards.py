@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import numbers
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,8 +76,6 @@ def length_penalty(
 
 
 def regex_match(prompts: list[str], completions: list[str], pattern: str = "", **fields) -> list[float]:
-    import re
-
     compiled = re.compile(pattern)
     return [float(compiled.search(c) is not None) for c in completions]
 
