@@ -235,7 +235,20 @@ def test_bad_messages(tmp_path, messages, problem):
 
 def test_unknown_format_says_what_is_expected(tmp_path):
     with pytest.raises(DataError, match="cannot tell its format"):
-        load(write(tmp_path, "a.json", [{"question": "q", "answer": "a"}]))
+        load(write(tmp_path, "a.json", [{"query_text": "q", "reply": "a"}]))
+
+
+def test_gsm8k_question_answer_records(tmp_path):
+    """`question`/`answer` (GSM8K) reads as a prompt with its reference; mapped columns make it SFT."""
+    path = write(tmp_path, "g.json", [{"question": "2+2?", "answer": "2+2=4\n#### 4"}])
+    example = load(path, needs="prompt")[0]
+    assert (example.kind, example.prompt, example.reference) == (
+        "prompt",
+        "2+2?",
+        {"answer": "2+2=4\n#### 4"},
+    )
+    source = {"path": str(path), "columns": {"prompt": "question", "response": "answer"}}
+    assert load_examples(DataConfig(datasets=[source]), "sft").train[0].response == "2+2=4\n#### 4"
 
 
 def test_text_records_rejected_for_sft_but_read_for_pretraining(tmp_path):

@@ -9,7 +9,8 @@ Layouts (`data.format`):
 * messages: OpenAI-style `messages` of `{role, content}`; content may be a list of parts
   (`{"type": "text", "text": …}` / `{"type": "image"}`).
 * prompt: TRL style `prompt` (string or messages) with `completion`, `chosen`/`rejected`, `label`,
-  or nothing (prompt-only, for PPO/GRPO: the other fields become reference answers).
+  or nothing (prompt-only, for PPO/GRPO: the other fields become reference answers). GSM8K-style
+  `question`/`answer` records read the same way: `question` is the prompt, `answer` the reference.
 * text: `text` for pre-training.
 
 What kind of example a record is follows from its fields: text, preference (chosen and
@@ -234,7 +235,7 @@ def detect_format(record: dict[str, Any], where: str, columns: Columns | None = 
         return "sharegpt"
     if _column(record, columns.prompt, "instruction"):
         return "alpaca"
-    if "prompt" in record or ("chosen" in record and "rejected" in record):
+    if "prompt" in record or "question" in record or ("chosen" in record and "rejected" in record):
         return "prompt"
     if "text" in record:
         return "text"
@@ -346,7 +347,9 @@ def _sharegpt(
 def _prompt_style(
     record: dict[str, Any], columns: Columns, tags: Tags | None, where: str, root: Path | None
 ) -> Example:
-    prompt_key = columns.prompt or "prompt"
+    prompt_key = columns.prompt or (
+        "question" if "question" in record and "prompt" not in record else "prompt"
+    )
     used = {prompt_key}
     if prompt_key not in record and "chosen" in record and isinstance(record["chosen"], list):
         return _implicit_prompt(record, columns, tags, where, root)
