@@ -8,6 +8,7 @@ import pytest
 
 from lmforge.adapters.build import QUANTIZED_OK
 from lmforge.config import load_config
+from lmforge.config.loader import load_eval_config
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
@@ -30,13 +31,23 @@ def test_examples_exist():
         "llama2/ppo_polish.yaml",
         "qwen2_vl/sft_vision_lora.yaml",
         "qwen2_vl/dpo.yaml",
+        "quickstart/eval.yaml",
+        "llama2/eval_stages.yaml",
+        "deepseek_r1/eval_reasoning.yaml",
+        "qwen2_vl/eval.yaml",
+        "qwen2.5/eval_chinese.yaml",
     } <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.relative_to(ROOT / "examples").as_posix())
 def test_example_validates_and_shows_its_command(path):
-    config = load_config(path)
     first_line = path.read_text().splitlines()[0]
+    if path.name.startswith("eval"):
+        config = load_eval_config(path)
+        assert first_line == f"# lmforge eval {path.relative_to(ROOT).as_posix()}"
+        assert config.models and config.tasks
+        return
+    config = load_config(path)
     assert first_line == f"# lmforge train {path.relative_to(ROOT).as_posix()}"
     assert config.model.trust_remote_code is False
     if config.model.quantization != "none":

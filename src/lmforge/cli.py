@@ -353,6 +353,37 @@ def predict(
     console.print(f"[bold green]wrote[/] {written} predictions to {out} ({len(examples)} records in all)")
 
 
+@app.command("eval")
+def eval_(
+    config: Annotated[Path, typer.Argument(help="YAML eval config: models and tasks.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Overrides: key=value (e.g. output_dir=runs/x).")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Recompute results already saved in output_dir.")] = False,
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Evaluate models on tasks (perplexity, MMLU/CMMLU/C-Eval, generation metrics, reasoning,
+    multimodal, query suites, lm-eval-harness): results.json, results.md and report.html."""
+    from lmforge.config.loader import load_eval_config
+    from lmforge.evaluation.report import task_table
+    from lmforge.evaluation.runner import evaluate
+
+    try:
+        cfg = load_eval_config(config, overrides or [])
+        result = evaluate(cfg, force=force)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    out = Console()
+    for task in cfg.tasks:
+        header, rows = task_table(cfg, result.results, task)
+        table = Table(*header, title=f"{task.name} ({task.kind})")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    console.print(f"[bold green]done[/]: {result.output_dir}/results.json, results.md and report.html")
+
+
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="Model folder or hub id (merged, or the base of --adapter).")],
@@ -453,14 +484,17 @@ def config_show(
 @config_app.command("keys")
 def config_keys(
     section: Annotated[str | None, typer.Argument(help="Only keys of this section (e.g. train).")] = None,
+    eval_: Annotated[bool, typer.Option("--eval", help="Keys of `lmforge eval` configs instead.")] = False,
 ) -> None:
     """List every config key with its type, default and help."""
+    from lmforge.config.eval import EvalConfig
+
     table = Table(show_lines=False)
     for column in ("key", "type", "default", "help"):
         table.add_column(column, overflow="fold")
-    for key, kind, default, help_text in iter_keys():
+    for key, kind, default, help_text in iter_keys(EvalConfig) if eval_ else iter_keys():
         if section is None or key.startswith(section + "."):
-            table.add_row(key, kind, default, help_text)
+            table.add_row(escape(key), escape(kind), escape(default), escape(help_text))
     Console(width=200).print(table)
 
 

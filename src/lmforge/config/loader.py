@@ -11,11 +11,12 @@ import difflib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import UnionType
-from typing import Any, Union, get_args, get_origin
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from lmforge.config.eval import EvalConfig
 from lmforge.config.root import RunConfig
 
 
@@ -57,33 +58,58 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
-    """The pydantic model class that owns the key at `loc` (for did-you-mean suggestions)."""
-    model: type[BaseModel] = RunConfig
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """Config sections inside an annotation: `Section`, `Section | None`, `list[Section]`, a union."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _model_at(loc: Sequence[str | int], root: type[BaseModel] = RunConfig) -> type[BaseModel] | None:
+    """The pydantic model class that owns the key at `loc` (for did-you-mean suggestions). A list
+    index is skipped; a union's tag (pydantic puts the `kind` value in `loc`) picks its member."""
+    candidates: list[type[BaseModel]] = [root]
     for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None:
+        if isinstance(part, int):
+            continue
+        tagged = [
+            m for m in candidates if part in get_args(getattr(m.model_fields.get("kind"), "annotation", None))
+        ]
+        if len(candidates) > 1 and tagged:
+            candidates = tagged
+            continue
+        fields = [m.model_fields[str(part)] for m in candidates if str(part) in m.model_fields]
+        if not fields:
             return None
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            model = annotation
+        candidates = _models_in(fields[0].annotation)
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def _key_parts(loc: Sequence[str | int], root: type[BaseModel]) -> list[str]:
+    """`loc` as the user wrote it: `tasks[0].window` (pydantic's union tag `tasks.0.perplexity` dropped)."""
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            parts[-1] = f"{parts[-1]}[{part}]" if parts else f"[{part}]"
+        elif i and isinstance(loc[i - 1], int) and _model_at([*loc[:i], "?"], root) is None:
+            continue  # the tag of a tagged union: not a key the user typed
         else:
-            return None
-    return model
+            parts.append(str(part))
+    return parts
 
 
-def _describe(error: Any, source: str) -> str:
-    loc = [str(p) for p in error["loc"]]
+def _describe(error: Any, source: str, root: type[BaseModel] = RunConfig) -> str:
+    loc = _key_parts(error["loc"], root)
     key = ".".join(loc) if loc else "(top level)"
     if error["type"] == "extra_forbidden":
-        owner = _model_at(error["loc"])
+        owner = _model_at(error["loc"], root)
         known = list(owner.model_fields) if owner else []
         close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
         hint = f" — did you mean `{'.'.join([*loc[:-1], close[0]])}`?" if close else ""
         section = ".".join(loc[:-1]) or "top level"
         return (
             f"{source}: unknown key `{key}`{hint} (known keys in {section}: {', '.join(known)}; "
-            "`lmforge config keys` lists them all)"
+            f"`lmforge config keys{' --eval' if root is EvalConfig else ''}` lists them all)"
         )
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] in ("value_error", "assertion_error") and not loc:
@@ -100,6 +126,19 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     except ValidationError as exc:
         problems = [_describe(e, source) for e in exc.errors()]
         raise ConfigError("\n".join(problems)) from None
+
+
+def validate_eval_config(raw: dict[str, Any], source: str = "eval config") -> EvalConfig:
+    try:
+        return EvalConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(e, source, EvalConfig) for e in exc.errors())) from None
+
+
+def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
+    """An `lmforge eval` config from YAML, with `a.b=c` overrides (e.g. output_dir=runs/x)."""
+    raw = _merge(load_yaml(path), parse_overrides(overrides))
+    return validate_eval_config(raw, source=str(path))
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -131,6 +170,8 @@ def dump_config(config: RunConfig) -> str:
 
 def _type_name(annotation: Any) -> str:
     origin = get_origin(annotation)
+    if origin is Annotated:
+        return _type_name(get_args(annotation)[0])
     if origin is None:
         return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "None")
     args = [_type_name(a) if not isinstance(a, str) else repr(a) for a in get_args(annotation)]
@@ -138,14 +179,6 @@ def _type_name(annotation: Any) -> str:
         return " | ".join(args)
     name = getattr(origin, "__name__", str(origin)).replace("Literal", "one of")
     return f"{name}[{', '.join(args)}]"
-
-
-def _model_in(annotation: Any) -> type[BaseModel] | None:
-    """The config section inside `Section`, `Section | None` or `list[Section]`, if any."""
-    for candidate in (annotation, *get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
 
 
 def iter_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> Iterator[tuple[str, str, str, str]]:
@@ -158,7 +191,11 @@ def iter_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> Iterator[
             continue
         default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
         yield key, _type_name(annotation), default, field.description or ""
-        section = _model_in(annotation)
-        if section is not None:  # a list of sections (data.datasets) or an optional one (tags)
+        sections = _models_in(annotation)
+        if len(sections) > 1:  # a list of tagged sections (eval tasks): keys per kind
+            for section in sections:
+                tag = get_args(section.model_fields["kind"].annotation)[0]
+                yield from iter_keys(section, prefix=f"{key}[kind={tag}].")
+        elif sections:  # a list of sections (data.datasets) or an optional one (tags)
             inner = f"{key}[]." if get_origin(annotation) is list else f"{key}."
-            yield from iter_keys(section, prefix=inner)
+            yield from iter_keys(sections[0], prefix=inner)

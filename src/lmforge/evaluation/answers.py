@@ -2,8 +2,8 @@
 
 Used by GRPO/PPO's `exact_answer` reward and by the reasoning evaluation. The order follows
 how reasoning models end their answers: a reasoning trace in <think>...</think> is dropped;
-then the last `\\boxed{...}`; then the text after the last "answer is" / "Answer:"; then the last
-number; else the whole remaining text.
+then the last `\\boxed{...}`; then the text after GSM8K's `####`; then the text after the last
+"answer is" / "Answer:"; then the last number; else the whole remaining text.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 
 _THINK_END = "</think>"
-_ANSWER_IS = re.compile(r"(?:answer is|answer:)\s*(.+)", re.IGNORECASE)
+_GSM8K_MARK = "####"
+_ANSWER_IS = re.compile(r"(?:answer is|answer:)[ \t]*", re.IGNORECASE)
+_LEADING_NUMBER = re.compile(r"\$?\s*(-?\d[\d,]*(?:\.\d+)?)(?![\d,])")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _THINK_THEN_ANSWER = re.compile(r"^\s*<think>(.+?)</think>\s*\S", re.DOTALL)
 
@@ -40,9 +42,13 @@ def extract_answer(text: str) -> str:
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
-    said = _ANSWER_IS.findall(text)
-    if said:
-        return said[-1].strip()
+    if _GSM8K_MARK in text:  # GSM8K's references (and models trained on them) end "#### 72"
+        return text.rsplit(_GSM8K_MARK, 1)[-1].strip()
+    said = list(_ANSWER_IS.finditer(text))
+    if said:  # the rest of the line after the last "answer is": its number, or its first sentence
+        rest = text[said[-1].end() :].split("\n", 1)[0].strip()
+        number = _LEADING_NUMBER.match(rest)
+        return number.group(1) if number else re.split(r"(?<=\.)\s", rest, maxsplit=1)[0]
     numbers = _NUMBER.findall(text)
     if numbers:
         return numbers[-1]

@@ -209,5 +209,8 @@ def _run(out: Path, seed: int) -> QuickstartResult:
         f"{len(heldout)} held-out prompts never seen in training; total {seconds['total']:.0f}s. "
         f"Everything is in [bold]{out}/[/] (results.json, base/, pretrain/, sft/, merged/, data/)."
     )
-    console.print(f"Next: [bold]lmforge chat --model {merged_dir}[/]")
+    console.print(
+        f"Next: [bold]lmforge chat --model {merged_dir}[/], or compare the stages: "
+        "[bold]lmforge eval examples/quickstart/eval.yaml[/]"
+    )
     return result

@@ -1,0 +1,210 @@
+"""Multiple-choice scoring (MMLU, CMMLU, C-Eval) of a model on prompts from `benchmarks`.
+
+Two ways to read the model's answer:
+
+* `logits` (default): one forward per question; the answer is the option letter whose token is
+  likeliest at the position after the prompt ("Answer:" / "答案："). A letter's score is its best
+  spelling ("A" or " A", each kept only if it is one token that decodes to the letter), so
+  tokenizers that attach the space to the letter and those that don't both work. Never invalid.
+* `generate`: greedy generation of a few tokens; the answer is the first standalone A-D letter
+  (no letter counts as wrong). Slower, but it is what a chat user sees.
+
+`chat_template: true` puts the whole k-shot prompt in one user turn of the model's chat template
+(the answer letter is then read right after the assistant header). k-shot prompts that do not
+fit the model's context lose shots from the front until they do.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from lmforge.config.eval import MultipleChoiceTask
+from lmforge.data.templates import Conversation
+from lmforge.evaluation import benchmarks
+from lmforge.evaluation.perplexity import context_length
+from lmforge.inference.engine import Engine, SamplingParams
+
+_LETTER = re.compile(r"(?<![A-Za-z])([A-D])(?![A-Za-z])")
+
+
+@dataclass
+class ChoiceResult:
+    accuracy: float  # over all questions
+    subject_macro: float  # mean of the per-subject accuracies
+    questions: int
+    per_subject: dict[str, dict] = field(default_factory=dict)  # subject -> n, correct, accuracy, category
+    per_category: dict[str, dict] = field(default_factory=dict)  # category -> n, correct, accuracy
+    rows: list[dict] = field(default_factory=list)  # one per question: where, subject, answer, predicted
+    example_prompt: str = ""
+
+    def metrics(self) -> dict:
+        return {
+            "accuracy": self.accuracy,
+            "subject_macro": self.subject_macro,
+            "questions": self.questions,
+            "per_category": {c: v["accuracy"] for c, v in self.per_category.items()},
+            "per_subject": {s: v["accuracy"] for s, v in self.per_subject.items()},
+        }
+
+
+def letter_candidates(tokenizer, letters: tuple[str, ...] = benchmarks.LETTERS) -> list[list[int]]:
+    """Per letter, the token ids that spell it alone ("A" and " A" where each is one token)."""
+    out = []
+    for letter in letters:
+        ids = set()
+        for spelling in (letter, " " + letter):
+            encoded = tokenizer(spelling, add_special_tokens=False)["input_ids"]
+            token = encoded[-1] if encoded else None
+            if token is not None and tokenizer.decode([token]).strip() == letter:
+                ids.add(token)
+        if not ids:
+            raise ValueError(f"the tokenizer has no single token for the option letter {letter!r}")
+        out.append(sorted(ids))
+    return out
+
+
+def render(engine: Engine, prompt: str, chat_template: bool) -> list[int]:
+    if chat_template:
+        text = engine.template.generation_prompt(Conversation(turns=[(prompt, "")]), engine.tokenizer)
+        return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def fitted_prompt(
+    engine: Engine,
+    task: MultipleChoiceTask,
+    subject: str,
+    shots: list[benchmarks.Question],
+    question: benchmarks.Question,
+    room: int,
+) -> tuple[str, list[int]]:
+    """The prompt with as many of the shots as fit in `room` tokens (dropping from the front)."""
+    for first in range(len(shots) + 1):
+        text = benchmarks.build_prompt(task.benchmark, subject, shots[first:], question)
+        ids = render(engine, text, task.chat_template)
+        if len(ids) <= room:
+            return text, ids
+    raise ValueError(
+        f"{question.where}: the question alone is {len(ids)} tokens; the model's context is {room}"
+    )
+
+
+@torch.inference_mode()
+def predict_by_logits(
+    engine: Engine, prompts: list[list[int]], batch_size: int, progress: Progress | None = None
+) -> list[str]:
+    """The likeliest letter after each prompt (right-padded batches, read at each row's last token)."""
+    candidates = letter_candidates(engine.tokenizer)
+    pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
+    device = engine.device
+    answers: list[str] = []
+    task = progress.add_task("multiple choice", total=len(prompts)) if progress else None
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start : start + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch], device=device)
+        mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch], device=device)
+        logits = engine.model(input_ids=ids, attention_mask=mask).logits
+        last = logits[torch.arange(len(batch), device=device), mask.sum(1) - 1].float()
+        scores = torch.stack([last[:, ids_].max(dim=1).values for ids_ in candidates], dim=1)
+        answers += [benchmarks.LETTERS[i] for i in scores.argmax(dim=1).tolist()]
+        if progress is not None:
+            progress.update(task, advance=len(batch))
+    return answers
+
+
+def first_letter(text: str) -> str:
+    """The first standalone option letter A-D in a generated answer ("" when there is none)."""
+    match = _LETTER.search(text)
+    return match.group(1) if match else ""
+
+
+def predict_by_generation(
+    engine: Engine, prompts: list[str], chat_template: bool, batch_size: int
+) -> list[str]:
+    params = SamplingParams(max_new_tokens=16)
+    if chat_template:
+        conversations = [Conversation(turns=[(p, "")]) for p in prompts]
+        texts = engine.generate(conversations, params, batch_size)
+    else:
+        texts = []
+        for start in range(0, len(prompts), batch_size):
+            texts += [g.text for g in engine.complete(prompts[start : start + batch_size], params)]
+    return [first_letter(t) for t in texts]
+
+
+def evaluate_choices(engine: Engine, task: MultipleChoiceTask, quiet: bool = True) -> ChoiceResult:
+    """Accuracy of `engine`'s model on the task's benchmark, per subject and category."""
+    root = Path(task.path)
+    split = task.split or ("val" if task.benchmark == "ceval" else "test")
+    scored = benchmarks.load_split(task.benchmark, root, split, task.subjects)
+    dev = benchmarks.load_split(task.benchmark, root, "dev", list(scored)) if task.shots else {}
+    room = context_length(engine.model) - 1
+    prompts: list[tuple[str, list[int]]] = []
+    questions: list[benchmarks.Question] = []
+    for subject, items in scored.items():
+        shots = benchmarks.shots_for(dev.get(subject, []), task.shots) if task.shots else []
+        for question in items[: task.limit] if task.limit else items:
+            if not question.answer:
+                raise ValueError(
+                    f"{question.where}: no answer in the {split} split; score a split with answers "
+                    "(C-Eval's test answers are not published: use split: val)"
+                )
+            prompts.append(fitted_prompt(engine, task, subject, shots, question, room))
+            questions.append(question)
+    with Progress(disable=quiet, transient=True) as progress:
+        if task.scoring == "logits":
+            predicted = predict_by_logits(engine, [ids for _, ids in prompts], task.batch_size, progress)
+        else:
+            predicted = predict_by_generation(
+                engine, [t for t, _ in prompts], task.chat_template, task.batch_size
+            )
+    return tally(task.benchmark, questions, predicted, prompts[0][0] if prompts else "")
+
+
+def tally(
+    kind: benchmarks.Kind,
+    questions: list[benchmarks.Question],
+    predicted: list[str],
+    example_prompt: str = "",
+) -> ChoiceResult:
+    """Accuracy overall (micro), per subject, per category, and the subject macro-average."""
+    per_subject: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0})
+    per_category: dict[str, dict] = defaultdict(lambda: {"n": 0, "correct": 0})
+    rows = []
+    for question, answer in zip(questions, predicted, strict=True):
+        correct = answer == question.answer
+        # CMMLU's "China specific" overlaps its other groups: a subject counts in every group it is in
+        groups = benchmarks.groups_of(kind, question.subject)
+        for bucket in (per_subject[question.subject], *(per_category[g] for g in groups)):
+            bucket["n"] += 1
+            bucket["correct"] += int(correct)
+        per_subject[question.subject]["category"] = benchmarks.category_of(kind, question.subject)
+        rows.append(
+            {
+                "where": question.where,
+                "subject": question.subject,
+                "answer": question.answer,
+                "predicted": answer,
+            }
+        )
+    for bucket in (*per_subject.values(), *per_category.values()):
+        bucket["accuracy"] = bucket["correct"] / bucket["n"]
+    total = len(questions)
+    return ChoiceResult(
+        accuracy=sum(r["answer"] == r["predicted"] for r in rows) / total if total else 0.0,
+        subject_macro=sum(b["accuracy"] for b in per_subject.values()) / len(per_subject)
+        if per_subject
+        else 0.0,
+        questions=total,
+        per_subject=dict(sorted(per_subject.items())),
+        per_category=dict(sorted(per_category.items())),
+        rows=rows,
+        example_prompt=example_prompt,
+    )

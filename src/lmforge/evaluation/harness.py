@@ -1,0 +1,51 @@
+"""lm-evaluation-harness as an optional backend (`pip install 'lmforge[harness]'`).
+
+For users who have the harness's data sets (downloaded once, or in the HF cache with
+HF_DATASETS_OFFLINE=1): lmforge hands the model (and adapter) to `lm_eval.simple_evaluate` with
+its `hf` model type and keeps each task's numeric metrics. Everything else in `lmforge eval`
+works without the harness.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lmforge.config.eval import EvalModel, HarnessTask
+
+
+def harness_args(model: EvalModel, task: HarnessTask) -> dict:
+    """The `simple_evaluate` keyword arguments for one model and task."""
+    model_args = {"pretrained": model.path, "dtype": model.dtype}
+    if model.adapter:
+        model_args["peft"] = model.adapter
+    return {
+        "model": "hf",
+        "model_args": model_args,
+        "tasks": list(task.tasks),
+        "num_fewshot": task.shots,
+        "batch_size": task.batch_size,
+        "limit": task.limit,
+        "device": None if model.device == "auto" else model.device,
+    }
+
+
+def run_harness(model: EvalModel, task: HarnessTask) -> dict:
+    """{harness task: {metric: value}} for the numeric metrics the harness reports."""
+    try:
+        lm_eval = importlib.import_module("lm_eval")
+    except ImportError:
+        raise ValueError(
+            "task kind harness needs lm-evaluation-harness: pip install 'lmforge[harness]' "
+            "(and its data sets available offline)"
+        ) from None
+    output = lm_eval.simple_evaluate(**harness_args(model, task))
+    if not output or "results" not in output:
+        raise RuntimeError("lm-evaluation-harness returned no results")
+    return {
+        name: {
+            metric.split(",")[0]: value
+            for metric, value in metrics.items()
+            if isinstance(value, int | float) and not metric.split(",")[0].endswith("_stderr")
+        }
+        for name, metrics in output["results"].items()
+    }

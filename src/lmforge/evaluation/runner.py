@@ -1,0 +1,255 @@
+"""`lmforge eval`: every task on every model, results saved in the output folder.
+
+    output_dir/
+      results.json          all metrics: {model: {task: metrics}}, plus the config and versions
+      results.md            the comparison report (markdown)
+      report.html           the same with plots (self-contained)
+      plots/*.png
+      <model>/<task>/metrics.json, details.jsonl   per-item rows (answers, failures, predictions)
+
+A (model, task) result is reused when its folder holds one computed from the same model, task and
+generation settings (so adding a model or a task to a config evaluates only what is new);
+`force=True` (`--force`) recomputes everything. Files are written to a temporary name and renamed:
+an interrupted run never leaves a half-written result that passes for complete.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from lmforge.config.data import DatasetSource
+from lmforge.config.eval import EvalConfig, EvalModel, GenerationTask
+from lmforge.config.loader import load_eval_config
+from lmforge.data.formats import Example
+
+console = Console(stderr=True)
+GENERATING = ("generation", "reasoning", "multimodal", "suite")  # tasks that read `generation:` settings
+
+
+@dataclass
+class EvalResults:
+    results: dict[str, dict[str, dict]]  # model name -> task name -> metrics
+    output_dir: Path
+
+    def metric(self, model: str, task: str, key: str) -> Any:
+        return self.results[model][task][key]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+
+
+def read_task_data(source: DatasetSource, dataset_dir: str, limit: int | None) -> list[Example]:
+    from lmforge.data.loader import read_source
+    from lmforge.data.registry import resolve
+
+    examples = list(read_source(resolve(source, dataset_dir)))
+    if not examples:
+        raise ValueError(f"{source.path} has no records")
+    return examples[:limit] if limit else examples
+
+
+def _key(*parts: Any) -> str:
+    blob = json.dumps(
+        [p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts], sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cached(folder: Path, key: str) -> dict | None:
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return saved["metrics"] if saved.get("key") == key else None
+
+
+def _save(folder: Path, key: str, metrics: dict, rows: list[dict] | None) -> None:
+    if rows is not None:
+        write_atomic(
+            folder / "details.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        )
+    write_atomic(
+        folder / "metrics.json", json.dumps({"key": key, "metrics": metrics}, indent=1, ensure_ascii=False)
+    )
+
+
+def run_task(
+    engine, model: EvalModel, task, config: EvalConfig, folder: Path, quiet: bool
+) -> tuple[dict, list | None]:
+    """(metrics, per-item rows) of one task on one loaded model."""
+    from lmforge.inference.engine import SamplingParams
+
+    settings = config.generation
+    params = SamplingParams(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        seed=settings.seed,
+    )
+    if task.kind == "perplexity":
+        from lmforge.evaluation.perplexity import perplexity
+
+        examples = read_task_data(task.data, config.dataset_dir, task.limit)
+        result = perplexity(
+            engine.model,
+            engine.tokenizer,
+            engine.template,
+            examples,
+            task.window,
+            task.stride,
+            task.batch_size,
+            quiet,
+        )
+        return vars(result), None
+    if task.kind == "multiple_choice":
+        from lmforge.evaluation.choice import evaluate_choices
+
+        result = evaluate_choices(engine, task, quiet)
+        return {**result.metrics(), "example_prompt": result.example_prompt}, result.rows
+    if task.kind == "generation":
+        from lmforge.inference.predict import predict
+
+        examples = read_task_data(task.data, config.dataset_dir, task.limit)
+        predictions = folder / "predictions.jsonl"
+        predict(engine, examples, predictions, params, settings.batch_size, quiet=quiet)
+        return _generation_metrics(task, predictions), None
+    if task.kind == "reasoning":
+        from lmforge.evaluation.reasoning import evaluate_reasoning
+
+        examples = read_task_data(task.data, config.dataset_dir, task.limit)
+        metrics = evaluate_reasoning(
+            engine, examples, params, settings.batch_size, task.failures, settings.system
+        )
+        return metrics, metrics.pop("_rows")
+    if task.kind == "multimodal":
+        from lmforge.evaluation.multimodal import evaluate_multimodal
+
+        examples = read_task_data(task.data, config.dataset_dir, task.limit)
+        metrics = evaluate_multimodal(
+            engine, examples, params, task.match, settings.batch_size, settings.system
+        )
+        return metrics, metrics.pop("_rows")
+    if task.kind == "suite":
+        from lmforge.data.templates import Conversation
+        from lmforge.evaluation.suite import load_suite, quickstart_suite, score_suite
+
+        queries = quickstart_suite() if task.suite == "quickstart" else load_suite(task.suite)[1]
+        queries = queries[: task.limit] if task.limit else queries
+        conversations = [Conversation(turns=[(q.prompt, "")], system=settings.system) for q in queries]
+        outputs = engine.generate(conversations, params, settings.batch_size)
+        score = score_suite(queries, outputs)
+        metrics = {
+            "pass_rate": score.overall_pass_rate,
+            "per_category": score.per_category,
+            "paraphrase": score.paraphrase,
+        }
+        return metrics, score.per_query
+    if task.kind == "harness":
+        from lmforge.evaluation.harness import run_harness
+
+        return run_harness(model, task), None
+    raise ValueError(f"unknown task kind {task.kind}")  # the config schema makes this unreachable
+
+
+def _generation_metrics(task: GenerationTask, predictions: Path) -> dict:
+    from lmforge.evaluation.metrics import generation_metrics, read_predictions
+
+    outputs, references = read_predictions(predictions)
+    metrics = generation_metrics(
+        outputs, references, list(task.metrics), task.bertscore_model, task.bertscore_layers
+    )
+    return {**metrics, "items": len(outputs)}
+
+
+def evaluate(
+    config: EvalConfig | str | Path,
+    overrides: Sequence[str] = (),
+    force: bool = False,
+    quiet: bool = False,
+) -> EvalResults:
+    """Run an eval config (an `EvalConfig` or a YAML path); returns and saves every result."""
+    from lmforge.models.loading import quiet_library_bars
+
+    if not isinstance(config, EvalConfig):
+        config = load_eval_config(config, overrides)
+    out = Path(config.output_dir)
+    results: dict[str, dict[str, dict]] = {}
+    seconds: dict[str, float] = {}
+    model_tasks = [t for t in config.tasks if not (t.kind == "generation" and t.predictions)]
+    with quiet_library_bars():
+        for model in config.models:
+            results[model.name] = {}
+            engine = None
+            for task in model_tasks:
+                folder = out / slug(model.name) / slug(task.name)
+                generates = task.kind in GENERATING or (
+                    task.kind == "multiple_choice" and task.scoring == "generate"
+                )
+                key = _key(model, task, config.generation if generates else None)
+                metrics = None if force else _cached(folder, key)
+                if metrics is not None:
+                    if not quiet:
+                        console.print(f"[dim]{model.name} / {task.name}: reused {folder}/metrics.json[/]")
+                    results[model.name][task.name] = metrics
+                    continue
+                if engine is None and task.kind != "harness":
+                    engine = _load(model, quiet)
+                if not quiet:
+                    console.print(f"[bold]{model.name}[/] / {task.name} ({task.kind})")
+                started = time.perf_counter()
+                metrics, rows = run_task(engine, model, task, config, folder, quiet)
+                seconds[f"{model.name}/{task.name}"] = round(time.perf_counter() - started, 2)
+                _save(folder, key, metrics, rows)
+                results[model.name][task.name] = metrics
+            del engine
+            gc.collect()
+    for task in config.tasks:
+        if task.kind == "generation" and task.predictions:
+            name = Path(task.predictions).stem
+            results.setdefault(name, {})[task.name] = _generation_metrics(task, Path(task.predictions))
+    _write_results(config, results, seconds, out)
+    return EvalResults(results, out)
+
+
+def _load(model: EvalModel, quiet: bool):
+    from lmforge.inference.engine import Engine
+
+    if not quiet:
+        console.print(
+            f"loading [bold]{model.name}[/]: {model.path}" + (f" + {model.adapter}" if model.adapter else "")
+        )
+    return Engine.load(model.path, model.adapter, model.template, model.device, model.dtype)
+
+
+def _write_results(config: EvalConfig, results: dict, seconds: dict, out: Path) -> None:
+    from importlib.metadata import version
+
+    from lmforge.evaluation.report import write_report
+
+    summary = {
+        "config": config.model_dump(mode="json"),
+        "versions": {name: version(name) for name in ("lmforge", "torch", "transformers")},
+        "seconds": seconds,
+        "results": results,
+    }
+    write_atomic(out / "results.json", json.dumps(summary, indent=1, ensure_ascii=False, default=str))
+    write_report(config, results, out)
