@@ -493,7 +493,7 @@ def config_keys(
     for column in ("key", "type", "default", "help"):
         table.add_column(column, overflow="fold")
     for key, kind, default, help_text in iter_keys(EvalConfig) if eval_ else iter_keys():
-        if section is None or key.startswith(section + "."):
+        if section is None or key.startswith((section + ".", section + "[")):
             table.add_row(escape(key), escape(kind), escape(default), escape(help_text))
     Console(width=200).print(table)
 

@@ -21,6 +21,10 @@ from lmforge.evaluation.answers import extract_answer, matches, normalize, think
         ("It costs $1,250.50 in total", "1,250.50"),
         ("Answer: Paris", "Paris"),
         ("answer is -3; check: -3 + 3 = 0. So the answer is -3", "-3"),  # the last "answer is"
+        ("The answer is:\n\n42", "42"),  # past the colon and blank lines
+        ("**Answer:**\n42", "42"),  # markdown bold
+        ("So the answer is:", "So the answer is:"),  # nothing after it, no number: the text
+        ("#### Step 2\nadd 3 to get 10", "10"),  # a markdown heading is not GSM8K's mark
         ("no digits here", "no digits here"),
         ("<think>unfinished", "<think>unfinished"),  # no </think>: all of it is the answer text
     ],

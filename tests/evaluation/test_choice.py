@@ -15,6 +15,7 @@ from lmforge.evaluation.choice import (
     evaluate_choices,
     first_letter,
     letter_candidates,
+    letter_scores,
     predict_by_logits,
     tally,
 )
@@ -35,7 +36,7 @@ class LetterStub(torch.nn.Module):
         self.candidates = dict(zip(benchmarks.LETTERS, letter_candidates(tokenizer), strict=True))
         self.prompts: list[str] = []
 
-    def forward(self, input_ids, attention_mask):
+    def forward(self, input_ids, attention_mask, **kwargs):
         logits = torch.zeros(*input_ids.shape, len(self.tokenizer))
         for row, (ids, mask) in enumerate(zip(input_ids, attention_mask, strict=True)):
             text = self.tokenizer.decode(ids[mask.bool()])
@@ -125,10 +126,12 @@ def test_batched_logit_scoring_equals_one_at_a_time(base_dir, mmlu_root) -> None
         for q in questions
     ]
     prompts.append(prompts[0][:-3])  # a shorter row: padding
-    batched = predict_by_logits(engine, prompts, batch_size=5)
-    alone = [predict_by_logits(engine, [p], batch_size=1)[0] for p in prompts]
-    assert batched == alone
-    assert set(batched) <= set(benchmarks.LETTERS)
+    batched = letter_scores(engine, prompts, batch_size=5)
+    alone = torch.cat([letter_scores(engine, [p], batch_size=1) for p in prompts])
+    assert batched.shape == (len(prompts), 4)
+    torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-5)
+    assert len({tuple(row.tolist()) for row in alone}) == len(prompts)  # the prompts really differ
+    assert predict_by_logits(engine, prompts, 5) == [benchmarks.LETTERS[i] for i in alone.argmax(1).tolist()]
 
 
 def test_ceval_test_split_without_answers_is_refused(tmp_path, tokenizer) -> None:
@@ -143,7 +146,18 @@ def test_ceval_test_split_without_answers_is_refused(tmp_path, tokenizer) -> Non
 
 @pytest.mark.parametrize(
     ("text", "letter"),
-    [("B", "B"), (" (C) because", "C"), ("答案是D。", "D"), ("A. 42", "A"), ("Both are wrong", ""), ("", "")],
+    [
+        ("B", "B"),
+        (" (C) because", "C"),
+        ("答案是D。", "D"),
+        ("A. 42", "A"),
+        ("B\nbecause the sum is even", "B"),
+        ("A good way to see it: the answer is C", "C"),  # the article is not option A
+        ("A good guess would be D", "D"),
+        ("**Answer:** (b)", "B"),
+        ("Both are wrong", ""),
+        ("", ""),
+    ],
 )
 def test_first_letter(text: str, letter: str) -> None:
     assert first_letter(text) == letter

@@ -91,6 +91,14 @@ def test_defaults_and_names(tmp_path) -> None:
             "stride 9 is larger than window 8",
         ),
         ({"models": [{"path": "m"}], "tasks": []}, "`tasks`"),
+        ({"models": [{"path": "/"}], "tasks": [{"kind": "suite"}]}, "give it a `name`"),
+        (
+            {
+                "models": [{"path": "m"}],
+                "tasks": [{"kind": "multiple_choice", "benchmark": "mmlu", "path": "p", "subjects": []}],
+            },
+            "`tasks[0].subjects`",
+        ),
     ],
 )
 def test_mistakes_are_explained(config: dict, message: str) -> None:
@@ -112,10 +120,18 @@ def test_harness_arguments_and_results(monkeypatch) -> None:
 
     def simple_evaluate(**kwargs):
         calls.append(kwargs)
-        return {"results": {"hellaswag": {"acc,none": 0.5, "acc_stderr,none": 0.01, "alias": "hellaswag"}}}
+        return {
+            "results": {
+                "hellaswag": {"acc,none": 0.5, "acc_stderr,none": 0.01, "alias": "hellaswag"},
+                "gsm8k": {"exact_match,strict-match": 0.25, "exact_match,flexible-extract": 0.5},
+            }
+        }
 
     monkeypatch.setitem(sys.modules, "lm_eval", SimpleNamespace(simple_evaluate=simple_evaluate))
-    assert run_harness(model, task) == {"hellaswag": {"acc": 0.5}}
+    assert run_harness(model, task) == {
+        "hellaswag": {"acc": 0.5},
+        "gsm8k": {"exact_match (strict-match)": 0.25, "exact_match (flexible-extract)": 0.5},
+    }
     assert calls == [harness_args(model, task)]
     assert calls[0]["model_args"] == {"pretrained": "base/model", "dtype": "bfloat16", "peft": "sft/adapter"}
     assert (calls[0]["tasks"], calls[0]["num_fewshot"], calls[0]["limit"], calls[0]["device"]) == (

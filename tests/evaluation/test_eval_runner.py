@@ -116,3 +116,81 @@ def test_a_result_from_other_settings_is_not_reused(tmp_path) -> None:
     assert runner._cached(tmp_path, "key-b") is None
     assert json.loads((tmp_path / "details.jsonl").read_text()) == {"x": 1}
     assert not list(tmp_path.glob("*.tmp"))  # written then renamed
+
+
+def small_generation(base_dir, alpaca_file, output_dir, limit: int, max_new_tokens: int) -> dict:
+    return {
+        "output_dir": str(output_dir),
+        "models": [{"name": "tiny", "path": str(base_dir), "template": "chatml"}],
+        "generation": {"max_new_tokens": max_new_tokens, "batch_size": 8},
+        "tasks": [
+            {"kind": "generation", "data": str(alpaca_file), "limit": limit, "metrics": ["exact_match"]}
+        ],
+    }
+
+
+def test_predictions_are_regenerated_when_settings_change(base_dir, alpaca_file, tmp_path) -> None:
+    predictions = tmp_path / "eval" / "tiny" / "generation" / "predictions.jsonl"
+
+    def rows():
+        return [json.loads(line) for line in predictions.read_text().splitlines()]
+
+    evaluate(
+        validate_eval_config(small_generation(base_dir, alpaca_file, tmp_path / "eval", 6, 2)), quiet=True
+    )
+    assert len(rows()) == 6 and max(r["completion_tokens"] for r in rows()) <= 2
+    result = evaluate(
+        validate_eval_config(small_generation(base_dir, alpaca_file, tmp_path / "eval", 3, 7)), quiet=True
+    )
+    assert len(rows()) == 3  # not the 6 old rows resumed
+    assert max(r["completion_tokens"] for r in rows()) > 2  # generated again with the new setting
+    assert result.results["tiny"]["generation"]["items"] == 3
+
+
+def test_a_changed_input_file_changes_the_fingerprint(tmp_path) -> None:
+    data = tmp_path / "data.json"
+    data.write_text("[1]")
+    before = runner.fingerprint(str(data))
+    data.write_text("[1, 2]")
+    assert runner.fingerprint(str(data)) != before
+    assert runner.fingerprint("org/some-hub-model") == ["org/some-hub-model"]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert runner.fingerprint("model", base=str(tmp_path))[0][0] == "config.json"  # relative to dataset_dir
+
+
+def test_names_that_would_share_a_folder_or_column_are_refused(tmp_path) -> None:
+    two = {"tasks": [{"kind": "suite"}], "output_dir": str(tmp_path)}
+    clash = validate_eval_config(
+        {**two, "models": [{"name": "sft/final", "path": "a"}, {"name": "sft_final", "path": "b"}]}
+    )
+    with pytest.raises(ValueError, match="share a folder name"):
+        evaluate(clash, quiet=True)
+    escape = validate_eval_config({**two, "models": [{"name": "..", "path": "a"}]})
+    assert runner.slug(escape.models[0].name) == "model"  # never a folder outside output_dir
+    (tmp_path / "base.jsonl").write_text(json.dumps({"output": "a", "reference": "a"}) + "\n")
+    column = validate_eval_config(
+        {
+            "output_dir": str(tmp_path),
+            "models": [{"name": "base", "path": "a"}],
+            "tasks": [{"kind": "generation", "predictions": str(tmp_path / "base.jsonl")}],
+        }
+    )
+    with pytest.raises(ValueError, match="share the report column `base`"):
+        evaluate(column, quiet=True)
+
+
+def test_records_without_a_reference_are_refused_before_generating(base_dir, tmp_path) -> None:
+    data = tmp_path / "prompts.json"
+    data.write_text(json.dumps([{"prompt": "add 1 and 2"}]))
+    config = validate_eval_config(
+        {
+            "output_dir": str(tmp_path / "eval"),
+            "models": [{"path": str(base_dir), "template": "chatml"}],
+            "tasks": [{"kind": "reasoning", "data": str(data)}],
+        }
+    )
+    with pytest.raises(
+        ValueError, match=r"prompts.json: record 0: no reference answer .* for task reasoning"
+    ):
+        evaluate(config, quiet=True)

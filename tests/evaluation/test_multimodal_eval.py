@@ -22,6 +22,8 @@ OPTIONS = ["red circle", "blue square", "green triangle", "red square"]
         ("The answer is D.", 3),
         ("green triangle", 2),
         ("It is a Blue Square.", 1),
+        ("A blue square.", 1),  # the article is not option A
+        ("A", 0),
         ("red", None),  # in two options: ambiguous
         ("purple", None),
     ],
@@ -51,14 +53,32 @@ def test_normalize_text() -> None:
     assert normalize_text("红色。") == "红色"
 
 
-def test_evaluate_multimodal_on_a_tiny_vlm(vlm_dir, shapes_file) -> None:
+def test_evaluate_multimodal_passes_each_records_images_and_scores_the_answers(vlm_dir, shapes_file) -> None:
     engine = Engine.load(str(vlm_dir))
-    examples = read_examples(str(shapes_file))[:6]
-    metrics = evaluate_multimodal(engine, examples, SamplingParams(max_new_tokens=3), batch_size=4)
-    rows = metrics["_rows"]
-    assert metrics["items"] == 6
-    assert all(r["correct"] == (normalize_text(r["output"]) == normalize_text(r["reference"])) for r in rows)
-    assert metrics["accuracy"] == sum(r["correct"] for r in rows) / 6
+    examples = read_examples(str(shapes_file))[:4]
+    references = [e.response for e in examples]
+    seen = {}
+    canned = [references[0], f" {references[1].upper()}.", "purple", references[3] + " and more"]
+
+    def generate(conversations, params, batch_size, images):
+        seen.update(prompts=[c.turns[-1][0] for c in conversations], images=images)
+        return canned
+
+    engine.generate = generate
+    metrics = evaluate_multimodal(engine, examples, SamplingParams(max_new_tokens=3))
+    assert seen["images"] == [list(e.images) for e in examples] and all(seen["images"])
+    assert seen["prompts"] == [e.prompt for e in examples]
+    assert [r["correct"] for r in metrics["_rows"]] == [True, True, False, False]
+    assert metrics["accuracy"] == 0.5
+
+
+def test_evaluate_multimodal_runs_a_tiny_vlm(vlm_dir, shapes_file) -> None:
+    engine = Engine.load(str(vlm_dir))
+    metrics = evaluate_multimodal(
+        engine, read_examples(str(shapes_file))[:3], SamplingParams(max_new_tokens=3)
+    )
+    assert metrics["items"] == 3 and 0.0 <= metrics["accuracy"] <= 1.0
+    assert all(isinstance(r["output"], str) for r in metrics["_rows"])
 
 
 def test_records_without_images_are_refused(vlm_dir, tmp_path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +107,35 @@ def test_perplexity_refuses_prompt_only_records(model, tokenizer) -> None:
         perplexity(
             model, tokenizer, get_template("chatml"), [Example(turns=(("hi", ""),), where="f.json: record 3")]
         )
+
+
+def test_a_chat_record_longer_than_the_window_scores_every_answer_token(model, tokenizer) -> None:
+    template = get_template("chatml")
+    example = Example(turns=(("add 3 and 4", "the sum of 3 and 4 is 7 and the cat sat on a mat"),))
+    ids, labels = encode_for_perplexity(example, tokenizer, template)
+    window = 10
+    assert len(ids) > 2 * window
+    total, count = 0.0, 0
+    for chunk_ids, chunk_labels in windows(ids, labels, window, 4):
+        part, n = nll_by_hand(model, chunk_ids, chunk_labels)
+        total, count = total + part, count + n
+    result = perplexity(model, tokenizer, template, [example], window=window, stride=4)
+    assert count == result.tokens == sum(label != IGNORE for label in labels)
+    assert result.nll == pytest.approx(total / count, rel=1e-5)
+
+
+def test_without_a_bos_token_the_first_token_is_not_scored(model, tokenizer) -> None:
+    no_bos = copy.deepcopy(tokenizer)
+    no_bos.bos_token = None
+    assert no_bos.bos_token_id is None
+    ids, _ = encode_for_perplexity(Example(text="the cat sat"), no_bos, get_template("chatml"))
+    result = perplexity(model, no_bos, get_template("chatml"), [Example(text="the cat sat")], window=64)
+    assert result.tokens == len(ids) - 1
+
+
+def test_image_records_are_refused(model, tokenizer) -> None:
+    example = Example(
+        turns=(("<image>what colour?", "red"),), images=(Path("a.png"),), where="vqa.json: record 2"
+    )
+    with pytest.raises(ValueError, match="record 2: has images"):
+        perplexity(model, tokenizer, get_template("chatml"), [example])

@@ -53,6 +53,24 @@ def test_score_reasoning_on_known_answers(gsm8k_file) -> None:
     assert (failure["extracted"], failure["reference"]) == ("48", "42")
 
 
+def test_a_cut_off_trace_has_no_answer_even_with_the_right_number_in_it(gsm8k_file) -> None:
+    examples = read_examples(str(gsm8k_file))[:2]
+    outputs = [
+        Generation("<think>so 3 + 4 = 7, but wait", 10, 9, "length"),  # 7 is in the trace only
+        Generation("<think></think>42", 10, 3, "stop"),  # an empty trace (non-thinking mode)
+    ]
+    metrics = score_reasoning(examples, outputs, opened=False, count_tokens=lambda t: len(t.split()))
+    assert [r["correct"] for r in metrics["_rows"]] == [False, True]
+    assert metrics["think_compliance"] == 0.0  # neither has both a trace and an answer
+    assert metrics["reasoning_tokens"] == {
+        "n": 2,
+        "mean": 4.0,
+        "median": 4.0,
+        "p90": 8,
+        "max": 8,
+    }  # 8 and 0 words
+
+
 def test_a_trace_opened_by_the_prompt_counts_as_compliant(gsm8k_file) -> None:
     examples = read_examples(str(gsm8k_file))[:1]
     output = [Generation("3 and 4 make 7</think>\n7", 10, 8, "stop")]

@@ -38,7 +38,9 @@ class EvalModel(Section):
     """One model (or checkpoint) to evaluate."""
 
     name: str = Field("", description="Its column in the report (default: the folder name).")
-    path: str = Field(..., description="A model folder or hub id (the base when `adapter` is set).")
+    path: str = Field(
+        ..., min_length=1, description="A model folder or hub id (the base when `adapter` is set)."
+    )
     adapter: str | None = Field(None, description="An adapter folder to load on top of `path`.")
     template: str | None = Field(
         None, description="Chat template (default: saved with the model, or guessed)."
@@ -52,7 +54,9 @@ class EvalModel(Section):
             source = (self.adapter or self.path).rstrip("/")
             parts = [p for p in source.split("/") if p]
             # runs/x/sft/final -> "sft/final": the folder name alone is often just "final"
-            self.name = "/".join(parts[-2:]) if parts and parts[-1] in ("final", "merged") else parts[-1]
+            if not parts:
+                raise ValueError(f"cannot name a model from {source!r}; give it a `name`")
+            self.name = "/".join(parts[-2:]) if parts[-1] in ("final", "merged") else parts[-1]
         return self
 
 
@@ -107,7 +111,9 @@ class MultipleChoiceTask(TaskBase):
         None, description="Scored split (default: test; C-Eval: val, its test has no answers)."
     )
     shots: int = Field(5, ge=0, description="Examples from the dev split before each question.")
-    subjects: list[str] | None = Field(None, description="Only these subjects (default: all found).")
+    subjects: list[str] | None = Field(
+        None, min_length=1, description="Only these subjects (default: all found)."
+    )
     scoring: Literal["logits", "generate"] = Field(
         "logits", description="logits: the likeliest option letter next; generate: the first letter answered."
     )

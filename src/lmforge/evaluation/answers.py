@@ -42,11 +42,16 @@ def extract_answer(text: str) -> str:
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
-    if _GSM8K_MARK in text:  # GSM8K's references (and models trained on them) end "#### 72"
-        return text.rsplit(_GSM8K_MARK, 1)[-1].strip()
+    marked = text.rsplit(_GSM8K_MARK, 1)[-1].strip() if _GSM8K_MARK in text else ""
+    if marked and "\n" not in marked:  # GSM8K ends "#### 72" (a markdown heading has lines after it)
+        return marked
     said = list(_ANSWER_IS.finditer(text))
-    if said:  # the rest of the line after the last "answer is": its number, or its first sentence
-        rest = text[said[-1].end() :].split("\n", 1)[0].strip()
+    # the text after the last "answer is" (past colons, bold marks, blank lines): its number, or its
+    # first sentence; nothing there falls through to the last number
+    rest = (
+        text[said[-1].end() :].lstrip(" \t\n:*").split("\n", 1)[0].strip().strip("*").strip() if said else ""
+    )
+    if rest:
         number = _LEADING_NUMBER.match(rest)
         return number.group(1) if number else re.split(r"(?<=\.)\s", rest, maxsplit=1)[0]
     numbers = _NUMBER.findall(text)

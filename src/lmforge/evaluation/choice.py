@@ -30,7 +30,12 @@ from lmforge.evaluation import benchmarks
 from lmforge.evaluation.perplexity import context_length
 from lmforge.inference.engine import Engine, SamplingParams
 
-_LETTER = re.compile(r"(?<![A-Za-z])([A-D])(?![A-Za-z])")
+_CUED = re.compile(
+    r"(?:answer is|answer:|答案是|答案为|答案：|答案:|选)[\s*]*\(?([A-D])(?![A-Za-z])", re.IGNORECASE
+)
+_LEADING = re.compile(r"^\W*\(?([A-D])(?:[).:：、\]]|\s*$|\s*\n)")
+# a standalone letter anywhere; "A" before a lowercase word is the article ("A good way ...")
+_ANYWHERE = re.compile(r"(?<![A-Za-z])(?:([B-D])|A(?!\s+[a-z]))(?![A-Za-z])")
 
 
 @dataclass
@@ -63,6 +68,13 @@ def letter_candidates(tokenizer, letters: tuple[str, ...] = benchmarks.LETTERS) 
             token = encoded[-1] if encoded else None
             if token is not None and tokenizer.decode([token]).strip() == letter:
                 ids.add(token)
+        bare = tokenizer.convert_tokens_to_ids(letter)  # SentencePiece: "A" apart from "▁A" (after 答案：)
+        if (
+            isinstance(bare, int)
+            and bare != tokenizer.unk_token_id
+            and tokenizer.decode([bare]).strip() == letter
+        ):
+            ids.add(bare)
         if not ids:
             raise ValueError(f"the tokenizer has no single token for the option letter {letter!r}")
         out.append(sorted(ids))
@@ -96,33 +108,49 @@ def fitted_prompt(
 
 
 @torch.inference_mode()
-def predict_by_logits(
+def letter_scores(
     engine: Engine, prompts: list[list[int]], batch_size: int, progress: Progress | None = None
-) -> list[str]:
-    """The likeliest letter after each prompt (right-padded batches, read at each row's last token)."""
+) -> torch.Tensor:
+    """(prompts, letters) next-token logits of each letter's best spelling, read at each row's last
+    real token (right-padded batches, so positions need no adjusting)."""
     candidates = letter_candidates(engine.tokenizer)
     pad = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else 0
     device = engine.device
-    answers: list[str] = []
+    out: list[torch.Tensor] = []
     task = progress.add_task("multiple choice", total=len(prompts)) if progress else None
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         width = max(len(p) for p in batch)
         ids = torch.tensor([p + [pad] * (width - len(p)) for p in batch], device=device)
         mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in batch], device=device)
-        logits = engine.model(input_ids=ids, attention_mask=mask).logits
+        logits = engine.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         last = logits[torch.arange(len(batch), device=device), mask.sum(1) - 1].float()
-        scores = torch.stack([last[:, ids_].max(dim=1).values for ids_ in candidates], dim=1)
-        answers += [benchmarks.LETTERS[i] for i in scores.argmax(dim=1).tolist()]
+        out.append(torch.stack([last[:, ids_].max(dim=1).values for ids_ in candidates], dim=1).cpu())
         if progress is not None:
             progress.update(task, advance=len(batch))
-    return answers
+    return torch.cat(out)
+
+
+def predict_by_logits(
+    engine: Engine, prompts: list[list[int]], batch_size: int, progress: Progress | None = None
+) -> list[str]:
+    """The likeliest letter after each prompt."""
+    scores = letter_scores(engine, prompts, batch_size, progress)
+    return [benchmarks.LETTERS[i] for i in scores.argmax(dim=1).tolist()]
 
 
 def first_letter(text: str) -> str:
-    """The first standalone option letter A-D in a generated answer ("" when there is none)."""
-    match = _LETTER.search(text)
-    return match.group(1) if match else ""
+    """The option letter a generated answer picks ("" when there is none): the letter after the
+    last "answer is" / "答案是", else a letter opening the answer ("B", "(C) ...", "A. 42"), else
+    the first standalone letter (not the article "A")."""
+    cued = _CUED.findall(text)
+    if cued:
+        return cued[-1].upper()
+    for pattern in (_LEADING, _ANYWHERE):
+        match = pattern.search(text)
+        if match:
+            return match.group(1) or match.group(0)
+    return ""
 
 
 def predict_by_generation(
@@ -145,7 +173,9 @@ def evaluate_choices(engine: Engine, task: MultipleChoiceTask, quiet: bool = Tru
     split = task.split or ("val" if task.benchmark == "ceval" else "test")
     scored = benchmarks.load_split(task.benchmark, root, split, task.subjects)
     dev = benchmarks.load_split(task.benchmark, root, "dev", list(scored)) if task.shots else {}
-    room = context_length(engine.model) - 1
+    if split == "dev" and task.shots:
+        raise ValueError("split: dev with shots > 0 would show questions their own answers; use shots: 0")
+    room = context_length(engine.model, cap=None) - (16 if task.scoring == "generate" else 1)
     prompts: list[tuple[str, list[int]]] = []
     questions: list[benchmarks.Question] = []
     for subject, items in scored.items():

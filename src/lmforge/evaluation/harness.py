@@ -41,11 +41,15 @@ def run_harness(model: EvalModel, task: HarnessTask) -> dict:
     output = lm_eval.simple_evaluate(**harness_args(model, task))
     if not output or "results" not in output:
         raise RuntimeError("lm-evaluation-harness returned no results")
-    return {
-        name: {
-            metric.split(",")[0]: value
-            for metric, value in metrics.items()
-            if isinstance(value, int | float) and not metric.split(",")[0].endswith("_stderr")
-        }
-        for name, metrics in output["results"].items()
-    }
+    return {name: _numeric(metrics) for name, metrics in output["results"].items()}
+
+
+def _numeric(metrics: dict) -> dict[str, float]:
+    """`acc,none` -> `acc`; a filtered metric keeps its filter (`exact_match (strict-match)`), so
+    GSM8K's strict and flexible scores stay apart; standard errors are left out."""
+    out = {}
+    for key, value in metrics.items():
+        metric, _, filter_name = key.partition(",")
+        if isinstance(value, int | float) and not isinstance(value, bool) and not metric.endswith("_stderr"):
+            out[metric if filter_name in ("", "none") else f"{metric} ({filter_name})"] = value
+    return out

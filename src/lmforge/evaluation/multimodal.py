@@ -40,17 +40,19 @@ def options_of(example: Example) -> list[str]:
 
 
 def option_index(text: str, options: list[str]) -> int | None:
-    """Which option `text` picks: an option's whole text, else its first standalone letter, else the
-    one option whose text it contains (None: no pick, or an ambiguous one)."""
+    """Which option `text` picks: an option's whole text, else the one option whose text it
+    contains, else the option letter it gives (None: no pick, or an ambiguous one)."""
     said = normalize_text(text)
     exact = [i for i, o in enumerate(options) if normalize_text(o) == said]
     if exact:
         return exact[0]
+    contained = [i for i, o in enumerate(options) if normalize_text(o) and normalize_text(o) in said]
+    if len(contained) == 1:
+        return contained[0]
     letter = first_letter(text) if len(options) <= 4 else ""
     if letter and ord(letter) - ord("A") < len(options):
         return ord(letter) - ord("A")
-    contained = [i for i, o in enumerate(options) if normalize_text(o) and normalize_text(o) in said]
-    return contained[0] if len(contained) == 1 else None
+    return None
 
 
 def is_correct(output: str, example: Example, match: str) -> bool:

@@ -40,6 +40,8 @@ def encode_for_perplexity(
     example: Example, tokenizer: PreTrainedTokenizerBase, template: AnyTemplate
 ) -> tuple[list[int], list[int]]:
     """(input ids, labels): labels are the ids to score, IGNORE elsewhere."""
+    if example.images:
+        raise ValueError(f"{example.where}: has images; perplexity scores text records only")
     if example.kind == "text":
         ids = tokenizer(example.text, add_special_tokens=False)["input_ids"]
         if tokenizer.bos_token_id is not None:
@@ -104,16 +106,12 @@ def score_windows(
             mask = torch.tensor(
                 [[1] * len(row) + [0] * (width - len(row)) for row, _ in batch], device=device
             )
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             targets = labels[:, 1:]
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]),
-                targets.reshape(-1),
-                ignore_index=IGNORE,
-                reduction="sum",
-            )
+            scored = targets != IGNORE  # only the scored positions go to float32
+            nll = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="sum")
             total += float(nll)
-            count += int((targets != IGNORE).sum())
+            count += int(scored.sum())
             progress.update(task, advance=len(batch))
     return total, count
 
@@ -145,7 +143,9 @@ def perplexity(
     return Perplexity(math.exp(mean), mean, count, len(examples), len(chunks))
 
 
-def context_length(model: PreTrainedModel, cap: int = 4096) -> int:
-    """The model's context (max_position_embeddings), capped to keep a window's logits in memory."""
+def context_length(model: PreTrainedModel, cap: int | None = 4096) -> int:
+    """The model's context (max_position_embeddings), capped (perplexity windows: to keep a
+    batch of windows in memory); a model that does not say gets the cap, or 2048."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return min(int(getattr(config, "max_position_embeddings", cap) or cap), cap)
+    context = int(getattr(config, "max_position_embeddings", 0) or cap or 2048)
+    return min(context, cap) if cap else context

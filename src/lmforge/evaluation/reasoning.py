@@ -52,19 +52,20 @@ def score_reasoning(
         if reference is None:
             raise ValueError(f"{example.where}: no reference answer (an `answer` field) to check against")
         trace, answer = split_reasoning(generation.text, opened)
+        # only the answer counts: a trace cut off before </think> has no answer, whatever numbers it holds
         rows.append(
             {
                 "where": example.where,
                 "prompt": example.prompt,
                 "output": generation.text,
-                "extracted": extract_answer(generation.text),
+                "extracted": extract_answer(answer) if answer else "",
                 "reference": extract_answer(str(reference)),
-                "correct": matches(generation.text, reference),
+                "correct": bool(answer) and matches(answer, reference),
                 "compliant": bool(trace) and bool(answer),
                 "has_trace": trace is not None,
                 "cut_off": generation.finish_reason == "length",
                 "completion_tokens": generation.completion_tokens,
-                "reasoning_tokens": count_tokens(trace) if trace else None,
+                "reasoning_tokens": count_tokens(trace) if trace is not None else None,
             }
         )
     n = len(rows)
@@ -98,7 +99,8 @@ def evaluate_reasoning(
     system: str | None = None,
 ) -> dict:
     conversations = [conversation_of(e, system) for e in examples]
-    generations = engine.generate_detailed(conversations, params, batch_size)
+    images = [list(e.images) for e in examples] if any(e.images for e in examples) else None
+    generations = engine.generate_detailed(conversations, params, batch_size, images)
     opened = prompt_opens_reasoning(engine.prompt_text(conversations[0]))
 
     def count_tokens(text: str) -> int:

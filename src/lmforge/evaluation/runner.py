@@ -22,7 +22,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +54,64 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "model"
+    """A folder name for a model or task name: never empty, never `..` (stays inside output_dir)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
 
-def read_task_data(source: DatasetSource, dataset_dir: str, limit: int | None) -> list[Example]:
+def read_task_data(source: DatasetSource, dataset_dir: str, limit: int | None, task=None) -> list[Example]:
+    """The task's records, checked before any model generates: a generating task needs prompts with
+    reference answers (and options for `match: option`); each problem names its record."""
     from lmforge.data.loader import read_source
     from lmforge.data.registry import resolve
+    from lmforge.inference.predict import reference_of
 
     examples = list(read_source(resolve(source, dataset_dir)))
     if not examples:
         raise ValueError(f"{source.path} has no records")
-    return examples[:limit] if limit else examples
+    examples = examples[:limit] if limit else examples
+    if task is not None and task.kind in GENERATING:
+        for example in examples:
+            if example.kind == "text":
+                raise ValueError(
+                    f"{example.where}: a plain `text` record has no question for task {task.name}"
+                )
+            if reference_of(example) is None:
+                raise ValueError(
+                    f"{example.where}: no reference answer (an answer/output or an `answer` field) "
+                    f"for task {task.name} to compare with"
+                )
+            if task.kind == "multimodal" and task.match == "option":
+                from lmforge.evaluation.multimodal import options_of
+
+                options_of(example)
+    return examples
+
+
+def fingerprint(location: str | None, base: str = ".") -> list:
+    """Names, sizes and modification times of a local file or folder's files (a retrained model or an
+    edited data file changes it); a hub id or name stands for itself."""
+    if not location:
+        return []
+    path = Path(location)
+    if not path.exists() and (Path(base) / location).exists():
+        path = Path(base) / location
+    if not path.exists():
+        return [location]
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())[:5000]
+    return [
+        (p.name if p == path else str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in files
+    ]
+
+
+def task_inputs(task, dataset_dir: str) -> list:
+    """What a task reads besides the model: its data, benchmark folder, suite file or predictions."""
+    located = [getattr(task, "data", None) and task.data.path, getattr(task, "predictions", None)]
+    if task.kind == "multiple_choice":
+        located.append(task.path)
+    if task.kind == "suite" and task.suite not in ("general", "quickstart"):
+        located.append(task.suite)
+    return [fingerprint(p, dataset_dir) for p in located if p]
 
 
 def _key(*parts: Any) -> str:
@@ -128,14 +175,16 @@ def run_task(
     if task.kind == "generation":
         from lmforge.inference.predict import predict
 
-        examples = read_task_data(task.data, config.dataset_dir, task.limit)
+        examples = read_task_data(task.data, config.dataset_dir, task.limit, task)
+        if settings.system:
+            examples = [replace(e, system=e.system or settings.system) for e in examples]
         predictions = folder / "predictions.jsonl"
         predict(engine, examples, predictions, params, settings.batch_size, quiet=quiet)
         return _generation_metrics(task, predictions), None
     if task.kind == "reasoning":
         from lmforge.evaluation.reasoning import evaluate_reasoning
 
-        examples = read_task_data(task.data, config.dataset_dir, task.limit)
+        examples = read_task_data(task.data, config.dataset_dir, task.limit, task)
         metrics = evaluate_reasoning(
             engine, examples, params, settings.batch_size, task.failures, settings.system
         )
@@ -143,7 +192,7 @@ def run_task(
     if task.kind == "multimodal":
         from lmforge.evaluation.multimodal import evaluate_multimodal
 
-        examples = read_task_data(task.data, config.dataset_dir, task.limit)
+        examples = read_task_data(task.data, config.dataset_dir, task.limit, task)
         metrics = evaluate_multimodal(
             engine, examples, params, task.match, settings.batch_size, settings.system
         )
@@ -194,17 +243,25 @@ def evaluate(
     out = Path(config.output_dir)
     results: dict[str, dict[str, dict]] = {}
     seconds: dict[str, float] = {}
-    model_tasks = [t for t in config.tasks if not (t.kind == "generation" and t.predictions)]
+    scored_only = {
+        t.name: Path(t.predictions).stem for t in config.tasks if t.kind == "generation" and t.predictions
+    }
+    _check_names(config, scored_only)
+    # harness tasks first: the harness loads its own copy of the model, so none of ours is in memory
+    model_tasks = sorted(
+        (t for t in config.tasks if t.name not in scored_only), key=lambda t: t.kind != "harness"
+    )
     with quiet_library_bars():
         for model in config.models:
             results[model.name] = {}
             engine = None
+            weights = [fingerprint(model.path), fingerprint(model.adapter)]
             for task in model_tasks:
                 folder = out / slug(model.name) / slug(task.name)
-                generates = task.kind in GENERATING or (
-                    task.kind == "multiple_choice" and task.scoring == "generate"
+                settings = config.generation if task.kind in GENERATING else None
+                key = _key(
+                    model, task, settings, config.dataset_dir, weights, task_inputs(task, config.dataset_dir)
                 )
-                key = _key(model, task, config.generation if generates else None)
                 metrics = None if force else _cached(folder, key)
                 if metrics is not None:
                     if not quiet:
@@ -215,6 +272,8 @@ def evaluate(
                     engine = _load(model, quiet)
                 if not quiet:
                     console.print(f"[bold]{model.name}[/] / {task.name} ({task.kind})")
+                if task.kind == "generation":  # resume predictions only if made for this very key
+                    _fresh_predictions(folder, key)
                 started = time.perf_counter()
                 metrics, rows = run_task(engine, model, task, config, folder, quiet)
                 seconds[f"{model.name}/{task.name}"] = round(time.perf_counter() - started, 2)
@@ -223,11 +282,37 @@ def evaluate(
             del engine
             gc.collect()
     for task in config.tasks:
-        if task.kind == "generation" and task.predictions:
-            name = Path(task.predictions).stem
-            results.setdefault(name, {})[task.name] = _generation_metrics(task, Path(task.predictions))
+        if task.name in scored_only:
+            results.setdefault(scored_only[task.name], {})[task.name] = _generation_metrics(
+                task, Path(task.predictions)
+            )
     _write_results(config, results, seconds, out)
     return EvalResults(results, out)
+
+
+def _check_names(config: EvalConfig, scored_only: dict[str, str]) -> None:
+    """Every model and task gets its own folder, and scored prediction files their own column."""
+    for what, names in (("model", [m.name for m in config.models]), ("task", [t.name for t in config.tasks])):
+        folders = [slug(n) for n in names]
+        clash = sorted({n for n, f in zip(names, folders, strict=True) if folders.count(f) > 1})
+        if clash:
+            raise ValueError(f"{what} names {', '.join(clash)} share a folder name; give them distinct names")
+    taken = {m.name for m in config.models}
+    for task, column in scored_only.items():
+        if column in taken:
+            raise ValueError(
+                f"task {task}: predictions file {column}.jsonl would share the report column `{column}` with "
+                "a model or another predictions file; rename the file"
+            )
+        taken.add(column)
+
+
+def _fresh_predictions(folder: Path, key: str) -> None:
+    """Keep a predictions file to resume only when it was made for this key; else start over."""
+    stamp, predictions = folder / "predictions.key", folder / "predictions.jsonl"
+    if not (stamp.is_file() and stamp.read_text(encoding="utf-8") == key):
+        predictions.unlink(missing_ok=True)
+        write_atomic(stamp, key)
 
 
 def _load(model: EvalModel, quiet: bool):
