@@ -43,6 +43,35 @@ def test_merged_logits_equal_adapter_logits(tmp_path, base_dir, adapter_dir, tok
     assert not list(tmp_path.glob(".merged.tmp-*")), "no temporary folder is left behind"
 
 
+def test_sharded_merge_reloads_like_the_single_file_merge(tmp_path, base_dir, adapter_dir, tokenizer):
+    whole = merge_adapter(str(base_dir), adapter_dir, tmp_path / "whole")
+    sharded = merge_adapter(str(base_dir), adapter_dir, tmp_path / "sharded", max_shard_size="100KB")
+    assert (whole / "model.safetensors").is_file(), "the 5GB default keeps a tiny model in one file"
+    shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
+    assert len(shards) >= 3, shards
+    assert shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert all((sharded / name).stat().st_size < 100_000 for name in shards)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    names = {p.name for p in sharded.iterdir()}
+    assert "model.safetensors" not in names
+    assert {"tokenizer.json", "chat_template.jinja", "lmforge_template.txt", "README.md"} <= names
+    assert (sharded / "lmforge_template.txt").read_text().strip() == "chatml"
+    assert "# lmforge merged model" in (sharded / "README.md").read_text()
+    ids = tokenizer(["<|im_start|>user\nadd 3 and 4<|im_end|>\n<|im_start|>assistant\n"], return_tensors="pt")
+    with torch.no_grad():
+        whole_logits = AutoModelForCausalLM.from_pretrained(whole)(**ids).logits
+        sharded_logits = AutoModelForCausalLM.from_pretrained(sharded)(**ids).logits
+    torch.testing.assert_close(sharded_logits, whole_logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("size", ["5 gigs", "0GB", "100"])
+def test_unreadable_shard_size_is_refused_before_loading(tmp_path, base_dir, size):
+    with pytest.raises(MergeError, match="is not a size.*e.g. 5GB"):
+        merge_adapter(str(base_dir), base_dir, tmp_path / "out", max_shard_size=size)
+    assert not (tmp_path / "out").exists()
+
+
 def test_quantized_base_is_refused_with_fix(tmp_path, base_dir, adapter_dir):
     quantized = tmp_path / "quantized"
     shutil.copytree(base_dir, quantized)

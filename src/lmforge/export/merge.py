@@ -13,6 +13,7 @@ the fix.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -42,6 +43,19 @@ class MergeError(ValueError):
     """The merge cannot be done as asked; the message says why and what to do."""
 
 
+SHARD_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|TB)\s*", flags=re.IGNORECASE)
+
+
+def check_shard_size(max_shard_size: str) -> None:
+    """Refuse a shard size transformers cannot read, before any weights are loaded."""
+    match = SHARD_SIZE.fullmatch(max_shard_size)
+    if match is None or float(match.group(1)) <= 0:
+        raise MergeError(
+            f"max_shard_size {max_shard_size!r} is not a size; write a positive number and a unit "
+            "(KB, MB, GB or TB), e.g. 5GB"
+        )
+
+
 def _saved_dtype(base: str, trust_remote_code: bool) -> str:
     config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code)
     quant = getattr(config, "quantization_config", None)
@@ -64,7 +78,11 @@ def merge_adapter(
     dtype: str = "auto",
     device: str = "auto",
     trust_remote_code: bool = False,
+    max_shard_size: str = "5GB",
 ) -> Path:
+    """Merge `adapter` into `base` and save it to `out` as safetensors shards of at most
+    `max_shard_size` (plus an index when there is more than one), with tokenizer, template and card."""
+    check_shard_size(max_shard_size)
     adapter = Path(adapter)
     if is_moe_dora_folder(adapter):
         raise MergeError(
@@ -114,4 +132,5 @@ def merge_adapter(
         "merged model",
         card_extra=card,
         image_processor=image_processor,
+        max_shard_size=max_shard_size,
     )

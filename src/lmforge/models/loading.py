@@ -91,13 +91,16 @@ def quiet_library_bars() -> Iterator[None]:
     import datasets
     from transformers.utils import logging as hf_logging
 
+    was_on = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     hf_logging.disable_progress_bar()
     try:
         yield
-    finally:
-        datasets.enable_progress_bars()
-        hf_logging.enable_progress_bar()
+    finally:  # back to how it was: a nested block leaves its outer block quiet
+        if was_on[0]:
+            datasets.enable_progress_bars()
+        if was_on[1]:
+            hf_logging.enable_progress_bar()
 
 
 @contextmanager
@@ -135,7 +138,11 @@ def load_causal_lm(
         from transformers import AutoModelForImageTextToText
 
         auto_class = AutoModelForImageTextToText
-    extra = {"num_labels": 1} if reward else {}
+    extra: dict = {"num_labels": 1} if reward else {}
+    if quant is not None:
+        # Only when asked: an explicit `quantization_config=None` would overwrite the config.json
+        # entry of a checkpoint saved quantized and load its packed weights as garbage.
+        extra["quantization_config"] = quant
     with expected_head_swap() if reward else nullcontext():
         model = auto_class.from_pretrained(
             model_location(config.name_or_path),
@@ -144,7 +151,6 @@ def load_causal_lm(
             trust_remote_code=config.trust_remote_code,
             dtype=hardware.dtype,
             attn_implementation=hardware.attn_implementation,
-            quantization_config=quant,
             device_map={"": hardware.device} if quant is not None else None,
             use_safetensors=True,
         )

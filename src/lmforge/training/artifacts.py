@@ -83,9 +83,11 @@ def save_artifact(
     config: RunConfig | None = None,
     card_extra: str = "",
     image_processor=None,
+    max_shard_size: str | None = None,
 ) -> Path:
     """Save a model or adapter (safetensors) + tokenizer + template + card (+ a vision-language
-    model's image processor), atomically."""
+    model's image processor), atomically. `max_shard_size` (e.g. "5GB") splits the weights into
+    `model-0000i-of-0000n.safetensors` files plus an index; None keeps transformers' default."""
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -102,6 +104,8 @@ def save_artifact(
         # Convert PiSSA (trained against the residual base) to a LoRA of the original base.
         init = Path(config.train.output_dir) / "pissa_init"
         extra["path_initial_model_for_weight_conversion"] = str(init)
+    if max_shard_size is not None:
+        extra["max_shard_size"] = max_shard_size
     model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.chat_template = template.jinja(tokenizer)
     tokenizer.save_pretrained(tmp)
