@@ -244,6 +244,45 @@ def merge(
 
 
 @app.command()
+def export(
+    model: Annotated[Path, typer.Option(help="A merged 16-bit model folder (Llama, Mistral, Qwen2).")],
+    out: Annotated[Path, typer.Option(help="The .gguf file (or a folder to put it in).")],
+    type_: Annotated[str, typer.Option("--type", help="Tensor type: f16, bf16, f32 or q8_0.")] = "f16",
+    modelfile: Annotated[bool, typer.Option(help="Also write an Ollama Modelfile beside it.")] = True,
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Export a merged model to GGUF (llama.cpp, Ollama), with an Ollama Modelfile."""
+    from lmforge.export.gguf import export_gguf, write_modelfile
+
+    try:
+        path = export_gguf(model, out, type_)
+        written = write_modelfile(path, model) if modelfile else None
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    console.print(f"[bold green]exported[/] {path}" + (f" and {written}" if written else ""))
+
+
+@app.command()
+def quantize(
+    model: Annotated[Path, typer.Option(help="A merged 16-bit model folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder for the quantized checkpoint.")],
+    method: Annotated[str, typer.Option(help="bnb-4bit, bnb-8bit or gptq (CUDA, gptqmodel).")] = "bnb-4bit",
+    calibration: Annotated[str | None, typer.Option(help="GPTQ calibration data file.")] = None,
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Save a quantized checkpoint of a merged model (bitsandbytes 4/8-bit, or GPTQ)."""
+    from lmforge.export.quantize import quantize_model
+
+    try:
+        path = quantize_model(model, out, method, calibration=calibration)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    console.print(f"[bold green]quantized[/] ({method}) model saved to {path}")
+
+
+@app.command()
 def chat(
     model: Annotated[str, typer.Option(help="Model folder or hub id (merged, or the base of --adapter).")],
     prompt: Annotated[str | None, typer.Argument(help="Answer this one prompt and exit.")] = None,
@@ -351,6 +390,33 @@ def predict(
         _fail(exc, traceback)
         return
     console.print(f"[bold green]wrote[/] {written} predictions to {out} ({len(examples)} records in all)")
+
+
+@app.command("run")
+def run_(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML: shared sections and stages in order.")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Overrides: key=value (e.g. shared.train.max_steps=10).")
+    ] = None,
+    from_: Annotated[str | None, typer.Option("--from", help="Rerun this stage and all after it.")] = None,
+    only: Annotated[str | None, typer.Option(help="Run only this stage (its inputs must be done).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan: what runs, resumes or is skipped.")] = False,
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Run a multi-stage pipeline (training stages, merge, quantize, export, predict, eval): stages
+    already done are skipped, an interrupted one resumes, a changed one reruns with all after it."""
+    from lmforge.config.loader import parse_overrides
+    from lmforge.pipeline.runner import run_pipeline
+    from lmforge.pipeline.spec import load_pipeline
+
+    try:
+        spec = load_pipeline(pipeline, parse_overrides(overrides or []))
+        run_pipeline(spec, start=from_, only=only, dry_run=dry_run)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    if not dry_run:
+        console.print(f"[bold green]done[/]: {spec.output_dir}/manifest.json, report.md and report.html")
 
 
 @app.command("eval")

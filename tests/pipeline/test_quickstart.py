@@ -31,8 +31,9 @@ def test_quickstart_learns_merges_chats_and_feeds_the_example_config(tmp_path, q
     results = json.loads((out / "results.json").read_text())
     assert results["heldout"] >= 100
     assert results["accuracy_after"] - results["accuracy_before"] >= 0.40
-    # merging changes no answer: the merged model is the adapter model
-    assert results["accuracy_merged"] == results["accuracy_after"]
+    # DPO keeps what SFT taught; merging changes no answer: the merged model is the DPO adapter model
+    assert results["accuracy_dpo"] >= results["accuracy_after"] - 0.05
+    assert results["accuracy_merged"] == results["accuracy_dpo"]
     assert results["chat_answer"] == results["expected_answer"]
     assert "held-out exact match" in output  # the results table
 
@@ -41,7 +42,21 @@ def test_quickstart_learns_merges_chats_and_feeds_the_example_config(tmp_path, q
     assert not train & heldout
     for weights in ("base", "pretrain/model", "merged"):
         assert (out / weights / "model.safetensors").exists(), weights
-    assert (out / "sft" / "adapter" / "adapter_model.safetensors").exists()
+    for adapter in ("sft", "dpo"):
+        assert (out / adapter / "adapter" / "adapter_model.safetensors").exists(), adapter
+
+    # it ran as a pipeline: manifest, report, and a rerun would skip every stage
+    from lmforge.pipeline.runner import load_manifest, plan
+    from lmforge.pipeline.spec import load_pipeline
+
+    spec = load_pipeline(out / "pipeline.yaml")
+    manifest = load_manifest(spec)
+    assert [manifest["stages"][s]["status"] for s in ("pretrain", "sft", "dpo", "merged", "eval")] == [
+        "done"
+    ] * 5
+    assert {s.action for s in plan(spec, manifest)} == {"skip"}
+    assert "Loss curves" in (out / "report.md").read_text()
+    assert (out / "eval" / "report.html").is_file()
     assert (out / "merged" / "lmforge_template.txt").read_text().strip() == "chatml"
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.tmp"))
 

@@ -97,6 +97,8 @@ class QuickstartSizes(TypedDict):
     sft_steps: int
     sft_batch: int
     sft_lr: float
+    dpo_pairs: int
+    dpo_steps: int
     max_new_tokens: int
 
 
@@ -118,6 +120,8 @@ QUICKSTART_SIZES: Final[QuickstartSizes] = {
     "sft_steps": 150,
     "sft_batch": 32,
     "sft_lr": 3e-3,
+    "dpo_pairs": 400,
+    "dpo_steps": 25,
     "max_new_tokens": 12,  # answers are at most MAX_DIGITS tokens, plus the stop token
 }
 

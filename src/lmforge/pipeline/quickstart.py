@@ -1,14 +1,15 @@
 """`lmforge quickstart`: every stage of the foundation, offline, on a tiny model, in minutes.
 
-1. write a synthetic task with checkable answers (train and held-out items disjoint);
+1. write a synthetic task with checkable answers (train and held-out items disjoint), and
+   preference pairs (the right answer chosen, a near miss rejected);
 2. train a byte-level BPE tokenizer and build a tiny random Llama;
-3. pre-train it on plain text that teaches the skill in another surface form;
-4. measure held-out exact match through the chat template (before SFT);
-5. LoRA SFT on the instruction form; measure again (after SFT);
-6. merge the adapter into the base, check the merged model answers the same;
-7. answer one held-out prompt through the streaming chat engine.
+3. run the bundled pipeline (`pipeline.yaml` in the output folder, the same runner as
+   `lmforge run`): pre-training on plain text that teaches the skill in another surface form ->
+   LoRA SFT on the instruction form -> DPO continuing the SFT adapter -> merge -> eval (held-out
+   exact match of every stage through the chat template, answer perplexity, the query suite);
+4. answer one held-out prompt through the streaming chat engine.
 
-Each stage is the same driver `lmforge train` runs, fed a config built here.
+Rerunning `lmforge run <output>/pipeline.yaml` skips every stage already done.
 """
 
 from __future__ import annotations
@@ -19,23 +20,22 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
-from lmforge.config import RunConfig, validate_config
 from lmforge.data.synthetic import (
     QUICKSTART_SIZES,
     TaskExample,
     is_correct,
     make_task_split,
+    preference_records,
     pretrain_corpus,
     to_alpaca_records,
     tokenizer_corpus,
 )
 from lmforge.data.templates import Conversation
-from lmforge.export.merge import merge_adapter
 from lmforge.inference.engine import Engine, SamplingParams
-from lmforge.methods import pretrain, sft
 from lmforge.models.loading import quiet_library_bars
 from lmforge.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny
 
@@ -44,9 +44,10 @@ console = Console()
 
 @dataclass
 class QuickstartResult:
-    accuracy_before: float
-    accuracy_after: float
-    accuracy_merged: float
+    accuracy_before: float  # the pre-trained model, before SFT
+    accuracy_after: float  # after LoRA SFT
+    accuracy_dpo: float  # after DPO continuing the SFT adapter
+    accuracy_merged: float  # the merged model
     heldout: int
     chat_prompt: str
     chat_answer: str
@@ -69,17 +70,97 @@ def accuracy(engine: Engine, examples: list[TaskExample], max_new_tokens: int) -
     return sum(is_correct(a, ex) for a, ex in zip(answers, examples, strict=True)) / len(examples)
 
 
-def _stage_config(base: dict, **sections: dict) -> RunConfig:
-    merged = {key: {**base.get(key, {}), **sections.get(key, {})} for key in {*base, *sections}}
-    return validate_config(merged, source="quickstart")
-
-
 def run_quickstart(output_dir: str | Path = "runs/quickstart", seed: int = 0) -> QuickstartResult:
     with quiet_library_bars():
         return _run(Path(output_dir), seed)
 
 
+def _write_if_changed(path: Path, data: object) -> None:
+    """Same content, same file (and modification time): a rerun's pipeline sees unchanged data."""
+    text = json.dumps(data, indent=1, ensure_ascii=False)
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        _write_json(path, data)
+
+
+def pipeline_config(out: Path, seed: int) -> dict:
+    """The bundled quickstart pipeline (written to out/pipeline.yaml and run by `lmforge run`)."""
+    sizes = QUICKSTART_SIZES
+    data = out / "data"
+    common_train = {"warmup_ratio": 0.05, "logging_steps": 25, "seed": seed, "tensorboard": False}
+    generation = {"max_new_tokens": sizes["max_new_tokens"], "batch_size": 64}
+    return {
+        "name": "quickstart",
+        "output_dir": str(out),
+        "shared": {"model": {"name_or_path": str(out / "base")}, "data": {"template": "chatml"}},
+        "stages": [
+            {
+                "name": "pretrain",
+                "kind": "pretrain",
+                "adapter": {"method": "none"},
+                "data": {"path": str(data / "pretrain.json"), "max_length": sizes["pretrain_seq_len"]},
+                "train": {
+                    **common_train,
+                    "max_steps": sizes["pretrain_steps"],
+                    "batch_size": sizes["pretrain_batch"],
+                    "lr": sizes["pretrain_lr"],
+                    "weight_decay": 0.01,
+                },
+            },
+            {
+                "name": "sft",
+                "kind": "sft",
+                "adapter": {
+                    "r": sizes["lora_r"],
+                    "alpha": sizes["lora_alpha"],
+                    "dropout": 0.0,
+                    "preset": "all",
+                },
+                "data": {"path": str(data / "sft_train.json"), "max_length": 64},
+                "train": {
+                    **common_train,
+                    "max_steps": sizes["sft_steps"],
+                    "batch_size": sizes["sft_batch"],
+                    "lr": sizes["sft_lr"],
+                },
+            },
+            {
+                "name": "dpo",
+                "kind": "dpo",
+                "method": {"beta": 0.1},
+                "adapter": {
+                    "r": sizes["lora_r"],
+                    "alpha": sizes["lora_alpha"],
+                    "dropout": 0.0,
+                    "preset": "all",
+                },
+                "data": {"path": str(data / "dpo_pairs.json"), "max_length": 64},
+                "train": {**common_train, "max_steps": sizes["dpo_steps"], "batch_size": 16, "lr": 5e-4},
+            },
+            {"name": "merged", "kind": "merge", "from": "dpo"},
+            {
+                "name": "eval",
+                "kind": "eval",
+                "models": ["pretrain", "sft", "dpo", "merged"],
+                "generation": generation,
+                "tasks": [
+                    {
+                        "kind": "generation",
+                        "name": "heldout",
+                        "data": str(data / "heldout.json"),
+                        "metrics": ["exact_match"],
+                    },
+                    {"kind": "perplexity", "data": str(data / "heldout.json")},
+                    {"kind": "suite", "suite": "quickstart"},
+                ],
+            },
+        ],
+    }
+
+
 def _run(out: Path, seed: int) -> QuickstartResult:
+    from lmforge.pipeline.runner import run_pipeline
+    from lmforge.pipeline.spec import parse_pipeline
+
     sizes = QUICKSTART_SIZES
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -87,107 +168,74 @@ def _run(out: Path, seed: int) -> QuickstartResult:
     console.rule("[bold]1. synthetic task")
     train, heldout = make_task_split(seed, sizes["n_train"], sizes["n_heldout"])
     exclude = {ex.prompt for ex in heldout} | {ex.answer for ex in heldout}
-    _write_json(out / "data" / "sft_train.json", to_alpaca_records(train))
-    _write_json(out / "data" / "heldout.json", to_alpaca_records(heldout))
+    _write_if_changed(out / "data" / "sft_train.json", to_alpaca_records(train))
+    _write_if_changed(out / "data" / "heldout.json", to_alpaca_records(heldout))
+    pairs = preference_records(train[: sizes["dpo_pairs"]], [""] * sizes["dpo_pairs"], seed)
+    _write_if_changed(out / "data" / "dpo_pairs.json", pairs)
     corpus = pretrain_corpus(seed, sizes["pretrain_lines"], exclude)
-    _write_json(out / "data" / "pretrain.json", [{"text": line} for line in corpus])
+    _write_if_changed(out / "data" / "pretrain.json", [{"text": line} for line in corpus])
     console.print(
-        f"{len(train)} training and {len(heldout)} held-out instructions (disjoint); "
-        f"{len(corpus)} pre-training lines; e.g. [cyan]{train[0].prompt}[/] -> [green]{train[0].answer}[/]"
+        f"{len(train)} training and {len(heldout)} held-out instructions (disjoint); {len(pairs)} "
+        f"preference pairs; {len(corpus)} pre-training lines; "
+        f"e.g. [cyan]{train[0].prompt}[/] -> [green]{train[0].answer}[/]"
     )
 
     console.rule("[bold]2. tokenizer and tiny model")
-    tokenizer = build_tiny_tokenizer(tokenizer_corpus(), vocab_size=sizes["vocab_size"])
-    model = build_tiny_llama(
-        tokenizer,
-        hidden_size=sizes["hidden_size"],
-        num_layers=sizes["num_layers"],
-        num_heads=sizes["num_heads"],
-        max_positions=sizes["max_positions"],
-        seed=seed,
-    )
-    base_dir = save_tiny(model, tokenizer, out / "base")
-    n_params = sum(p.numel() for p in model.parameters())
+    base_dir = out / "base"
+    stamp = base_dir / "quickstart.json"  # what the base was built from: rebuilt when that changes
+    built_from = json.dumps({"seed": seed, "sizes": dict(sizes)}, sort_keys=True)
+    if not (
+        stamp.is_file() and stamp.read_text() == built_from and (base_dir / "model.safetensors").is_file()
+    ):
+        tokenizer = build_tiny_tokenizer(tokenizer_corpus(), vocab_size=sizes["vocab_size"])
+        model = build_tiny_llama(
+            tokenizer,
+            hidden_size=sizes["hidden_size"],
+            num_layers=sizes["num_layers"],
+            num_heads=sizes["num_heads"],
+            max_positions=sizes["max_positions"],
+            seed=seed,
+        )
+        save_tiny(model, tokenizer, base_dir)
+        stamp.write_text(built_from)
     console.print(
-        f"vocab {len(tokenizer)}, Llama {sizes['num_layers']}x{sizes['hidden_size']}, {n_params:,} params"
+        f"Llama {sizes['num_layers']}x{sizes['hidden_size']}, vocab {sizes['vocab_size']} (byte-level BPE), "
+        f"in {base_dir}"
     )
     seconds["setup"] = time.perf_counter() - start
 
-    console.rule("[bold]3. pre-training (full parameters)")
-    t = time.perf_counter()
-    common = {"model": {"name_or_path": str(base_dir)}}
-    pre = pretrain.run(
-        _stage_config(
-            common,
-            method={"name": "pretrain"},
-            adapter={"method": "none"},
-            data={"path": str(out / "data" / "pretrain.json"), "max_length": sizes["pretrain_seq_len"]},
-            train={
-                "output_dir": str(out / "pretrain"),
-                "max_steps": sizes["pretrain_steps"],
-                "batch_size": sizes["pretrain_batch"],
-                "lr": sizes["pretrain_lr"],
-                "warmup_ratio": 0.05,
-                "weight_decay": 0.01,
-                "logging_steps": 25,
-                "seed": seed,
-                "tensorboard": False,
-            },
-        )
+    console.rule("[bold]3. pipeline: pretrain -> LoRA SFT -> DPO -> merge -> eval")
+    raw = pipeline_config(out, seed)
+    (out / "pipeline.yaml").write_text(
+        "# lmforge run " + str(out / "pipeline.yaml") + "\n" + yaml.safe_dump(raw, sort_keys=False),
+        encoding="utf-8",
     )
-    seconds["pretrain"] = time.perf_counter() - t
-    pretrained = str(pre.artifact)
+    manifest = run_pipeline(parse_pipeline(raw, str(out / "pipeline.yaml")), quiet=False)
+    stages = manifest["stages"]
+    for name in ("pretrain", "sft", "dpo", "merged", "eval"):
+        seconds[name] = stages[name].get("seconds", 0.0)
+    scores = stages["eval"]["metrics"]
+    accuracy = {name: scores[name]["heldout"]["exact_match"] for name in ("pretrain", "sft", "dpo", "merged")}
 
-    console.rule("[bold]4. held-out accuracy before SFT")
+    console.rule("[bold]4. chat")
+    merged_dir = out / "merged"
     max_new = sizes["max_new_tokens"]
-    before = accuracy(Engine.load(pretrained, template="chatml"), heldout, max_new)
-    console.print(f"exact match before SFT: [bold]{before:.1%}[/]")
-
-    console.rule("[bold]5. LoRA SFT")
-    t = time.perf_counter()
-    tuned = sft.run(
-        _stage_config(
-            {"model": {"name_or_path": pretrained}},
-            adapter={"r": sizes["lora_r"], "alpha": sizes["lora_alpha"], "dropout": 0.0, "preset": "all"},
-            data={"path": str(out / "data" / "sft_train.json"), "template": "chatml", "max_length": 64},
-            train={
-                "output_dir": str(out / "sft"),
-                "max_steps": sizes["sft_steps"],
-                "batch_size": sizes["sft_batch"],
-                "lr": sizes["sft_lr"],
-                "warmup_ratio": 0.05,
-                "logging_steps": 25,
-                "seed": seed,
-                "tensorboard": False,
-            },
-        )
-    )
-    seconds["sft"] = time.perf_counter() - t
-    after = accuracy(Engine.load(pretrained, adapter=str(tuned.artifact)), heldout, max_new)
-    console.print(f"exact match after SFT: [bold]{after:.1%}[/]")
-
-    console.rule("[bold]6. merge")
-    t = time.perf_counter()
-    merged_dir = merge_adapter(pretrained, tuned.artifact, out / "merged")
-    merged_engine = Engine.load(str(merged_dir))
-    merged = accuracy(merged_engine, heldout, max_new)
-    seconds["merge"] = time.perf_counter() - t
-
-    console.rule("[bold]7. chat")
     example = heldout[0]
     console.print(f"[bold green]you[/]: {example.prompt}")
     console.print("[bold cyan]assistant[/]: ", end="")
     pieces = []
-    for piece in merged_engine.stream(Conversation(turns=[(example.prompt, "")]), SamplingParams(max_new)):
+    engine = Engine.load(str(merged_dir))
+    for piece in engine.stream(Conversation(turns=[(example.prompt, "")]), SamplingParams(max_new)):
         pieces.append(piece)
         console.print(piece, end="", markup=False, highlight=False)
     console.print()
     seconds["total"] = time.perf_counter() - start
 
     result = QuickstartResult(
-        accuracy_before=before,
-        accuracy_after=after,
-        accuracy_merged=merged,
+        accuracy_before=accuracy["pretrain"],
+        accuracy_after=accuracy["sft"],
+        accuracy_dpo=accuracy["dpo"],
+        accuracy_merged=accuracy["merged"],
         heldout=len(heldout),
         chat_prompt=example.prompt,
         chat_answer="".join(pieces).strip(),
@@ -200,17 +248,25 @@ def _run(out: Path, seed: int) -> QuickstartResult:
     table = Table(title="lmforge quickstart", show_header=True)
     table.add_column("stage")
     table.add_column("held-out exact match", justify="right")
+    table.add_column("answer perplexity", justify="right")
     table.add_column("time", justify="right")
-    table.add_row("pre-trained, before SFT", f"{before:.1%}", f"{seconds['pretrain']:.0f}s")
-    table.add_row("LoRA SFT (adapter)", f"{after:.1%}", f"{seconds['sft']:.0f}s")
-    table.add_row("merged model", f"{merged:.1%}", f"{seconds['merge']:.0f}s")
+    rows = [
+        ("pretrain", "pre-trained, before SFT"),
+        ("sft", "LoRA SFT (adapter)"),
+        ("dpo", "DPO (continued adapter)"),
+        ("merged", "merged model"),
+    ]
+    for name, label in rows:
+        ppl = scores[name]["perplexity"]["perplexity"]
+        table.add_row(label, f"{accuracy[name]:.1%}", f"{ppl:.2f}", f"{seconds[name]:.0f}s")
     console.print(table)
     console.print(
         f"{len(heldout)} held-out prompts never seen in training; total {seconds['total']:.0f}s. "
-        f"Everything is in [bold]{out}/[/] (results.json, base/, pretrain/, sft/, merged/, data/)."
+        f"Everything is in [bold]{out}/[/] (pipeline.yaml, manifest.json, report.html, eval/report.html, "
+        "base/, pretrain/, sft/, dpo/, merged/, data/)."
     )
     console.print(
-        f"Next: [bold]lmforge chat --model {merged_dir}[/], or compare the stages: "
-        "[bold]lmforge eval examples/quickstart/eval.yaml[/]"
+        f"Next: [bold]lmforge chat --model {merged_dir}[/]; rerun with "
+        f"[bold]lmforge run {out / 'pipeline.yaml'}[/] (done stages are skipped)"
     )
     return result
