@@ -19,10 +19,8 @@ compounds the error). Everything is written to a temporary folder and renamed in
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,7 +32,7 @@ from lmforge.data.formats import Example
 from lmforge.data.templates import AnyTemplate, get_template, guess_template
 from lmforge.models.hardware import DTYPES
 from lmforge.models.loading import TEMPLATE_FILE, model_location, quiet_library_bars, saved_template_name
-from lmforge.training.artifacts import versions
+from lmforge.training.artifacts import atomic_folder, versions
 
 console = Console(stderr=True)
 
@@ -168,27 +166,6 @@ def _read_calibration(
     return texts
 
 
-@contextmanager
-def _atomic_folder(dest: Path) -> Iterator[Path]:
-    """A temporary sibling of `dest` to fill; renamed to `dest` only when the block completes."""
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, dest)
-
-
 def _describe(
     method: str, quant_type: str, double_quant: bool, compute_dtype: str, bits: int, group_size: int
 ) -> str:
@@ -297,7 +274,7 @@ def quantize_model(
     description = _describe(method, quant_type, double_quant, compute_dtype, bits, group_size)
     if not quiet:
         console.print(f"quantizing {source} -> {out}: {description}")
-    with quiet_library_bars() if quiet else nullcontext(), _atomic_folder(out) as tmp:
+    with quiet_library_bars() if quiet else nullcontext(), atomic_folder(out) as tmp:
         if method == "gptq":
             _quantize_gptq(source, tmp, texts, bits, group_size)
         else:

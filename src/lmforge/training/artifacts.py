@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -88,11 +90,13 @@ def save_artifact(
     """Save a model or adapter (safetensors) + tokenizer + template + card (+ a vision-language
     model's image processor), atomically. `max_shard_size` (e.g. "5GB") splits the weights into
     `model-0000i-of-0000n.safetensors` files plus an index; None keeps transformers' default."""
-    dest = Path(dest)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    with atomic_folder(Path(dest)) as tmp:
+        _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_processor, max_shard_size)
+    return Path(dest)
+
+
+def _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_processor, max_shard_size) -> None:
+    """Write the artifact's files into the temporary folder."""
     stop_id = tokenizer.convert_tokens_to_ids(template.stop_token(tokenizer))
     generation_config = getattr(model, "generation_config", None)
     if generation_config is not None and stop_id is not None:
@@ -113,6 +117,21 @@ def save_artifact(
         image_processor.save_pretrained(tmp)
     (tmp / TEMPLATE_FILE).write_text(template.name + "\n", encoding="utf-8")
     (tmp / "README.md").write_text(_model_card(kind, config, template, card_extra), encoding="utf-8")
+
+
+@contextmanager
+def atomic_folder(dest: Path) -> Iterator[Path]:
+    """A temporary sibling of `dest` to fill; renamed to `dest` only when the block completes (a
+    failure removes it), so no half-written folder ever passes for complete."""
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
@@ -120,4 +139,3 @@ def save_artifact(
         shutil.rmtree(old)
     else:
         os.replace(tmp, dest)
-    return dest
