@@ -62,6 +62,8 @@ def test_resume_from_latest_complete_checkpoint_matches_uninterrupted(tmp_path, 
         validate_config(sft_config(base_dir, alpaca_file, full, save_steps=4, save_total_limit=None)),
         quiet=True,
     )
+    assert (full / "checkpoint-4" / "training_args.json").is_file()
+    assert not list(full.rglob("*.bin")), "no pickled training arguments in checkpoints"
     # Simulate a run killed after step 4: its checkpoint-4 is complete; a later save was cut off midway.
     killed = tmp_path / "killed"
     killed.mkdir()

@@ -35,6 +35,12 @@ class CompleteCheckpointCallback(TrainerCallback):
         # Trainer calls on_save after every file of the checkpoint is written.
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir() and state.is_world_process_zero:
+            # Trainer pickles its arguments (training_args.bin) for people to read, never to resume;
+            # lmforge keeps no pickles: the same arguments as JSON instead.
+            pickled = checkpoint / "training_args.bin"
+            if pickled.is_file():
+                (checkpoint / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
+                pickled.unlink()
             mark_complete(checkpoint, state.global_step)
 
 
