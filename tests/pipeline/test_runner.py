@@ -240,3 +240,18 @@ def test_a_failing_stage_is_named_and_recorded(base_dir, alpaca_file, tmp_path) 
     # a done stage whose output was deleted runs again, and so do the stages that read it
     shutil.rmtree(tmp_path / "out" / "merged")
     assert [s.action for s in plan(spec, manifest)] == ["skip", "run", "run"]
+
+
+def test_overrides_index_stages_by_position(tmp_path) -> None:
+    from lmforge.config.loader import parse_overrides
+    from lmforge.pipeline.spec import load_pipeline
+
+    path = tmp_path / "p.yaml"
+    raw = {"output_dir": str(tmp_path / "o"), "shared": {"model": {"name_or_path": "m"}}, "stages": [SFT]}
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_pipeline(path, parse_overrides(["stages.0.train.lr=2e-4", "shared.train.max_steps=5"]))
+    assert spec.stages[0].body["train"] == {"lr": 2e-4}
+    assert spec.stages[0].body["data"] == {"path": "d.json"}  # the rest of the stage is kept
+    assert spec.shared["train"] == {"max_steps": 5}
+    with pytest.raises(ConfigError, match="override `stages.3`: `stages` has items 0 to 0"):
+        load_pipeline(path, parse_overrides(["stages.3.train.lr=1"]))

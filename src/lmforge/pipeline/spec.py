@@ -120,8 +120,30 @@ def _did_you_mean(word: str, known: list[str]) -> str:
 
 
 def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineSpec:
-    raw = _merge(load_yaml(path), overrides or {})
+    """Read a pipeline file; `overrides` (from `a.b=c` arguments) may index stages by position:
+    `stages.2.train.lr=2e-4`."""
+    raw = _override(load_yaml(path), overrides or {}, str(path))
     return parse_pipeline(raw, str(path))
+
+
+def _override(base: Any, update: dict[str, Any], source: str, at: str = "") -> Any:
+    if isinstance(base, list):
+        out = list(base)
+        for key, value in update.items():
+            if not (key.isdigit() and int(key) < len(out)):
+                raise ConfigError(
+                    f"{source}: override `{at}{key}`: `{at.rstrip('.')}` has items 0 to {len(out) - 1}"
+                )
+            index = int(key)
+            out[index] = (
+                _override(out[index], value, source, f"{at}{key}.") if isinstance(value, dict) else value
+            )
+        return out
+    out = dict(base) if isinstance(base, dict) else {}
+    for key, value in update.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict | list)
+        out[key] = _override(out[key], value, source, f"{at}{key}.") if nested else value
+    return out
 
 
 def parse_pipeline(raw: dict[str, Any], source: str = "pipeline") -> PipelineSpec:
