@@ -58,6 +58,12 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def closest(word: str, known: Sequence[str]) -> str | None:
+    """The known name a typo most likely meant (None when nothing is close): for "did you mean"."""
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
     """Config sections inside an annotation: `Section`, `Section | None`, `list[Section]`, a union."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -104,8 +110,8 @@ def _describe(error: Any, source: str, root: type[BaseModel] = RunConfig) -> str
     if error["type"] == "extra_forbidden":
         owner = _model_at(error["loc"], root)
         known = list(owner.model_fields) if owner else []
-        close = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
-        hint = f" — did you mean `{'.'.join([*loc[:-1], close[0]])}`?" if close else ""
+        close = closest(loc[-1], known)
+        hint = f" — did you mean `{'.'.join([*loc[:-1], close])}`?" if close else ""
         section = ".".join(loc[:-1]) or "top level"
         return (
             f"{source}: unknown key `{key}`{hint} (known keys in {section}: {', '.join(known)}; "

@@ -17,9 +17,8 @@ import string
 
 from lmforge.data.formats import Example
 from lmforge.evaluation.choice import first_letter
-from lmforge.evaluation.reasoning import conversation_of
 from lmforge.inference.engine import Engine, SamplingParams
-from lmforge.inference.predict import reference_of
+from lmforge.inference.predict import prompt_conversation, reference_of
 
 _SPACE = re.compile(r"\s+")
 _EDGE_PUNCTUATION = string.punctuation + "。，、！？：；「」（）"
@@ -80,7 +79,7 @@ def evaluate_multimodal(
 ) -> dict:
     if not any(e.images for e in examples):
         raise ValueError("no record has an image: a multimodal task needs image question/answer records")
-    conversations = [conversation_of(e, system) for e in examples]
+    conversations = [prompt_conversation(e, system) for e in examples]
     images = [list(e.images) for e in examples]
     outputs = engine.generate(conversations, params, batch_size, images)
     rows = [

@@ -13,10 +13,9 @@ from __future__ import annotations
 import statistics
 
 from lmforge.data.formats import Example
-from lmforge.data.templates import Conversation
 from lmforge.evaluation.answers import extract_answer, matches
 from lmforge.inference.engine import Engine, Generation, SamplingParams
-from lmforge.inference.predict import reference_of
+from lmforge.inference.predict import prompt_conversation, reference_of
 from lmforge.inference.reasoning import prompt_opens_reasoning, split_reasoning
 
 
@@ -31,11 +30,6 @@ def length_stats(values: list[int]) -> dict[str, float]:
         "p90": ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))],
         "max": ordered[-1],
     }
-
-
-def conversation_of(example: Example, system: str | None = None) -> Conversation:
-    """The record's conversation up to its last user message (its answer left out)."""
-    return Conversation(turns=[*example.turns[:-1], (example.prompt, "")], system=example.system or system)
 
 
 def score_reasoning(
@@ -98,7 +92,7 @@ def evaluate_reasoning(
     failures: int = 5,
     system: str | None = None,
 ) -> dict:
-    conversations = [conversation_of(e, system) for e in examples]
+    conversations = [prompt_conversation(e, system) for e in examples]
     images = [list(e.images) for e in examples] if any(e.images for e in examples) else None
     generations = engine.generate_detailed(conversations, params, batch_size, images)
     opened = prompt_opens_reasoning(engine.prompt_text(conversations[0]))

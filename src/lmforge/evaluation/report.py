@@ -57,7 +57,7 @@ def headline(kind: str, metrics: dict) -> list[tuple[str, float | None, str]]:
     return []
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
     if value is None:
         return "—"
     if isinstance(value, int) or abs(value) >= 100:
@@ -66,12 +66,12 @@ def _fmt(value: float | None) -> str:
 
 
 def _delta(value: float | None, before: float | None, better: str) -> str:
-    if value is None or before is None or _fmt(value) == _fmt(before):
+    if value is None or before is None or fmt(value) == fmt(before):
         return ""
     sign = "+" if value > before else "−"
     good = (value > before) == (better == HIGHER) if better != NEUTRAL else None
     mark = {True: " ▲", False: " ▼", None: ""}[good]
-    return f" ({sign}{_fmt(abs(value - before))}{mark})"
+    return f" ({sign}{fmt(abs(value - before))}{mark})"
 
 
 def task_table(config: EvalConfig, results: dict, task) -> tuple[list[str], list[list[str]]]:
@@ -85,7 +85,7 @@ def task_table(config: EvalConfig, results: dict, task) -> tuple[list[str], list
         for m in models:
             found = [(v, b) for lab, v, b in lines[m] if lab == label]
             value, better = found[0] if found else (None, NEUTRAL)
-            row.append(_fmt(value) + _delta(value, before, better))
+            row.append(fmt(value) + _delta(value, before, better))
             before = value
         rows.append(row)
     return ["metric", *models], rows
@@ -120,7 +120,7 @@ def _short(text: str, width: int = 80) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     def clean(cell: str) -> str:
         return cell.replace("|", "\\|")
 
@@ -129,7 +129,7 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -178,13 +178,13 @@ def write_report(config: EvalConfig, results: dict, out: Path) -> tuple[Path, Pa
     md = ["# lmforge evaluation report", ""]
     page = ["<h1>lmforge evaluation report</h1>"]
     described = [[m.name, m.path, m.adapter or ""] for m in config.models]
-    md += ["## Models (in stage order)", "", _md_table(["model", "path", "adapter"], described), ""]
-    page += ["<h2>Models (in stage order)</h2>", _html_table(["model", "path", "adapter"], described)]
+    md += ["## Models (in stage order)", "", md_table(["model", "path", "adapter"], described), ""]
+    page += ["<h2>Models (in stage order)</h2>", html_table(["model", "path", "adapter"], described)]
     md.append("Each cell shows the change against the model to its left (▲ better, ▼ worse).\n")
     for task in config.tasks:
         header, rows = task_table(config, results, task)
-        md += [f"## {task.name} ({task.kind})", "", _md_table(header, rows), ""]
-        page += [f"<h2>{html.escape(task.name)} ({task.kind})</h2>", _html_table(header, rows)]
+        md += [f"## {task.name} ({task.kind})", "", md_table(header, rows), ""]
+        page += [f"<h2>{html.escape(task.name)} ({task.kind})</h2>", html_table(header, rows)]
         plot = plot_task(results, task, out / "plots" / f"{slug(task.name)}.png")
         if plot is not None:
             md += [f"![{task.name}](plots/{plot.name})", ""]
@@ -204,8 +204,8 @@ def write_report(config: EvalConfig, results: dict, out: Path) -> tuple[Path, Pa
                         for f in failures
                     ]
                     head = ["prompt", "output", "extracted", "reference"]
-                    md += [f"Failures of {model}:", "", _md_table(head, sample), ""]
-                    page += [f"<h3>Failures of {html.escape(model)}</h3>", _html_table(head, sample)]
+                    md += [f"Failures of {model}:", "", md_table(head, sample), ""]
+                    page += [f"<h3>Failures of {html.escape(model)}</h3>", html_table(head, sample)]
         if task.kind == "suite":
             rows_by_model = suite_rows(out, models, task.name)
             for before, after, gained, lost in suite_changes(rows_by_model):
@@ -226,8 +226,8 @@ def write_report(config: EvalConfig, results: dict, out: Path) -> tuple[Path, Pa
                         mark = {True: "✓ ", False: "✗ ", None: ""}[rows[i]["passed"]]
                         cells.append(mark + _short(rows[i]["output"], 60))
                     side.append(cells)
-                md += ["Answers side by side:", "", _md_table(head, side), ""]
-                page += ["<h3>Answers side by side</h3>", _html_table(head, side)]
+                md += ["Answers side by side:", "", md_table(head, side), ""]
+                page += ["<h3>Answers side by side</h3>", html_table(head, side)]
     md_path, html_path = out / "results.md", out / "report.html"
     write_atomic(md_path, "\n".join(md) + "\n")
     style = (

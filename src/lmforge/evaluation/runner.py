@@ -326,13 +326,12 @@ def _load(model: EvalModel, quiet: bool):
 
 
 def _write_results(config: EvalConfig, results: dict, seconds: dict, out: Path) -> None:
-    from importlib.metadata import version
-
     from lmforge.evaluation.report import write_report
+    from lmforge.training.artifacts import versions
 
     summary = {
         "config": config.model_dump(mode="json"),
-        "versions": {name: version(name) for name in ("lmforge", "torch", "transformers")},
+        "versions": versions(),
         "seconds": seconds,
         "results": results,
     }

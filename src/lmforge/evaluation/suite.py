@@ -91,7 +91,6 @@ right answers agree however they are worded), else its normalised final answer.
 from __future__ import annotations
 
 import ast
-import difflib
 import json
 import re
 from collections import Counter
@@ -103,6 +102,7 @@ from typing import Any
 
 import yaml
 
+from lmforge.config.loader import closest
 from lmforge.data.synthetic import INSTRUCTION as SORT_PROMPT
 from lmforge.data.synthetic import PRETRAIN_LINE, make_task_split
 from lmforge.evaluation.answers import extract_answer, matches, normalize, strip_reasoning
@@ -308,8 +308,8 @@ def _valid_value(kind: str, value: Any) -> bool:
 
 
 def _did_you_mean(name: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
-    return f"did you mean `{close[0]}`? " if close else ""
+    close = closest(name, known)
+    return f"did you mean `{close}`? " if close else ""
 
 
 # ---------------------------------------------------------------------------------------------

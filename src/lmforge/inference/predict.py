@@ -50,6 +50,12 @@ def done_lines(out: Path) -> int:
     return len(complete)
 
 
+def prompt_conversation(example: Example, system: str | None = None) -> Conversation:
+    """The record's conversation up to its last user message (its answer left out); `system` for
+    records that have none."""
+    return Conversation(turns=[*example.turns[:-1], (example.prompt, "")], system=example.system or system)
+
+
 def reference_of(example: Example) -> str | None:
     return example.reference.get("answer") or example.response or None
 
@@ -75,9 +81,7 @@ def predict(
         task = progress.add_task("predict", total=len(examples), completed=start)
         for begin in range(start, len(examples), batch_size):
             batch = examples[begin : begin + batch_size]
-            conversations = [
-                Conversation(turns=[*e.turns[:-1], (e.prompt, "")], system=e.system) for e in batch
-            ]
+            conversations = [prompt_conversation(e) for e in batch]
             images = [list(e.images) for e in batch] if any(e.images for e in batch) else None
             started = time.perf_counter()
             results = engine.generate_detailed(conversations, params, batch_size, images)

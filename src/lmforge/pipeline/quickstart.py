@@ -15,7 +15,6 @@ Rerunning `lmforge run <output>/pipeline.yaml` skips every stage already done.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from lmforge.data.synthetic import (
     tokenizer_corpus,
 )
 from lmforge.data.templates import Conversation
+from lmforge.evaluation.runner import write_atomic
 from lmforge.inference.engine import Engine, SamplingParams
 from lmforge.models.loading import quiet_library_bars
 from lmforge.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny
@@ -57,10 +57,7 @@ class QuickstartResult:
 
 
 def _write_json(path: Path, data: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def accuracy(engine: Engine, examples: list[TaskExample], max_new_tokens: int) -> float:

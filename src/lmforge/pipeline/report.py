@@ -8,7 +8,7 @@ import html
 import json
 from pathlib import Path
 
-from lmforge.evaluation.report import _fmt, _html_table, _md_table, task_table
+from lmforge.evaluation.report import fmt, html_table, md_table, task_table
 from lmforge.evaluation.runner import write_atomic
 from lmforge.pipeline.spec import TRAINING, PipelineSpec
 
@@ -69,14 +69,14 @@ def write_pipeline_report(spec: PipelineSpec, manifest: dict) -> tuple[Path, Pat
                 stage.kind,
                 stage.source or "",
                 record.get("status", "not run"),
-                _fmt(record.get("seconds")),
-                _fmt(metrics.get("train_loss")) if "train_loss" in metrics else "",
+                fmt(record.get("seconds")),
+                fmt(metrics.get("train_loss")) if "train_loss" in metrics else "",
                 str(metrics.get("steps", "")),
                 (record.get("output") or {}).get("path", ""),
             ]
         )
-    md = [f"# Pipeline {spec.name}", "", _md_table(header, rows), ""]
-    page = [f"<h1>Pipeline {html.escape(spec.name)}</h1>", _html_table(header, rows)]
+    md = [f"# Pipeline {spec.name}", "", md_table(header, rows), ""]
+    page = [f"<h1>Pipeline {html.escape(spec.name)}</h1>", html_table(header, rows)]
     plot = plot_losses(loss_curves(spec, manifest), spec.output_dir / "plots" / "losses.png")
     if plot is not None:
         md += ["## Loss curves", "", "![losses](plots/losses.png)", ""]
@@ -91,8 +91,8 @@ def write_pipeline_report(spec: PipelineSpec, manifest: dict) -> tuple[Path, Pat
         page.append(f"<h2>{html.escape(stage.name)} (eval)</h2>")
         for task in config.tasks:
             head, table = task_table(config, record["metrics"], task)
-            md += [f"### {task.name}", "", _md_table(head, table), ""]
-            page += [f"<h3>{html.escape(task.name)}</h3>", _html_table(head, table)]
+            md += [f"### {task.name}", "", md_table(head, table), ""]
+            page += [f"<h3>{html.escape(task.name)}</h3>", html_table(head, table)]
         md.append(f"Full report: {stage.name}/report.html\n")
     md_path, html_path = spec.output_dir / "report.md", spec.output_dir / "report.html"
     write_atomic(md_path, "\n".join(md) + "\n")

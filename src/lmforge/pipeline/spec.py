@@ -28,7 +28,6 @@ What `from` hands over:
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ from lmforge.config.loader import (
     ConfigError,
     _describe,
     _merge,
+    closest,
     load_yaml,
     validate_config,
     validate_eval_config,
@@ -115,8 +115,8 @@ class PipelineSpec:
 
 
 def _did_you_mean(word: str, known: list[str]) -> str:
-    close = difflib.get_close_matches(word, known, n=1, cutoff=0.5)
-    return f" — did you mean `{close[0]}`?" if close else ""
+    close = closest(word, known)
+    return f" — did you mean `{close}`?" if close else ""
 
 
 def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineSpec:
