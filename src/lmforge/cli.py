@@ -25,6 +25,8 @@ data_app = typer.Typer(help="Inspect and validate training data.", no_args_is_he
 app.add_typer(data_app, name="data")
 reward_app = typer.Typer(help="Use a trained reward model.", no_args_is_help=True)
 app.add_typer(reward_app, name="reward")
+lab_app = typer.Typer(help="Design a decoder from components and build it.", no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
 console = Console(stderr=True)
 
 
@@ -280,6 +282,65 @@ def quantize(
         _fail(exc, traceback)
         return
     console.print(f"[bold green]quantized[/] ({method}) model saved to {path}")
+
+
+@lab_app.command("build")
+def lab_build(
+    arch: Annotated[Path, typer.Argument(help="Architecture YAML (see examples/lab/arch.yaml).")],
+    out: Annotated[Path, typer.Option(help="Folder for the new model (safetensors + tokenizer).")],
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Build a model with random weights from an architecture YAML, in Hugging Face format."""
+    from lmforge.lab.build import build, model_info
+    from lmforge.lab.spec import load_arch
+
+    try:
+        path = build(load_arch(arch), out)
+        info = model_info(path)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    console.print(f"[bold green]built[/] {info.total:,}-parameter model in {path}")
+
+
+@lab_app.command("info")
+def lab_info(
+    source: Annotated[Path, typer.Argument(help="A lab model folder or an architecture YAML.")],
+    context: Annotated[
+        int | None, typer.Option(help="Sequence length for FLOPs (default: max_position_embeddings).")
+    ] = None,
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Parameters per component and forward FLOPs per token of a lab model."""
+    from lmforge.lab.build import model_info
+
+    try:
+        info = model_info(source, context)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+        return
+    c = info.config
+    kind = (
+        "multi-head"
+        if c.num_key_value_heads == c.num_attention_heads
+        else ("multi-query" if c.num_key_value_heads == 1 else "grouped-query")
+    )
+    out = Console()
+    out.print(
+        f"position {c.position_type} · norm {c.norm_type} · activation {c.hidden_act} · {kind} attention "
+        f"({c.num_attention_heads} query / {c.num_key_value_heads} key-value heads)\n"
+        f"d_model {c.hidden_size} · {c.num_hidden_layers} layers · d_ff {c.intermediate_size} · "
+        f"vocab {c.vocab_size} · tied embeddings {c.tie_word_embeddings}"
+    )
+    table = Table("component", "parameters", "share")
+    for count in info.counts:
+        table.add_row(count.component, f"{count.parameters:,}", f"{100 * count.parameters / info.total:.1f}%")
+    table.add_row("[bold]total", f"[bold]{info.total:,}", "100%")
+    out.print(table)
+    out.print(
+        f"forward FLOPs per token at {info.context} tokens: {info.flops:,} ({info.flops / 1e6:.2f} MFLOP); "
+        f"training ≈ 3x: {3 * info.flops / 1e6:.2f} MFLOP per token"
+    )
 
 
 @app.command()

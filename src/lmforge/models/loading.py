@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+import lmforge.lab  # noqa: F401  (registers lab models with the Auto classes)
 from lmforge.config.model import ModelConfig
 from lmforge.models.hardware import Hardware, choose_hardware
 
@@ -47,6 +48,18 @@ def is_vision_language(config: ModelConfig) -> bool:
         trust_remote_code=config.trust_remote_code,
     )
     return getattr(model_config, "vision_config", None) is not None
+
+
+def uses_alibi(config: ModelConfig) -> bool:
+    """Whether the model is a lab model with ALiBi (its bias needs SDPA or eager attention)."""
+    from transformers import AutoConfig
+
+    model_config = AutoConfig.from_pretrained(
+        model_location(config.name_or_path),
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+    )
+    return getattr(model_config, "position_type", None) == "alibi"
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -139,6 +152,9 @@ def load_causal_lm(
 
         auto_class = AutoModelForImageTextToText
     extra: dict = {"num_labels": 1} if reward else {}
+    attention = hardware.attn_implementation
+    if attention.startswith("flash") and uses_alibi(config):
+        attention = "sdpa"  # flash-attn kernels take no ALiBi bias through transformers
     if quant is not None:
         # Only when asked: an explicit `quantization_config=None` would overwrite the config.json
         # entry of a checkpoint saved quantized and load its packed weights as garbage.
@@ -150,7 +166,7 @@ def load_causal_lm(
             revision=config.revision,
             trust_remote_code=config.trust_remote_code,
             dtype=hardware.dtype,
-            attn_implementation=hardware.attn_implementation,
+            attn_implementation=attention,
             device_map={"": hardware.device} if quant is not None else None,
             use_safetensors=True,
         )
