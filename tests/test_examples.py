@@ -9,6 +9,7 @@ import pytest
 from lmforge.adapters.build import QUANTIZED_OK
 from lmforge.config import load_config
 from lmforge.config.loader import load_eval_config
+from lmforge.lab.spec import load_arch
 
 ROOT = Path(__file__).resolve().parents[1]
 # pipelines (examples/pipelines/) are checked in tests/pipeline/test_example_pipelines.py
@@ -37,12 +38,20 @@ def test_examples_exist():
         "deepseek_r1/eval_reasoning.yaml",
         "qwen2_vl/eval.yaml",
         "qwen2.5/eval_chinese.yaml",
+        "lab/arch.yaml",
+        "lab/pretrain.yaml",
+        "lab/sft.yaml",
     } <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.relative_to(ROOT / "examples").as_posix())
 def test_example_validates_and_shows_its_command(path):
     first_line = path.read_text().splitlines()[0]
+    if path.name.startswith("arch"):  # a lab architecture, built by `lmforge lab build`
+        spec = load_arch(path)
+        assert first_line.startswith(f"# lmforge lab build {path.relative_to(ROOT).as_posix()} --out ")
+        assert spec.d_model % spec.n_heads == 0
+        return
     if path.name.startswith("eval"):
         config = load_eval_config(path)
         assert first_line == f"# lmforge eval {path.relative_to(ROOT).as_posix()}"

@@ -30,6 +30,7 @@ APPLIES = {
     "samples_every": ONLINE,
     "grpo": ("grpo",),
     "ppo": ("ppo",),
+    "document_boundaries": ("pretrain",),
 }
 
 
@@ -71,6 +72,12 @@ class MethodConfig(Section):
     )
     center_rewards: float | None = Field(
         None, ge=0, description="Reward model: weight of a term pulling mean rewards to zero (e.g. 0.01)."
+    )
+
+    document_boundaries: bool = Field(
+        True,
+        description="Pre-training: attention and position ids restart at every document inside a "
+        "block (false: GPT-2 style, attention runs across documents joined by EOS).",
     )
 
     rewards: list[RewardSpec] = Field(

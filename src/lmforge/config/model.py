@@ -14,6 +14,11 @@ class ModelConfig(Section):
         "",
         description="Local folder or hub id of the base model (e.g. meta-llama/Llama-2-7b-chat-hf).",
     )
+    arch: str | None = Field(
+        None,
+        description="Pre-training from scratch: a `lmforge lab` architecture YAML; the model is built "
+        "from it with random weights instead of loaded (leave name_or_path empty).",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     trust_remote_code: bool = Field(
         False, description="Run code shipped with the model. Off unless you trust its source."

@@ -21,8 +21,27 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _stage_needs(self) -> RunConfig:
-        if not self.model.name_or_path:
-            raise ValueError("model.name_or_path is empty: give a local model folder or a hub id")
+        if self.model.arch:
+            if self.model.name_or_path:
+                raise ValueError(
+                    "give model.arch (build a new model) or model.name_or_path (load one), not both"
+                )
+            if self.method.name != "pretrain":
+                raise ValueError(
+                    f"model.arch builds a model with random weights: only method.name pretrain starts "
+                    f"from one, not {self.method.name}; pre-train first, then point model.name_or_path at "
+                    "its model/ folder"
+                )
+            if self.adapter.method != "none" or self.model.quantization != "none":
+                raise ValueError(
+                    "model.arch trains every weight of a new model: set adapter.method: none "
+                    "and model.quantization: none"
+                )
+        elif not self.model.name_or_path:
+            raise ValueError(
+                "model.name_or_path is empty: give a local model folder or a hub id "
+                "(or model.arch, a lab architecture YAML, to pre-train a new model)"
+            )
         if not self.data.sources():
             raise ValueError(
                 "data.path is empty: give a data file or folder, a registry name or a hub dataset id "
@@ -34,10 +53,16 @@ class RunConfig(Section):
                 "a quantized base cannot be trained directly; use adapter.method: lora (QLoRA)"
             )
         if self.adapter.loraplus_lr_ratio is not None and self.train.optimizer not in (
+            "adamw",
             "adamw_torch",
             "adamw_torch_fused",
         ):
             raise ValueError(
                 "adapter.loraplus_lr_ratio needs train.optimizer adamw_torch (LoRA+ builds AdamW)"
+            )
+        if self.train.optimizer == "sophia" and self.method.name not in ("sft", "pretrain"):
+            raise ValueError(
+                "train.optimizer sophia estimates its Hessian from the language-model loss: use it with "
+                f"method.name sft or pretrain, not {self.method.name}"
             )
         return self

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmforge.config.base import Section
+from lmforge.config.optim import OptimizerName, optimizer_args
 
 
 class TrainConfig(Section):
@@ -17,14 +18,38 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0, description="Forward passes per optimizer step.")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     scheduler: Literal[
-        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr", "polynomial"
-    ] = Field("cosine", description="Learning-rate schedule after warmup.")
+        "cosine", "linear", "polynomial", "none", "constant", "constant_with_warmup", "cosine_with_min_lr"
+    ] = Field(
+        "cosine",
+        description="Learning-rate schedule after warmup: cosine, linear (decay to 0), polynomial "
+        "(decay with scheduler_power to min_lr_ratio), none (constant; warmup still applies).",
+    )
+    min_lr_ratio: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="cosine and polynomial: decay to lr x this instead of 0 (e.g. 0.1).",
+    )
+    scheduler_power: float = Field(1.0, gt=0, description="polynomial: the decay exponent (1 = linear).")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Fraction of steps spent warming up.")
     warmup_steps: int = Field(0, ge=0, description="Warmup steps (overrides warmup_ratio when > 0).")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    weight_decay: float = Field(
+        0.0,
+        ge=0.0,
+        description="Decoupled weight decay of weight matrices and embeddings (not of norms or biases).",
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "paged_adamw_8bit", "sgd"] = Field(
-        "adamw_torch", description="Optimizer (transformers names)."
+    optimizer: OptimizerName = Field(
+        "adamw_torch",
+        description="adamw (= adamw_torch), adamw_torch_fused, adafactor (torch's), lion, sophia (SophiaG), "
+        "muon (Muon for hidden matrices + AdamW for the rest), sgd; on CUDA adamw_8bit and "
+        "paged_adamw_8bit (bitsandbytes).",
+    )
+    optimizer_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The optimizer's own parameters, e.g. {betas: [0.9, 0.95]} for AdamW/Lion, "
+        "{momentum: 0.95} for Muon, {rho: 0.04, hessian_every: 10} for Sophia "
+        "(`lmforge config keys` lists each optimizer's).",
     )
     seed: int = Field(42, description="Seed for data order, initialisation and dropout.")
     gradient_checkpointing: bool = Field(
@@ -54,3 +79,19 @@ class TrainConfig(Section):
     )
     tensorboard: bool = Field(True, description="Write TensorBoard event files under output_dir/runs.")
     progress: bool = Field(True, description="Show a progress bar with tokens/s and ETA.")
+
+    @model_validator(mode="after")
+    def _optimizer_and_schedule(self) -> TrainConfig:
+        optimizer_args(self.optimizer, self.optimizer_args)
+        if self.min_lr_ratio and self.scheduler not in ("cosine", "polynomial", "cosine_with_min_lr"):
+            raise ValueError(
+                f"train.min_lr_ratio applies to scheduler cosine or polynomial, not {self.scheduler}"
+            )
+        if self.scheduler_power != 1.0 and self.scheduler != "polynomial":
+            raise ValueError(f"train.scheduler_power applies to scheduler polynomial, not {self.scheduler}")
+        return self
+
+    @property
+    def optimizer_options(self):
+        """`optimizer_args` parsed with the chosen optimizer's defaults filled in."""
+        return optimizer_args(self.optimizer, self.optimizer_args)

@@ -8,7 +8,7 @@ EOS id still trains EOS.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,18 +112,58 @@ def tokenize_examples(
     return Dataset.from_dict(rows), stats
 
 
-def tokenize_texts(
-    texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int
-) -> tuple[Dataset, TokenizeStats]:
-    """Pre-training rows: texts joined with EOS and cut into max_length blocks (all labelled)."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
+def text_blocks(
+    documents: Iterable[list[int]], max_length: int, boundaries: bool = True
+) -> Iterator[dict[str, list[int]]]:
+    """Pre-training rows: documents (token ids, each ending in EOS) concatenated and cut into
+    `max_length` blocks, every token labelled.
+
+    With `boundaries`, each block records the lengths of the document pieces it holds
+    (`seq_lengths`): the packed-rows collator restarts position ids at each piece, so attention
+    never crosses from one document into the next, and masks each piece's first label (the
+    previous document's last token never learns to predict it). A document longer than a block
+    continues in the next one as a new piece. Without `boundaries`, GPT-2 style: one stream.
+    """
+    block: list[int] = []
+    pieces: list[int] = []
+    for document in documents:
+        while document:
+            take = document[: max_length - len(block)]
+            block += take
+            pieces.append(len(take))
+            document = document[len(take) :]
+            if len(block) == max_length:
+                yield _block(block, pieces, boundaries)
+                block, pieces = [], []
+    if len(block) > 1:
+        yield _block(block, pieces, boundaries)
+
+
+def _block(block: list[int], pieces: list[int], boundaries: bool) -> dict[str, list[int]]:
+    row = {"input_ids": list(block), "labels": list(block)}
+    if boundaries:
+        row["seq_lengths"] = list(pieces)
+    return row
+
+
+def text_documents(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> Iterator[list[int]]:
+    """Each text's token ids followed by EOS (empty texts skipped)."""
     for text in texts:
-        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
-    blocks = [stream[i : i + max_length] for i in range(0, len(stream), max_length)]
-    blocks = [b for b in blocks if len(b) > 1]
-    stats = TokenizeStats(examples=len(blocks), tokens=len(stream), label_tokens=len(stream))
-    return Dataset.from_dict({"input_ids": blocks, "labels": [list(b) for b in blocks]}), stats
+        if text:
+            yield tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def tokenize_texts(
+    texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, max_length: int, boundaries: bool = True
+) -> tuple[Dataset, TokenizeStats]:
+    """Pre-training rows of every text (see `text_blocks`), with token counts."""
+    rows = list(text_blocks(text_documents(texts, tokenizer), max_length, boundaries))
+    tokens = sum(len(row["input_ids"]) for row in rows)
+    stats = TokenizeStats(examples=len(rows), tokens=tokens, label_tokens=tokens)
+    columns = {
+        key: [row[key] for row in rows] for key in (rows[0] if rows else {"input_ids": [], "labels": []})
+    }
+    return Dataset.from_dict(columns), stats
 
 
 def pack(dataset: Dataset, max_length: int) -> Dataset:

@@ -28,7 +28,7 @@ from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import MoeAuxLoss, final_adapter, pair_dataset, policy_model, use_template
 from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
-from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks
+from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
 
 console = Console(stderr=True)
 METHODS = ("dpo", "orpo", "simpo")
@@ -92,7 +92,7 @@ def build_trainer(config: RunConfig, model, tokenizer, hardware, train_ds, eval_
         "eval_dataset": eval_ds,
         "processing_class": tokenizer,
         "callbacks": stage_callbacks(config, model, config.method.name, quiet),
-        "optimizers": (loraplus_optimizer(config, model), None),
+        "optimizers": (stage_optimizer(config, model), None),
     }
     arguments = common_arguments(config.train, hardware, eval_ds is not None)
     name, length = config.method.name, config.data.max_length

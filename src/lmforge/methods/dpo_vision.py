@@ -37,7 +37,7 @@ from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import final_adapter, keep_reference_copy, reference
 from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
-from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks
+from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
 
 console = Console(stderr=True)
 
@@ -186,7 +186,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         data_collator=PairCollator(VisionCollator(tokenizer.pad_token_id, vision)),
         processing_class=tokenizer,
         callbacks=stage_callbacks(config, model, "dpo", quiet),
-        optimizers=(loraplus_optimizer(config, model), None),
+        optimizers=(stage_optimizer(config, model), None),
         beta=method.preference_beta,
         loss_type=method.loss_type,
         label_smoothing=method.label_smoothing,

@@ -40,7 +40,7 @@ from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import MoeAuxLoss, final_adapter, policy_model, prompt_messages, use_template
 from lmforge.training.rewards import RewardSource, build_rewards, write_samples
 from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
-from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks
+from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
 
 console = Console(stderr=True)
 
@@ -152,7 +152,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=callbacks,
-        optimizers=(loraplus_optimizer(config, model), None),
+        optimizers=(stage_optimizer(config, model), None),
         peft_config=peft,
     )
     trainer.remove_callback(PrinterCallback)

@@ -33,7 +33,7 @@ from lmforge.training.preference import (
     use_template,
 )
 from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
-from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks
+from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
 
 console = Console(stderr=True)
 
@@ -98,7 +98,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=stage_callbacks(config, model, "kto", quiet),
-        optimizers=(loraplus_optimizer(config, model), None),
+        optimizers=(stage_optimizer(config, model), None),
     )
     trainer.remove_callback(PrinterCallback)
     resume = resolve_resume(output_dir, config.train.resume)

@@ -59,6 +59,7 @@ from lmforge.training.checkpoints import complete_checkpoints, resolve_resume
 from lmforge.training.preference import final_adapter, keep_reference_copy, reference
 from lmforge.training.rewards import build_rewards, weighted_total, write_samples
 from lmforge.training.stage import StageResult, load_model_for_training, resolve_template
+from lmforge.training.trainer import schedule_arguments
 
 console = Console(stderr=True)
 
@@ -68,6 +69,11 @@ def check(config: RunConfig) -> None:
     method, ppo = config.method, config.method.ppo
     if method.name != "ppo":
         raise ValueError(f"methods.ppo cannot run method.name={method.name}")
+    if config.train.optimizer not in ("adamw", "adamw_torch", "adamw_torch_fused"):
+        raise ValueError(
+            f"ppo's own loop steps policy and critic with AdamW; train.optimizer {config.train.optimizer} "
+            "is not available there: use adamw"
+        )
     if config.adapter.method in ("none", "moe_dora", "vision_lora"):
         raise ValueError(
             f"ppo trains a peft adapter on a causal LM; adapter.method {config.adapter.method} cannot "
@@ -214,9 +220,17 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     params = [p for p in model.parameters() if p.requires_grad] + [
         p for p in critic.parameters() if p.requires_grad
     ]
-    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    betas, eps = train.optimizer_options.betas, train.optimizer_options.eps
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, betas=betas, eps=eps)
     warmup = train.warmup_steps or math.ceil(train.warmup_ratio * optimizer_steps)
-    scheduler = get_scheduler(train.scheduler, optimizer, warmup, optimizer_steps)
+    schedule = schedule_arguments(train)
+    scheduler = get_scheduler(
+        schedule["lr_scheduler_type"],
+        optimizer,
+        warmup,
+        optimizer_steps,
+        scheduler_specific_kwargs=schedule.get("lr_scheduler_kwargs"),
+    )
     kl_ctl = (
         losses.AdaptiveKLController(ppo.kl_coef, ppo.kl_target, ppo.kl_horizon)
         if ppo.kl_target

@@ -1,20 +1,25 @@
 """Causal-LM pre-training on plain text: next-token prediction on every token.
 
-Texts are joined with EOS and cut into `data.max_length` blocks (GPT-2 style
-concatenation, no padding). Used by the quickstart to give a tiny random model its
-language before instruction tuning; the architecture lab issue extends it.
+Texts (txt/jsonl/parquet files, folders, hub datasets; several mixed by weight, or streamed)
+end with EOS and are packed into `data.max_length` blocks. With `method.document_boundaries`
+(the default) position ids and attention restart at every document inside a block, so a
+document never attends to the one before it; off, blocks are one GPT-2 style stream. The
+model is loaded (`model.name_or_path`: continue pre-training) or built new from a lab
+architecture (`model.arch`). Progress shows tokens/s; metrics.jsonl counts tokens seen.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from datasets import Dataset, IterableDataset
 from rich.console import Console
 
 from lmforge.config import RunConfig
-from lmforge.data.loader import load_examples
+from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
 from lmforge.data.templates import get_template
-from lmforge.data.tokenize import tokenize_texts
+from lmforge.data.tokenize import TokenizeStats, text_blocks, text_documents, tokenize_texts
+from lmforge.lab.build import arch_tokenizer
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
@@ -31,6 +36,25 @@ def check(config: RunConfig) -> None:
         s.format not in ("auto", "text") for s in config.data.datasets
     ):
         raise ValueError(f"data.format is {config.data.format}: pre-training reads plain `text` records")
+    if config.data.packing:
+        raise ValueError(
+            "data.packing is for SFT: pre-training always packs text into data.max_length blocks "
+            "(method.document_boundaries sets whether attention crosses documents); remove it"
+        )
+    if config.data.streaming and config.train.max_steps <= 0:
+        raise ValueError("data.streaming has no length to count epochs by: set train.max_steps")
+
+
+def _streamed(config: RunConfig, tokenizer) -> IterableDataset:
+    """Blocks read, tokenized and packed on the fly; the first records are checked up front."""
+    peek(config.data, "text")
+    data, boundaries = config.data, config.method.document_boundaries
+
+    def rows():
+        texts = (example.text or "" for example in iter_examples(data))
+        yield from text_blocks(text_documents(texts, tokenizer), data.max_length, boundaries)
+
+    return IterableDataset.from_generator(rows)
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
@@ -38,24 +62,45 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     output_dir = Path(config.train.output_dir)
     write_resolved_config(config, output_dir)
 
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = arch_tokenizer(config.model.arch) if config.model.arch else load_tokenizer(config.model)
     template = resolve_template(config) if config.data.template != "auto" else get_template("chatml")
-    texts = [example.text or "" for example in load_examples(config.data, "text").train]
-    train_ds, stats = tokenize_texts(texts, tokenizer, config.data.max_length)
-    if not quiet:
-        console.print(
-            f"[bold]pretrain data[/]: {len(texts)} texts, {stats.tokens:,} tokens, {stats.examples} blocks"
-        )
+    max_length, boundaries = config.data.max_length, config.method.document_boundaries
 
-    model, hardware = load_model_for_training(config, quiet, optimizer_steps(config, len(train_ds)))
+    def blocks(examples) -> tuple[Dataset, TokenizeStats]:
+        return tokenize_texts((e.text or "" for e in examples), tokenizer, max_length, boundaries)
 
-    trainer = build_trainer(config, model, tokenizer, hardware, train_ds, None, "pretrain", quiet)
+    eval_ds: Dataset | None = None
+    if config.data.streaming:
+        train_ds, stats = _streamed(config, tokenizer), TokenizeStats()
+        if config.data.eval_path:
+            eval_ds, _ = blocks(load_eval(config.data, "text"))
+        rows = 0
+    else:
+        data = load_examples(config.data, "text")
+        train_ds, stats = blocks(data.train)
+        if data.eval:
+            eval_ds, _ = blocks(data.eval)
+        if stats.examples == 0:
+            raise ValueError("the pre-training texts hold fewer than 2 tokens: nothing to learn")
+        rows = len(train_ds)
+        if not quiet:
+            console.print(
+                f"[bold]pretrain data[/]: {len(data.train)} texts, {stats.tokens:,} tokens in {rows} "
+                f"blocks of {max_length}"
+                + (" (attention within documents)" if boundaries else " (attention across documents)")
+            )
+
+    model, hardware = load_model_for_training(
+        config, quiet, optimizer_steps(config, rows), tokenizer=tokenizer
+    )
+    trainer = build_trainer(config, model, tokenizer, hardware, train_ds, eval_ds, "pretrain", quiet)
     result = trainer.train(resume_from_checkpoint=resolve_resume(output_dir, config.train.resume))
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
 
     kind = "adapter" if config.adapter.method != "none" else "model"
     artifact = save_artifact(trainer.model, tokenizer, template, output_dir / kind, kind, config)
     if not quiet:
         console.print(f"[bold green]saved[/] {kind} to {artifact}")
-    return StageResult(
-        output_dir, artifact, result.training_loss, result.global_step, stats, dict(result.metrics)
-    )
+    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)

@@ -28,7 +28,7 @@ from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import pair_dataset, use_template
 from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
-from lmforge.training.trainer import common_arguments, loraplus_optimizer, stage_callbacks
+from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
 
 console = Console(stderr=True)
 
@@ -73,7 +73,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         callbacks=stage_callbacks(config, model, "reward", quiet),
-        optimizers=(loraplus_optimizer(config, model), None),
+        optimizers=(stage_optimizer(config, model), None),
     )
     trainer.remove_callback(PrinterCallback)
     dropped = len(train_ds) - len(trainer.train_dataset)

@@ -28,7 +28,7 @@ from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
-from lmforge.training.trainer import ForgeTrainer, loraplus_optimizer, stage_callbacks, training_arguments
+from lmforge.training.trainer import ForgeTrainer, stage_callbacks, stage_optimizer, training_arguments
 
 console = Console(stderr=True)
 
@@ -93,7 +93,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         eval_dataset=eval_rows,
         processing_class=tokenizer,
         data_collator=VisionCollator(tokenizer.pad_token_id, vision),
-        optimizers=(loraplus_optimizer(config, model), None),
+        optimizers=(stage_optimizer(config, model), None),
         callbacks=stage_callbacks(config, model, "sft", quiet),
     )
     from transformers import PrinterCallback

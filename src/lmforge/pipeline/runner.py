@@ -101,6 +101,10 @@ def _resolved(spec: PipelineSpec, stage: StageSpec, upstream: Output | None, out
         files.append(fingerprint(config.data.eval_path, base))
         if upstream is None:  # else the upstream stage's hash stands for the model and adapter
             files += [fingerprint(config.model.name_or_path), fingerprint(config.adapter.path)]
+        if config.model.arch:  # a new model: its architecture file and the tokenizer it names
+            from lmforge.lab.spec import load_arch
+
+            files += [fingerprint(config.model.arch), fingerprint(load_arch(config.model.arch).tokenizer)]
         return dumped, files
     if stage.kind == "eval":
         from lmforge.evaluation.runner import task_inputs

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
-from transformers import PreTrainedModel, set_seed
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from lmforge.adapters.build import attach_adapter
 from lmforge.config import RunConfig
 from lmforge.data.templates import AnyTemplate, get_template, guess_template
 from lmforge.data.tokenize import TokenizeStats
-from lmforge.models.hardware import Hardware
+from lmforge.models.hardware import Hardware, choose_hardware
 from lmforge.models.loading import count_parameters, load_causal_lm, saved_template_name
 
 console = Console(stderr=True)
@@ -42,15 +42,30 @@ def template_for(name: str, model_name_or_path: str) -> AnyTemplate:
 
 
 def load_model_for_training(
-    config: RunConfig, quiet: bool = False, total_steps: int | None = None, reward: bool = False
+    config: RunConfig,
+    quiet: bool = False,
+    total_steps: int | None = None,
+    reward: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, Hardware]:
     """Seeded model load plus the configured adapter; prints trainable / total parameters.
 
     `total_steps` (the optimizer steps the run will take) is needed by AdaLoRA's rank schedule.
     `reward=True` loads a one-output sequence classifier (the reward model's backbone + head).
+    With `model.arch` the model is built new from the lab architecture (its `tokenizer` given).
     """
     set_seed(config.train.seed)  # adapter (and reward head) initialisation must be reproducible too
-    model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet, reward=reward)
+    if config.model.arch:
+        from lmforge.lab.build import new_model
+
+        assert tokenizer is not None, "model.arch needs the architecture's tokenizer"
+        hardware = choose_hardware(config.model)
+        if not quiet:
+            console.print(f"[bold]hardware[/]: {hardware.describe()}")
+        model = new_model(config.model.arch, tokenizer, hardware.attn_implementation).to(hardware.device)
+        model.config.use_cache = False
+    else:
+        model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet, reward=reward)
     if config.adapter.method != "none":
         model = attach_adapter(
             model,

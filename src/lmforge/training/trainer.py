@@ -19,9 +19,12 @@ from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer
 from trl import SFTConfig, SFTTrainer
 
 from lmforge.config import RunConfig
+from lmforge.config.optim import CUDA_ONLY
 from lmforge.config.train import TrainConfig
 from lmforge.data.tokenize import PackedRowsCollator, PaddingFreeRowsCollator
 from lmforge.models.hardware import Hardware
+from lmforge.optim import build_optimizer
+from lmforge.optim.sophia import SophiaG, estimate_hessian
 from lmforge.training.callbacks import (
     AdaLoraRankCallback,
     CompleteCheckpointCallback,
@@ -33,7 +36,10 @@ from lmforge.training.callbacks import (
 
 
 class ForgeTrainer(SFTTrainer):
-    """SFTTrainer with the model's own loss (fast path) and a per-step finiteness check."""
+    """SFTTrainer with the model's own loss (fast path), a per-step finiteness check, and
+    Sophia's periodic Hessian estimate."""
+
+    _hessian_step = -1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = Trainer.compute_loss(
@@ -57,6 +63,15 @@ class ForgeTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # inside accelerate's wrapper
+        step = self.state.global_step
+        if isinstance(optimizer, SophiaG) and optimizer.hessian_due(step) and self._hessian_step != step:
+            # Before this step's first backward: the estimate runs its own backward and zeroes grads.
+            self._hessian_step = step
+            device = self.args.device
+            estimate_hessian(
+                model, {k: v.to(device) for k, v in inputs.items() if torch.is_tensor(v)}, optimizer
+            )
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             raise NonFiniteError(
@@ -75,6 +90,11 @@ def common_arguments(train: TrainConfig, hardware: Hardware, has_eval: bool) -> 
     else:
         eval_strategy = "no"
     on_cuda = hardware.device == "cuda"
+    if train.optimizer in CUDA_ONLY and not on_cuda:
+        raise ValueError(
+            f"train.optimizer {train.optimizer} keeps bitsandbytes' 8-bit/paged states on a CUDA GPU and "
+            "none is in use; use train.optimizer: adamw"
+        )
     return {
         "output_dir": train.output_dir,
         "num_train_epochs": train.epochs,
@@ -83,12 +103,11 @@ def common_arguments(train: TrainConfig, hardware: Hardware, has_eval: bool) -> 
         "per_device_eval_batch_size": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
         "learning_rate": train.lr,
-        "lr_scheduler_type": train.scheduler,
-        "lr_scheduler_kwargs": {"min_lr_rate": 0.1} if train.scheduler == "cosine_with_min_lr" else None,
+        **schedule_arguments(train),
+        **optimizer_arguments(train),
         "warmup_steps": warmup,
         "weight_decay": train.weight_decay,
         "max_grad_norm": train.max_grad_norm,
-        "optim": train.optimizer,
         "seed": train.seed,
         "data_seed": train.seed,
         "activation_checkpointing": train.gradient_checkpointing,
@@ -112,6 +131,44 @@ def common_arguments(train: TrainConfig, hardware: Hardware, has_eval: bool) -> 
     }
 
 
+def schedule_arguments(train: TrainConfig) -> dict:
+    """train.scheduler as transformers' scheduler name and keywords (warmup applies to each)."""
+    if train.scheduler == "none":
+        return {"lr_scheduler_type": "constant_with_warmup"}
+    if train.scheduler == "cosine_with_min_lr" or (train.scheduler == "cosine" and train.min_lr_ratio):
+        return {
+            "lr_scheduler_type": "cosine_with_min_lr",
+            "lr_scheduler_kwargs": {"min_lr_rate": train.min_lr_ratio or 0.1},
+        }
+    if train.scheduler == "polynomial":
+        kwargs = {"lr_end": train.lr * train.min_lr_ratio, "power": train.scheduler_power}
+        return {"lr_scheduler_type": "polynomial", "lr_scheduler_kwargs": kwargs}
+    return {"lr_scheduler_type": train.scheduler}
+
+
+TRANSFORMERS_OPTIM = {
+    "adamw": "adamw_torch",
+    "adamw_torch": "adamw_torch",
+    "adamw_torch_fused": "adamw_torch_fused",
+    "adamw_8bit": "adamw_bnb_8bit",
+    "paged_adamw_8bit": "paged_adamw_8bit",
+}
+
+
+def optimizer_arguments(train: TrainConfig) -> dict:
+    """The AdamW family is built by transformers (its betas/eps as TrainingArguments); every other
+    optimizer by lmforge.optim, passed to the trainer ready-made (`optim` is then unused)."""
+    if train.optimizer not in TRANSFORMERS_OPTIM:
+        return {"optim": "adamw_torch"}
+    options = train.optimizer_options
+    return {
+        "optim": TRANSFORMERS_OPTIM[train.optimizer],
+        "adam_beta1": options.betas[0],
+        "adam_beta2": options.betas[1],
+        "adam_epsilon": options.eps,
+    }
+
+
 def training_arguments(
     train: TrainConfig,
     hardware: Hardware,
@@ -131,10 +188,11 @@ def training_arguments(
     )
 
 
-def loraplus_optimizer(config: RunConfig, model) -> torch.optim.Optimizer | None:
-    """LoRA+'s AdamW with B matrices at lr x ratio; None (the Trainer's own) without LoRA+."""
-    if config.adapter.loraplus_lr_ratio is None:  # train.optimizer is AdamW (checked in RunConfig)
-        return None
+def stage_optimizer(config: RunConfig, model) -> torch.optim.Optimizer | None:
+    """The optimizer lmforge builds: LoRA+'s AdamW, or one of lmforge.optim's (Lion, Sophia,
+    Muon, torch's Adafactor, SGD); None when the Trainer builds its own (the AdamW family)."""
+    if config.adapter.loraplus_lr_ratio is None:  # else train.optimizer is AdamW (checked in RunConfig)
+        return build_optimizer(config.train, model)
     from peft.optimizers import create_loraplus_optimizer
 
     return create_loraplus_optimizer(
@@ -175,12 +233,14 @@ def build_trainer(
     # within examples). With SDPA/eager attention a flattened batch gets one dense mask, so our
     # collators keep rows: packed rows as they are, unpacked examples packed into rows as wide as
     # the batch's longest (see data/tokenize.py). Without padding_free: trl's padded batches.
+    # Pre-training rows are packed blocks (data/tokenize.py `text_blocks`), like packed SFT rows.
     flash = hardware.attn_implementation == "flash_attention_2"
-    wants_padding_free = config.data.packing or config.train.padding_free
+    packed = config.data.packing or stage == "pretrain"
+    wants_padding_free = packed or config.train.padding_free
     collator = None
     if wants_padding_free and not flash:
         pad = tokenizer.pad_token_id
-        collator = PackedRowsCollator(pad) if config.data.packing else PaddingFreeRowsCollator(pad)
+        collator = PackedRowsCollator(pad) if packed else PaddingFreeRowsCollator(pad)
     padding_free = wants_padding_free and flash
     args = training_arguments(
         config.train, hardware, config.data.max_length, eval_dataset is not None, padding_free
@@ -189,7 +249,7 @@ def build_trainer(
     # of padding-free batches (attention would then cross examples).
     model.config.use_cache = False
     callbacks = stage_callbacks(config, model, stage, quiet)
-    optimizer = loraplus_optimizer(config, model)
+    optimizer = stage_optimizer(config, model)
     trainer = ForgeTrainer(
         model=model,
         args=args,
