@@ -88,6 +88,9 @@ def test_every_key_has_help_and_default():
         "data.datasets[].weight",
         "data.datasets[].columns.chosen",
         "data.datasets[].tags.role_tag",
+        "train.optimizer_args[optimizer=lion].betas",
+        "train.optimizer_args[optimizer=muon].adamw_lr",
+        "train.optimizer_args[optimizer=adamw*].eps",
     } <= names
     kinds = {k: kind for k, kind, *_ in keys}
     assert kinds["data.system"] == "str | None"

@@ -220,3 +220,36 @@ def test_build_writes_a_complete_model_folder(tokenizer, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, again(ids).logits)
     assert reloaded.config.position_type == "alibi" and reloaded.config.num_key_value_heads == 2
+
+
+def test_llama_like_lab_model_equals_transformers_llama(tokenizer):
+    """RoPE + RMSNorm + SwiGLU + grouped-query attention, untied, is LLaMA: with LLaMA's weights
+    copied in, the lab model's logits are transformers' LlamaForCausalLM's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = spec_for("rope", "rmsnorm", 2, "swiglu", tie_embeddings=False, rope_theta=500000.0)
+    lab = build_model(spec, tokenizer)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=lab.config.vocab_size,
+            hidden_size=32,
+            intermediate_size=spec.ff_width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=spec.norm_eps,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+            tie_word_embeddings=False,
+        )
+    ).eval()
+    renames = {"input_layernorm": "attn_norm", "post_attention_layernorm": "mlp_norm"}
+    state = {}
+    for key, value in llama.state_dict().items():
+        for old, new in renames.items():
+            key = key.replace(old, new)
+        state[key] = value
+    missing, unexpected = lab.load_state_dict(state, strict=False)
+    assert not unexpected and not missing
+    ids = torch.randint(3, 300, (2, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(lab(ids).logits, llama(ids).logits, atol=1e-5, rtol=1e-5)

@@ -149,3 +149,51 @@ def test_tiny_qwen2_vl_pipeline(vlm_dir, shapes_file, tmp_path) -> None:
     manifest = run_pipeline(parse_pipeline(raw), quiet=True)
     check_done(manifest, raw)
     assert manifest["stages"]["eval"]["metrics"]["dpo"]["multimodal"]["items"] == 3
+
+
+@pytest.mark.xdist_group("pipelines")
+def test_tiny_lab_scratch_pipeline(tokenizer, tmp_path) -> None:
+    """Build a lab model from its architecture file inside a pipeline, pre-train, SFT, merge and
+    evaluate; rerunning skips every stage, and editing the architecture reruns them all."""
+    from lmforge.pipeline.runner import load_manifest, plan
+
+    raw = load("lab_scratch.yaml")
+    tokenizer.save_pretrained(tmp_path / "tok")
+    arch = yaml.safe_load((ROOT / "examples" / "lab" / "arch.yaml").read_text())
+    arch.update(tokenizer=str(tmp_path / "tok"), d_model=32, n_layers=2)
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
+    data = text_data(tmp_path)
+    corpus = write(
+        tmp_path / "corpus.json",
+        [{"text": f"add {a} and {b} is {a + b}"} for a in range(9) for b in range(9)],
+    )
+    (tmp_path / "notes.txt").write_text("a note\nanother note\n")
+    raw["output_dir"] = str(tmp_path / "out")
+    pretrain_stage, sft_stage, _, eval_stage = raw["stages"]
+    pretrain_stage["model"]["arch"] = str(tmp_path / "arch.yaml")
+    pretrain_stage["data"]["datasets"] = [
+        {"path": str(corpus), "weight": 3},
+        {"path": str(tmp_path / "notes.txt"), "weight": 1},
+    ]
+    pretrain_stage["train"].update(max_steps=3, save_steps=0)
+    sft_stage["data"]["path"] = str(data["sft"])
+    sft_stage["train"]["max_steps"] = 2
+    raw["shared"]["train"].update(
+        batch_size=2, progress=False, tensorboard=False, logging_steps=1, warmup_steps=0
+    )
+    eval_stage["generation"] = {"max_new_tokens": 4, "batch_size": 8}
+    for task in eval_stage["tasks"]:
+        task.update(data=str(data["sft"]), limit=3)
+    manifest = run_pipeline(parse_pipeline(raw), quiet=True)
+    check_done(manifest, raw)
+    assert (
+        json.loads((tmp_path / "out" / "pretrain" / "model" / "config.json").read_text())["model_type"]
+        == "lmforge_lab"
+    )
+    assert set(manifest["stages"]["eval"]["metrics"]) == {"pretrain", "sft", "merged"}
+
+    spec = parse_pipeline(raw)
+    assert [step.action for step in plan(spec, load_manifest(spec))] == ["skip"] * 4
+    arch["n_layers"] = 3
+    (tmp_path / "arch.yaml").write_text(yaml.safe_dump(arch))
+    assert [step.action for step in plan(spec, load_manifest(spec))] == ["run"] * 4

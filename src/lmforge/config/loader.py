@@ -197,6 +197,16 @@ def iter_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> Iterator[
             continue
         default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
         yield key, _type_name(annotation), default, field.description or ""
+        if name == "optimizer_args":  # a dict checked against the chosen optimizer's own section
+            from lmforge.config.optim import OPTIMIZER_ARGS
+
+            names: dict[type[BaseModel], list[str]] = {}
+            for optimizer, section in OPTIMIZER_ARGS.items():
+                names.setdefault(section, []).append(optimizer)
+            for section, optimizers in names.items():
+                label = f"{optimizers[0]}*" if len(optimizers) > 2 else "|".join(optimizers)  # adamw* family
+                yield from iter_keys(section, prefix=f"{key}[optimizer={label}].")
+            continue
         sections = _models_in(annotation)
         if len(sections) > 1:  # a list of tagged sections (eval tasks): keys per kind
             for section in sections:
