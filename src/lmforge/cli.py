@@ -625,6 +625,23 @@ def config_keys(
     Console(width=200).print(table)
 
 
+@app.command()
+def wizard(
+    out: Annotated[
+        Path, typer.Option(help="Pipeline YAML to write (a lab architecture goes beside it: NAME_arch.yaml).")
+    ] = Path("lmforge_wizard.yaml"),
+    traceback: Annotated[bool, TRACEBACK] = False,
+) -> None:
+    """Answer questions step by step (model or lab architecture, data, optimizer, SFT, alignment);
+    each answer is checked at once, and the pipeline YAML written is one `lmforge run` runs."""
+    from lmforge.wizard import Prompter, run_wizard
+
+    try:
+        run_wizard(Prompter(), out)
+    except USER_ERRORS as exc:
+        _fail(exc, traceback)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -101,3 +101,26 @@ def test_defaults_are_sane():
     assert cfg.method.name == "sft"
     assert cfg.adapter.method == "lora"
     assert cfg.model.trust_remote_code is False
+
+
+def test_switching_optimizer_drops_the_other_optimizers_options(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "model: {name_or_path: m}\ndata: {path: d.json}\n"
+        "train: {optimizer: sophia, optimizer_args: {rho: 1.0, hessian_every: 2}}\n"
+    )
+    assert load_config(path, ["train.optimizer=lion"]).train.optimizer_options.betas == (0.9, 0.99)
+    kept = load_config(path, ["train.lr=1e-3"]).train
+    assert kept.optimizer == "sophia" and kept.optimizer_options.rho == 1.0
+
+
+def test_muon_original_scaling_needs_an_adamw_lr():
+    with pytest.raises(Exception, match="set adamw_lr"):
+        validate_config(
+            {**MINIMAL, "train": {"optimizer": "muon", "optimizer_args": {"adjust_lr_fn": "original"}}}
+        )
+    config = {
+        **MINIMAL,
+        "train": {"optimizer": "muon", "optimizer_args": {"adjust_lr_fn": "original", "adamw_lr": 3e-4}},
+    }
+    assert validate_config(config).train.optimizer_options.adamw_lr == 3e-4

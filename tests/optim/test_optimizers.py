@@ -280,7 +280,8 @@ def test_muon_two_steps_match_newton_schulz_of_nesterov_momentum(adjust_lr_fn, s
         torch.tensor([[-0.5, 0.3, 0.1], [0.2, -0.4, -0.6], [0.3, 0.0, 0.1], [-0.2, 0.4, 0.0]]),
     ]
     model = Toy(p0)  # 4x3 weight named "w": a hidden matrix, so Muon's
-    train = train_config("muon", lr=lr, weight_decay=wd, momentum=mu, adjust_lr_fn=adjust_lr_fn)
+    extra = {"adamw_lr": 1e-3} if adjust_lr_fn == "original" else {}  # no AdamW part here; required
+    train = train_config("muon", lr=lr, weight_decay=wd, momentum=mu, adjust_lr_fn=adjust_lr_fn, **extra)
     optimizer = build_optimizer(train, model)
     assert optimizer.adamw is None and optimizer.muon.param_groups[0]["params"] == [model.w]
 

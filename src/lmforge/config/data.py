@@ -80,8 +80,9 @@ class DataConfig(Section):
     )
     mix: Literal["auto", "concat", "interleave_under", "interleave_over"] = Field(
         "auto",
-        description="How datasets combine: concat, or interleave by weight until the first runs out "
-        "(under) or the last runs out (over); auto = concat unless weights differ.",
+        description="How datasets combine: concat, or interleave by relative weight until the first runs out "
+        "(under) or the last runs out (over); auto = concat when all weights are equal, else "
+        "interleave_under (pre-training mixes usually want over).",
     )
     seed: int = Field(42, description="Seed of mixing, the validation split and prompt-template draws.")
     template: str = Field(

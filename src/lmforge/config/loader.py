@@ -50,6 +50,12 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
+    if (
+        update.get("optimizer", base.get("optimizer")) != base.get("optimizer")
+        and "optimizer_args" not in update
+    ):
+        # Options belong to their optimizer: switching it (an override, a pipeline stage) drops them.
+        out.pop("optimizer_args", None)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)

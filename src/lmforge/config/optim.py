@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lmforge.config.base import Section
 
@@ -100,6 +100,15 @@ class MuonArgs(Section):
 
     _check_betas = field_validator("adamw_betas")(_betas)
 
+    @model_validator(mode="after")
+    def _adamw_lr_with_original_scaling(self) -> MuonArgs:
+        if self.adjust_lr_fn == "original" and self.adamw_lr is None:
+            raise ValueError(
+                "adjust_lr_fn original takes Muon's own lr scale (train.lr ~0.02), far too high for the "
+                "AdamW part: set adamw_lr (e.g. 3e-4), or use adjust_lr_fn match_rms_adamw"
+            )
+        return self
+
 
 class SgdArgs(Section):
     """torch.optim.SGD."""
@@ -141,7 +150,8 @@ def optimizer_args(name: str, args: dict[str, Any]) -> Section:
     except ValidationError as exc:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
-        raise ValueError(f"train.optimizer_args.{where}: {error['msg']}") from None
+        message = error["msg"].removeprefix("Value error, ")
+        raise ValueError(f"train.optimizer_args{'.' + where if where else ''}: {message}") from None
     if isinstance(parsed, SgdArgs) and parsed.nesterov and parsed.momentum == 0:
         raise ValueError("train.optimizer_args.nesterov needs momentum > 0")
     return parsed
