@@ -93,6 +93,9 @@ def pipeline_config(out: Path, seed: int) -> dict:
             {
                 "name": "pretrain",
                 "kind": "pretrain",
+                # GPT-2 style blocks: the stage the preference and RL learning tests were calibrated
+                # on (with document boundaries the base is stronger: see docs/lab.md).
+                "method": {"document_boundaries": False},
                 "adapter": {"method": "none"},
                 "data": {"path": str(data / "pretrain.json"), "max_length": sizes["pretrain_seq_len"]},
                 "train": {
