@@ -41,6 +41,12 @@ def test_examples_exist():
         "lab/arch.yaml",
         "lab/pretrain.yaml",
         "lab/sft.yaml",
+        "distill/logits.yaml",
+        "distill/sequence_level.yaml",
+        "t5/sft_lora.yaml",
+        "bert/mlm_lora.yaml",
+        "bert/classify.yaml",
+        "llama2/sft_auto.yaml",
     } <= names
 
 

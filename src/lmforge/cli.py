@@ -52,6 +52,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError
 
 
 def run_stage(config: RunConfig):
+    from lmforge.models.hardware import apply_hardware
+
+    config = apply_hardware(config)  # hardware: auto fills in device, dtype, 4-bit, optimizer
     if config.method.name == "pretrain":
         from lmforge.methods import pretrain
 
@@ -76,6 +79,18 @@ def run_stage(config: RunConfig):
         from lmforge.methods import ppo
 
         return ppo.run(config)
+    if config.method.name == "distill":
+        from lmforge.methods import distill
+
+        return distill.run(config)
+    if config.method.name == "mlm":
+        from lmforge.methods import mlm
+
+        return mlm.run(config)
+    if config.method.name == "classify":
+        from lmforge.methods import classify
+
+        return classify.run(config)
     from lmforge.methods import sft
 
     return sft.run(config)
@@ -623,6 +638,22 @@ def config_keys(
         if section is None or key.startswith((section + ".", section + "[")):
             table.add_row(escape(key), escape(kind), escape(default), escape(help_text))
     Console(width=200).print(table)
+
+
+@app.command()
+def env(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Show package versions, devices (memory, compute capability, bf16/fp16) and which optional
+    speedups (flash-attn, liger-kernel, bitsandbytes, vllm, deepspeed) are usable here, and why."""
+    from lmforge.models.env import env_tables, gather_env
+
+    report = gather_env()
+    if as_json:
+        typer.echo(report.to_json())
+        return
+    for table in env_tables(report):
+        Console().print(table)
 
 
 @app.command()

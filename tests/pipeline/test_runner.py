@@ -255,3 +255,16 @@ def test_overrides_index_stages_by_position(tmp_path) -> None:
     assert spec.shared["train"] == {"max_steps": 5}
     with pytest.raises(ConfigError, match="override `stages.3`: `stages` has items 0 to 0"):
         load_pipeline(path, parse_overrides(["stages.3.train.lr=1"]))
+
+
+def test_hardware_auto_is_a_pipeline_section():
+    from lmforge.pipeline.spec import parse_pipeline, training_config
+
+    raw = {
+        "output_dir": "runs/p",
+        "shared": {"hardware": "auto", "model": {"name_or_path": "m"}, "data": {"path": "d.json"}},
+        "stages": [{"name": "sft", "kind": "sft"}, {"name": "manual", "kind": "sft", "hardware": "manual"}],
+    }
+    spec = parse_pipeline(raw)
+    assert training_config(spec, spec.stages[0], None).hardware == "auto"
+    assert training_config(spec, spec.stages[1], None).hardware == "manual"

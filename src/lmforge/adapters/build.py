@@ -32,7 +32,9 @@ from lmforge.config.adapter import AdapterConfig
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
-# The same roles under other architectures' names: GPT-2/Falcon/Phi, T5 (q, k, v, o, wi, wo),
+# The same roles under other architectures' names: GPT-2/Falcon/Phi, T5 (q, k, v, o, wi, wo;
+# wi_0, wi_1 in T5 v1.1 / Flan-T5), BART/MarianMT (q_proj, k_proj, v_proj, out_proj, fc1, fc2),
+# the BERT family (query, key, value; DistilBERT q_lin, ...; its `dense` layers see _linear_names),
 # vision towers (qkv, proj, fc1, fc2).
 ATTENTION_ALT = (
     "c_attn",
@@ -48,6 +50,17 @@ ATTENTION_ALT = (
     "o",
     "qkv",
     "proj",
+    "query",
+    "key",
+    "value",
+    "query_proj",
+    "key_proj",
+    "value_proj",
+    "q_lin",
+    "k_lin",
+    "v_lin",
+    "out_lin",
+    "attention.output.dense",
 )
 FFN_ALT = (
     "fc1",
@@ -63,8 +76,30 @@ FFN_ALT = (
     "wo",
     "wi_0",
     "wi_1",
+    "lin1",
+    "lin2",
+    "ffn",
+    "ffn_output",
+    "intermediate.dense",
+    "output.dense",
 )
-MINIMAL = ("q_proj", "v_proj", "query", "value", "q", "v")
+# Task heads and poolers: never adapted (a classification head trains whole, see peft_config).
+HEADS = (
+    "lm_head",
+    "score",
+    "classifier",
+    "cls",
+    "predictions",
+    "generator_predictions",
+    "generator_lm_head",
+    "head",
+    "pooler",
+    "pre_classifier",
+    "vocab_transform",
+    "vocab_projector",
+    "qa_outputs",
+)
+MINIMAL = ("q_proj", "v_proj", "query", "value", "q", "v", "query_proj", "value_proj", "q_lin", "v_lin")
 # Which methods train on a bitsandbytes-quantized base (tested on CPU). FourierFT has no
 # quantized layer in peft; peft 0.21's 4-bit VeRA layer mixes dtypes and fails.
 QUANTIZED_OK = {"lora", "dora", "adalora", "moe_dora", "ia3", "oft", "vision_lora"}
@@ -80,12 +115,30 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
 
 
+def _body_linears(model: nn.Module) -> list[str]:
+    """Full names of the linear layers outside the task heads (and a root-level `decoder` linear:
+    ModernBERT's output projection; BART's `decoder` is a stack, not a linear layer)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if _is_linear(module) and not set(name.split(".")) & set(HEADS) and name != "decoder"
+    ]
+
+
+def _bert_style(names: list[str]) -> bool:
+    """BERT and its kin name the attention output and both FFN layers `dense`."""
+    return any(name.endswith(".intermediate.dense") for name in names)
+
+
 def _linear_names(model: nn.Module) -> set[str]:
-    names = set()
-    for name, module in model.named_modules():
-        if _is_linear(module):
-            names.add(name.rsplit(".", 1)[-1])
-    return names - {"lm_head", "score", "classifier"}
+    """Suffixes of the linear layers outside the heads; in the BERT family `dense` is told apart
+    as attention.output.dense, intermediate.dense and output.dense (FFN, see target_modules)."""
+    body = _body_linears(model)
+    names = {name.rsplit(".", 1)[-1] for name in body}
+    if _bert_style(body):
+        names.discard("dense")
+        names |= {"attention.output.dense", "intermediate.dense", "output.dense"}
+    return names
 
 
 def target_modules(config: AdapterConfig, model: nn.Module) -> list[str]:
@@ -93,11 +146,12 @@ def target_modules(config: AdapterConfig, model: nn.Module) -> list[str]:
     present = _linear_names(model)
     wanted: tuple[str, ...]
     if config.preset == "custom":
-        missing = [m for m in config.target_modules if m not in present]
+        known = present | {name.rsplit(".", 1)[-1] for name in _body_linears(model)}
+        missing = [m for m in config.target_modules if m not in known]
         if missing:
             raise ValueError(
                 f"adapter.target_modules {missing} are not linear layers of this model; "
-                f"its linear layers are: {', '.join(sorted(present))}"
+                f"its linear layers are: {', '.join(sorted(known))}"
             )
         return list(config.target_modules)
     if config.preset == "minimal":
@@ -114,7 +168,21 @@ def target_modules(config: AdapterConfig, model: nn.Module) -> list[str]:
             f"adapter.preset `{config.preset}` found no matching layers in this model; its linear layers are "
             f"{', '.join(sorted(present))}: use preset: custom with target_modules"
         )
+    if config.preset == "ffn_only" and "output.dense" in found:
+        # peft matches suffixes and `output.dense` would take attention.output.dense too: the BERT
+        # family's FFN output layers go by their full names.
+        found.remove("output.dense")
+        found += [
+            name
+            for name in _body_linears(model)
+            if name.endswith(".output.dense") and not name.endswith(".attention.output.dense")
+        ]
     return found
+
+
+def _matches(name: str, targets: set[str]) -> bool:
+    """peft's rule: a module is targeted when its name is a target or ends with `.target`."""
+    return name in targets or any(name.endswith("." + target) for target in targets)
 
 
 def _num_layers(model: PreTrainedModel) -> int:
@@ -162,7 +230,7 @@ def vision_targets(config: AdapterConfig, model: nn.Module) -> list[str]:
             for n in linears
             if not n.startswith(tower + ".")
             and not is_projector(n)
-            and n.rsplit(".", 1)[-1] in wanted
+            and _matches(n, wanted)
             and n.rsplit(".", 1)[-1] not in ("lm_head", "score", "classifier")
         ]
     return chosen
@@ -197,11 +265,13 @@ def peft_config(
     config: AdapterConfig,
     model: PreTrainedModel,
     total_steps: int | None = None,
-    task_type: str = "CAUSAL_LM",
+    task_type: str | None = "CAUSAL_LM",
 ) -> PeftConfig:
     """The peft config for `adapter:` on this model (targets and layers resolved and checked).
 
-    `task_type` SEQ_CLS (reward models) makes peft train and save the classification head too.
+    `task_type` SEQ_CLS (reward models, classifiers) makes peft train and save the classification
+    head (`score` / `classifier`) too; SEQ_2_SEQ_LM wraps an encoder-decoder; None (peft has no
+    masked-LM task) a plain PeftModel, as for a BERT masked LM.
     """
     if config.method == "vision_lora":
         return LoraConfig(
@@ -315,7 +385,7 @@ def attach_adapter(
     gradient_checkpointing: bool,
     total_steps: int | None = None,
     init_dir: Path | None = None,
-    task_type: str = "CAUSAL_LM",
+    task_type: str | None = "CAUSAL_LM",
 ) -> PeftModel | MoeDoraModel:
     """Wrap `model` with a trainable adapter (QLoRA-style when the base is quantized).
 
@@ -347,8 +417,8 @@ def adapted_modules(config: AdapterConfig, model: PreTrainedModel) -> list[str]:
     targets = set(target_modules(config, model))
     layers = config.layer_indices(_num_layers(model))
     found = []
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in targets or not _is_linear(module):
+    for name in _body_linears(model):
+        if not _matches(name, targets):
             continue
         index = re.search(r"\.(?:layers|h|block|blocks|layer)\.(\d+)\.", name)
         if layers is None or (index is not None and int(index.group(1)) in layers):

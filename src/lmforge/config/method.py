@@ -31,15 +31,66 @@ APPLIES = {
     "grpo": ("grpo",),
     "ppo": ("ppo",),
     "document_boundaries": ("pretrain",),
+    "distill": ("distill",),
+    "mlm_probability": ("mlm",),
 }
 
 
+class DistillOptions(Section):
+    """Knowledge distillation: a frozen teacher's token distributions taught to the student."""
+
+    teacher: str = Field(..., description="Teacher model: a local folder or hub id (frozen).")
+    teacher_adapter: str | None = Field(None, description="An adapter on top of the teacher (folder).")
+    teacher_quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the teacher quantized with bitsandbytes (saves memory; CUDA for speed)."
+    )
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl",
+        description="forward_kl KL(teacher||student) (mean-seeking, Hinton's), reverse_kl "
+        "KL(student||teacher) (mode-seeking), jsd (generalized Jensen-Shannon with jsd_beta).",
+    )
+    jsd_beta: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="jsd: the mixture weight (0.5 = the symmetric Jensen-Shannon divergence).",
+    )
+    temperature: float = Field(2.0, gt=0, description="Softens both distributions (loss scaled by T^2).")
+    alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Weight of the distillation loss; 1 - alpha weights the hard-label cross-entropy.",
+    )
+    sequence_level: bool = Field(
+        False,
+        description="Sequence-level KD: the teacher answers each prompt (greedy) and the student is trained "
+        "on those answers; works when teacher and student tokenizers differ.",
+    )
+    max_new_tokens: int = Field(128, gt=0, description="sequence_level: longest teacher answer.")
+
+
 class MethodConfig(Section):
-    name: Literal["sft", "pretrain", "dpo", "orpo", "simpo", "kto", "reward", "grpo", "ppo"] = Field(
+    name: Literal[
         "sft",
-        description="Stage: sft, pretrain (causal LM on raw text), dpo, orpo, simpo (preference pairs), "
-        "kto (unpaired good/bad answers), reward (a reward model from preference pairs), grpo, ppo "
-        "(online RL on prompts with method.rewards).",
+        "pretrain",
+        "dpo",
+        "orpo",
+        "simpo",
+        "kto",
+        "reward",
+        "grpo",
+        "ppo",
+        "distill",
+        "mlm",
+        "classify",
+    ] = Field(
+        "sft",
+        description="Stage: sft (causal or seq2seq models), pretrain (causal LM on raw text), dpo, orpo, "
+        "simpo (preference pairs), kto (unpaired good/bad answers), reward (a reward model from "
+        "preference pairs), grpo, ppo (online RL on prompts with method.rewards), distill (a student "
+        "learns a teacher's distributions), mlm (masked-LM on raw text), classify (sequence "
+        "classification on text/label records).",
     )
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
         "sigmoid",
@@ -80,6 +131,16 @@ class MethodConfig(Section):
         "block (false: GPT-2 style, attention runs across documents joined by EOS).",
     )
 
+    distill: DistillOptions | None = Field(
+        None, description="Distillation: the teacher and the loss (required by method.name distill)."
+    )
+    mlm_probability: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="Masked-LM: the share of tokens masked (BERT's 15%: 80% [MASK], 10% random, 10% kept).",
+    )
+
     rewards: list[RewardSpec] = Field(
         default_factory=list,
         description="GRPO/PPO: reward sources summed with their weights, e.g. "
@@ -103,6 +164,11 @@ class MethodConfig(Section):
                 raise ValueError(
                     f"method.{option} applies to {'/'.join(methods)}, not method.name {self.name}; remove it"
                 )
+        if self.name == "distill" and self.distill is None:
+            raise ValueError(
+                "method.name distill needs method.distill with a teacher, e.g. "
+                "distill: {teacher: runs/big/model}"
+            )
         if self.name in ONLINE and not self.rewards:
             raise ValueError(
                 f"method.name {self.name} needs method.rewards, e.g. rewards: [{{builtin: exact_answer}}]"

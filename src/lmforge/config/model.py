@@ -23,8 +23,8 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(
         False, description="Run code shipped with the model. Off unless you trust its source."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where to run: auto picks cuda when available, else cpu."
+    device: Literal["auto", "cpu", "cuda", "xpu"] = Field(
+        "auto", description="Where to run: auto picks cuda when available, else cpu; xpu: an Intel GPU."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",

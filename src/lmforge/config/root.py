@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Any, Literal
+
+from pydantic import Field, PrivateAttr, model_validator
 
 from lmforge.config.adapter import AdapterConfig
 from lmforge.config.base import Section
@@ -18,6 +20,26 @@ class RunConfig(Section):
     adapter: AdapterConfig = Field(default_factory=AdapterConfig, description="The adapter.")
     data: DataConfig = Field(default_factory=DataConfig, description="The data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
+    hardware: Literal["auto", "manual"] = Field(
+        "manual",
+        description="auto: fill in model.device/dtype/attn_implementation/quantization and train.optimizer "
+        "from the GPU or CPU found (keys changed from their defaults are kept), print why and save "
+        "hardware.json; manual: use the config as written.",
+    )
+    # What `hardware: auto` decided and detected (models.hardware.apply_hardware): run-time facts for
+    # hardware.json, not a config key.
+    _hardware_report: dict[str, Any] | None = PrivateAttr(None)
+
+    @property
+    def hardware_report(self) -> dict[str, Any] | None:
+        """The `hardware: auto` report to save as hardware.json, or None (manual, or not applied)."""
+        return self._hardware_report
+
+    def with_hardware_report(self, report: dict[str, Any]) -> RunConfig:
+        """A copy of this config carrying `report` (written beside config.yaml)."""
+        copy = self.model_copy()
+        copy._hardware_report = report
+        return copy
 
     @model_validator(mode="after")
     def _stage_needs(self) -> RunConfig:

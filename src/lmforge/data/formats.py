@@ -3,7 +3,8 @@
 Layouts (`data.format`):
 * alpaca: `instruction`, `input`, `output`, optional `system`, `history` ([user, assistant]
   pairs), `images`; `chosen`/`rejected` instead of `output` for preference pairs, `label` or
-  `kto_tag` for KTO; no `output` at all for a prompt-only record.
+  `kto_tag` for KTO; no `output` at all for a prompt-only record. Seq2seq pairs
+  `{"source": …, "target": …}` read the same way (source = instruction, target = output).
 * sharegpt: a `conversations` list of `{from, value}` messages (role names configurable through
   `tags`, LLaMA-Factory style); observation/function turns count as user/assistant.
 * messages: OpenAI-style `messages` of `{role, content}`; content may be a list of parts
@@ -11,10 +12,11 @@ Layouts (`data.format`):
 * prompt: TRL style `prompt` (string or messages) with `completion`, `chosen`/`rejected`, `label`,
   or nothing (prompt-only, for PPO/GRPO: the other fields become reference answers). GSM8K-style
   `question`/`answer` records read the same way: `question` is the prompt, `answer` the reference.
-* text: `text` for pre-training.
+* text: `text` for pre-training and masked-LM training; with a `label` (a class id or name) and
+  optionally a `text_pair` (or the dataset's `columns.query`) for sequence classification.
 
-What kind of example a record is follows from its fields: text, preference (chosen and
-rejected), kto (a boolean label), prompt (no response) or sft. Errors are `DataError`s naming
+What kind of example a record is follows from its fields: text (labelled or not), preference
+(chosen and rejected), kto (a boolean label), prompt (no response) or sft. Errors are `DataError`s naming
 the file, record and field, raised here, before any library sees the data.
 """
 
@@ -48,6 +50,8 @@ class Example:
     images: tuple[Path, ...] = ()
     reference: dict[str, Any] = field(default_factory=dict)
     text: str | None = None
+    text_pair: str | None = None  # classification: the second text of a pair (NLI, paraphrase)
+    class_label: Any = None  # classification: the record's `label` as given (see `class_label`)
     where: str = ""
 
     @property
@@ -229,11 +233,25 @@ def _response(value: Any, where: str, key: str, tags: Tags | None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def class_label(value: Any) -> int | str | None:
+    """A classification label as a class id (an integer >= 0) or a class name (a non-empty string;
+    true/false become "true"/"false"); None when the value is neither."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # parquet/pandas integer columns with gaps arrive as floats
+    if isinstance(value, int):
+        return value if value >= 0 else None
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
 def detect_format(record: dict[str, Any], where: str, columns: Columns | None = None) -> str:
     columns = columns or Columns()
     if _column(record, columns.messages, "conversations", "messages"):
         return "sharegpt"
-    if _column(record, columns.prompt, "instruction"):
+    if _column(record, columns.prompt, "instruction") or ("source" in record and "target" in record):
         return "alpaca"
     if "prompt" in record or "question" in record or ("chosen" in record and "rejected" in record):
         return "prompt"
@@ -241,8 +259,9 @@ def detect_format(record: dict[str, Any], where: str, columns: Columns | None = 
         return "text"
     raise DataError(
         f"{where} has keys {sorted(record)}; cannot tell its format. Expected `instruction`/`output` "
-        "(alpaca), `conversations` (sharegpt), `messages` (chat), `prompt` with `completion`/`chosen`/"
-        "`rejected` (TRL style) or `text` (pre-training); or set the format and columns"
+        "(alpaca), `source`/`target` (seq2seq pairs), `conversations` (sharegpt), `messages` (chat), "
+        "`prompt` with `completion`/`chosen`/`rejected` (TRL style) or `text` (pre-training; with "
+        "`label` for classification); or set the format and columns"
     )
 
 
@@ -311,9 +330,10 @@ def _finish(
 def _alpaca(
     record: dict[str, Any], columns: Columns, tags: Tags | None, where: str, root: Path | None
 ) -> Example:
-    prompt_key = columns.prompt or "instruction"
+    pair = "instruction" not in record and "source" in record  # a seq2seq {source, target} pair
+    prompt_key = columns.prompt or ("source" if pair else "instruction")
     query_key = columns.query or "input"
-    response_key = _column(record, columns.response, "output", "response")
+    response_key = _column(record, columns.response, "output", "response", "target")
     history_key = columns.history or "history"
     instruction = _text(record.get(prompt_key), where, prompt_key)
     extra = record.get(query_key)
@@ -403,7 +423,14 @@ def _text_record(
     record: dict[str, Any], columns: Columns, tags: Tags | None, where: str, root: Path | None
 ) -> Example:
     key = columns.prompt or "text"
-    return Example(text=_text(record.get(key), where, key), where=where)
+    pair_key = columns.query or "text_pair"
+    pair = record.get(pair_key)
+    return Example(
+        text=_text(record.get(key), where, key),
+        text_pair=_text(pair, where, pair_key) if pair is not None else None,
+        class_label=record.get("label"),
+        where=where,
+    )
 
 
 LAYOUTS = {
@@ -442,18 +469,22 @@ KIND_NEEDS = {
     "kto": "a prompt, one response and a boolean `label` (or `kto_tag`)",
     "prompt": "a prompt (the user turn; reference answers in other fields)",
     "text": "a `text` field",
+    "classify": "a `text` field and its `label` (a class id 0, 1, … or a class name)",
 }
 
 
 def problems(example: Example, needs: str) -> list[tuple[str, str]]:
     """(code, message) for what makes this example unusable for a stage needing `needs` examples.
 
-    Codes: wrong_kind, empty_response, identical_pair, empty_prompt, image_mismatch, missing_image.
+    Codes: wrong_kind, empty_response, identical_pair, empty_prompt, image_mismatch, missing_image,
+    missing_label, bad_label, empty_text.
     """
     found: list[tuple[str, str]] = []
     kind = example.kind
     if needs == "text":
         return [] if kind == "text" else [("wrong_kind", f"is a {kind} record; pre-training reads `text`")]
+    if needs == "classify":
+        return _classify_problems(example)
     if kind == "text":
         return [
             (
@@ -507,3 +538,28 @@ def problems(example: Example, needs: str) -> list[tuple[str, str]]:
     if missing:
         found.append(("missing_image", f"names missing image file(s): {', '.join(missing[:3])}"))
     return found
+
+
+def _classify_problems(example: Example) -> list[tuple[str, str]]:
+    if example.kind != "text":
+        return [("wrong_kind", f"is a {example.kind} record; classification needs {KIND_NEEDS['classify']}")]
+    value = example.class_label
+    if value is None:
+        return [
+            (
+                "missing_label",
+                "has no `label`; classification needs each text's class: add `label` (a class id 0, 1, "
+                '… or a class name such as "positive")',
+            )
+        ]
+    if class_label(value) is None:
+        return [
+            (
+                "bad_label",
+                f"has `label` {value!r} (a {type(value).__name__}); expected a class id (an integer 0, 1, "
+                "…) or a class name (a non-empty string)",
+            )
+        ]
+    if not (example.text or "").strip():
+        return [("empty_text", "has an empty `text`; there is nothing to classify")]
+    return []

@@ -29,6 +29,9 @@ STAGE_NEEDS = {
     "kto": "kto",
     "grpo": "prompt",
     "ppo": "prompt",
+    "distill": "sft",
+    "mlm": "text",
+    "classify": "classify",
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lmforge.data.formats import Example
+from lmforge.data.formats import Example, class_label
 from lmforge.data.templates import AnyTemplate, Conversation
 
 IGNORE = -100
@@ -266,3 +266,116 @@ class PaddingFreeRowsCollator(PackedRowsCollator):
             for members in bins
         ]
         return super().__call__(packed)
+
+
+# --------------------------------------------------------------------------------------------------
+# encoder-decoder (seq2seq), masked-LM and classification rows
+# --------------------------------------------------------------------------------------------------
+
+
+def seq2seq_source(prompt: str, system: str | None = None) -> str:
+    """An encoder-decoder model's input: the prompt as plain text (no chat template), after the
+    system text when there is one (e.g. T5's task prefix "summarize:")."""
+    return f"{system.rstrip()} {prompt}" if system and system.strip() else prompt
+
+
+def _with_eos(ids: list[int], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """`ids` ending in EOS: T5 and Marian tokenizers append it themselves, a plain BPE does not."""
+    eos = tokenizer.eos_token_id
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def encode_source(text: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[list[int], bool]:
+    """(encoder input ids ending in EOS, was_truncated); a long source keeps its first tokens + EOS."""
+    ids = _with_eos(tokenizer(text)["input_ids"], tokenizer)
+    if len(ids) <= max_length:
+        return ids, False
+    return ids[: max_length - 1] + ids[-1:], True
+
+
+def encode_seq2seq(
+    source: str, target: str, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[dict[str, list[int]], bool]:
+    """Encoder input ids + decoder labels (the target + EOS; the model shifts them right itself).
+
+    Each side is cut to `max_length`. A cut target loses its EOS: the model is never taught to stop
+    in the middle of an answer. `text_target` uses the target-side tokenizer where there is one
+    (MarianMT's target-language vocabulary)."""
+    input_ids, cut_source = encode_source(source, tokenizer, max_length)
+    labels = _with_eos(tokenizer(text_target=target)["input_ids"], tokenizer)
+    cut_target = len(labels) > max_length
+    row = {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels[:max_length]}
+    return row, cut_source or cut_target
+
+
+def tokenize_seq2seq(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[Dataset, TokenizeStats]:
+    """Seq2seq rows: each example's prompt (after its system text) is the source, its response the
+    target."""
+    stats = TokenizeStats()
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for example in examples:
+        source = seq2seq_source(example.prompt, example.system)
+        row, truncated = encode_seq2seq(source, example.response, tokenizer, max_length)
+        if truncated:
+            stats.truncated += 1
+            stats.note("truncated", example.where)
+        stats.examples += 1
+        stats.tokens += len(row["input_ids"]) + len(row["labels"])
+        stats.label_tokens += len(row["labels"])
+        for key in rows:
+            rows[key].append(row[key])
+    return Dataset.from_dict(rows), stats
+
+
+def text_chunks(
+    texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Iterator[dict[str, list[int]]]:
+    """Masked-LM rows: each text cut into `max_length` pieces, each with the tokenizer's special
+    tokens ([CLS] … [SEP]) and a mask of them (never masked for prediction). Texts are not joined:
+    an encoder sees one document per row, as in BERT's fine-tuning."""
+    for text in texts:
+        if not text:
+            continue
+        encoded = tokenizer(
+            [text],
+            truncation=True,
+            max_length=max_length,
+            return_overflowing_tokens=True,
+            return_special_tokens_mask=True,
+        )
+        for ids, special in zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True):
+            yield {"input_ids": ids, "special_tokens_mask": special}
+
+
+def tokenize_chunks(
+    texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> tuple[Dataset, TokenizeStats]:
+    """Masked-LM rows of every text (see `text_chunks`), with token counts."""
+    rows = list(text_chunks(texts, tokenizer, max_length))
+    tokens = sum(len(row["input_ids"]) for row in rows)
+    columns = {key: [row[key] for row in rows] for key in ("input_ids", "special_tokens_mask")}
+    return Dataset.from_dict(columns), TokenizeStats(examples=len(rows), tokens=tokens)
+
+
+def tokenize_classification(
+    examples: list[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    label_ids: dict[int | str, int],
+) -> tuple[Dataset, TokenizeStats]:
+    """Classifier rows: the text (and its pair) with the tokenizer's special tokens, cut to
+    `max_length` (the longer text of a pair first), and the class id of its label (`label_ids`
+    maps each `class_label` value to one) in `labels`."""
+    texts = [e.text or "" for e in examples]
+    pairs = [e.text_pair or "" for e in examples] if any(e.text_pair for e in examples) else None
+    full = tokenizer(texts, pairs)["input_ids"]
+    encoded = dict(tokenizer(texts, pairs, truncation=True, max_length=max_length))
+    stats = TokenizeStats(examples=len(examples), tokens=sum(len(ids) for ids in encoded["input_ids"]))
+    for example, ids in zip(examples, full, strict=True):
+        if len(ids) > max_length:
+            stats.truncated += 1
+            stats.note("truncated", example.where)
+    encoded["labels"] = [label_ids[class_label(e.class_label)] for e in examples]
+    return Dataset.from_dict(encoded), stats

@@ -146,6 +146,11 @@ def run_task(
     from lmforge.inference.engine import SamplingParams
 
     settings = config.generation
+    if getattr(engine, "seq2seq", False) and task.kind in ("perplexity", "multiple_choice"):
+        raise ValueError(
+            f"task {task.name} ({task.kind}) scores a decoder-only model's next-token log-probs; "
+            f"{model.name} is an encoder-decoder: evaluate it with generation tasks"
+        )
     params = SamplingParams(
         max_new_tokens=settings.max_new_tokens,
         temperature=settings.temperature,

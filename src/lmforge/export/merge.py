@@ -25,7 +25,9 @@ from lmforge.adapters.moe_dora import is_moe_dora_folder
 from lmforge.config.model import ModelConfig
 from lmforge.data.templates import get_template, guess_template
 from lmforge.models.loading import (
+    is_encoder_decoder,
     load_causal_lm,
+    load_seq2seq_lm,
     load_tokenizer,
     model_location,
     saved_template_name,
@@ -106,7 +108,8 @@ def merge_adapter(
         device=device,  # type: ignore[arg-type]
         trust_remote_code=trust_remote_code,
     )
-    model, _ = load_causal_lm(model_config, for_training=False, quiet=True)
+    loader = load_seq2seq_lm if is_encoder_decoder(model_config) else load_causal_lm
+    model, _ = loader(model_config, for_training=False, quiet=True)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     tokenizer_source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
     tokenizer = load_tokenizer(

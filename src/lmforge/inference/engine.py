@@ -3,6 +3,10 @@
 One model, one tokenizer, one chat template. Loads a merged model, or a base plus an
 adapter; KV cache on; batched generation with left padding; streaming through
 transformers' `TextIteratorStreamer`; generation stops at the template's stop token.
+
+An encoder-decoder (seq2seq) model takes no chat template: its encoder reads the last user
+message as plain text (after the system text, as in training: `data/tokenize.seq2seq_source`),
+right-padded, and the decoder writes the answer until EOS.
 """
 
 from __future__ import annotations
@@ -26,7 +30,14 @@ from lmforge.adapters.moe_dora import MoeDoraModel, is_moe_dora_folder
 from lmforge.config.model import ModelConfig
 from lmforge.data.multimodal import VisionProcessor, expand_image_tokens, open_image
 from lmforge.data.templates import AnyTemplate, Conversation, get_template, guess_template
-from lmforge.models.loading import load_causal_lm, load_tokenizer, saved_template_name
+from lmforge.data.tokenize import encode_source, seq2seq_source
+from lmforge.models.loading import (
+    is_encoder_decoder,
+    load_causal_lm,
+    load_seq2seq_lm,
+    load_tokenizer,
+    saved_template_name,
+)
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: AnyTemplate) -> list[int]:
@@ -132,7 +143,12 @@ class Engine:
         self.template = template
         self.vision = vision  # a vision-language model's image side (None: text only)
         self.model.config.use_cache = True
-        self.stop_ids = stop_token_ids(tokenizer, template)
+        # An encoder-decoder model: plain-text source in, answer out of the decoder (no template).
+        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        if self.seq2seq:
+            self.stop_ids = [tokenizer.eos_token_id]
+        else:
+            self.stop_ids = stop_token_ids(tokenizer, template)
 
     @classmethod
     def load(
@@ -148,7 +164,8 @@ class Engine:
         source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_path
         tokenizer = load_tokenizer(ModelConfig(name_or_path=source))
         model_config = ModelConfig(name_or_path=model_path, device=device, dtype=dtype)  # type: ignore[arg-type]
-        model, _ = load_causal_lm(model_config, for_training=False, quiet=quiet)
+        loader = load_seq2seq_lm if is_encoder_decoder(model_config) else load_causal_lm
+        model, _ = loader(model_config, for_training=False, quiet=quiet)
         if adapter and is_moe_dora_folder(adapter):
             model = MoeDoraModel.from_pretrained(model, adapter, is_trainable=False)
         elif adapter:
@@ -167,11 +184,28 @@ class Engine:
         return next(self.model.parameters()).device
 
     def prompt_text(self, conversation: Conversation) -> str:
+        if self.seq2seq:  # earlier turns are not seen: the encoder reads one source
+            return seq2seq_source(conversation.turns[-1][0], conversation.system)
         return self.template.generation_prompt(conversation, self.tokenizer)
+
+    def _source_inputs(self, texts: list[str]) -> dict:
+        """An encoder-decoder's inputs: each source ending in EOS (as in training), right-padded."""
+        limit = min(self.tokenizer.model_max_length, 10**6)
+        rows = [encode_source(text, self.tokenizer, limit)[0] for text in texts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        return {
+            "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        }
 
     def _inputs(self, conversations: list[Conversation], images: list[list[Path]] | None) -> dict:
         """Left-padded prompts; with images, each image's token expanded and its pixels made."""
         texts = [self.prompt_text(c) for c in conversations]
+        if self.seq2seq and images and any(images):
+            raise ValueError("images need a vision-language model; this is a text encoder-decoder model")
+        if self.seq2seq:
+            return self._source_inputs(texts)
         if not images or not any(images):
             self.tokenizer.padding_side = "left"
             return dict(self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
@@ -255,7 +289,10 @@ class Engine:
 
     @torch.inference_mode()
     def complete(self, prompts: list[str], params: SamplingParams | None = None) -> list[Generation]:
-        """Continue raw text (no chat template), as OpenAI's completions endpoint does."""
+        """Continue raw text (no chat template), as OpenAI's completions endpoint does (an
+        encoder-decoder model answers the text instead)."""
+        if self.seq2seq:
+            return self._run(self._source_inputs(prompts), params or SamplingParams())
         self.tokenizer.padding_side = "left"
         inputs = dict(self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True))
         return self._run(inputs, params or SamplingParams())
@@ -265,7 +302,8 @@ class Engine:
             torch.manual_seed(params.seed)
         batch = {k: v.to(self.device) for k, v in inputs.items()}
         out = self.model.generate(**batch, **self._generate_kwargs(params))
-        width = batch["input_ids"].shape[1]
+        # A decoder-only model returns prompt + answer; an encoder-decoder its decoder start + answer.
+        width = 1 if self.seq2seq else batch["input_ids"].shape[1]
         results = []
         for row, mask in zip(out[:, width:], batch["attention_mask"], strict=True):
             ended = torch.isin(row, torch.tensor(self.stop_ids, device=row.device))

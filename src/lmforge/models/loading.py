@@ -1,4 +1,9 @@
-"""Load tokenizers and causal language models from a local folder or a hub id."""
+"""Load tokenizers and models of every kind lmforge trains from a local folder or a hub id.
+
+Kinds: causal LMs (and vision-language models), encoder-decoder (seq2seq) LMs such as T5 and
+MarianMT, masked LMs (BERT family) and sequence classifiers. Each loads with the same hardware
+choice (device, dtype, attention) and quantization (bitsandbytes) handling.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,16 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from transformers import (
+    MODEL_FOR_MASKED_LM_MAPPING,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -38,28 +50,37 @@ def model_location(name_or_path: str) -> str:
     return name_or_path
 
 
-def is_vision_language(config: ModelConfig) -> bool:
-    """Whether the model has a vision tower (its config has a `vision_config`), read from config.json."""
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(
+def auto_config(config: ModelConfig) -> PretrainedConfig:
+    """The model's config.json (no weights are read)."""
+    return AutoConfig.from_pretrained(
         model_location(config.name_or_path),
         revision=config.revision,
         trust_remote_code=config.trust_remote_code,
     )
-    return getattr(model_config, "vision_config", None) is not None
+
+
+def is_vision_language(config: ModelConfig) -> bool:
+    """Whether the model has a vision tower (its config has a `vision_config`), read from config.json."""
+    return getattr(auto_config(config), "vision_config", None) is not None
+
+
+def is_encoder_decoder(config: ModelConfig) -> bool:
+    """Whether the model is an encoder-decoder (seq2seq: T5, MarianMT, BART), read from config.json."""
+    return bool(getattr(auto_config(config), "is_encoder_decoder", False))
+
+
+def has_masked_lm_head(config: ModelConfig) -> bool:
+    """Whether transformers has a masked-LM class for this model type (BERT, RoBERTa, DeBERTa, ...)."""
+    return type(auto_config(config)) in MODEL_FOR_MASKED_LM_MAPPING
+
+
+def model_type(config: ModelConfig) -> str:
+    return str(getattr(auto_config(config), "model_type", "") or "unknown")
 
 
 def uses_alibi(config: ModelConfig) -> bool:
     """Whether the model is a lab model with ALiBi (its bias needs SDPA or eager attention)."""
-    from transformers import AutoConfig
-
-    model_config = AutoConfig.from_pretrained(
-        model_location(config.name_or_path),
-        revision=config.revision,
-        trust_remote_code=config.trust_remote_code,
-    )
-    return getattr(model_config, "position_type", None) == "alibi"
+    return getattr(auto_config(config), "position_type", None) == "alibi"
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -118,8 +139,9 @@ def quiet_library_bars() -> Iterator[None]:
 
 @contextmanager
 def expected_head_swap() -> Iterator[None]:
-    """Loading a causal LM as a classifier drops `lm_head` and adds `score`: transformers reports
-    both as a warning table; for a reward model that is the intent, so keep it quiet."""
+    """Loading a causal LM as a classifier drops `lm_head` and adds `score` (a BERT checkpoint as a
+    classifier: its MLM head out, `classifier` in): transformers reports both as a warning table;
+    for a reward model or a classifier that is the intent, so keep it quiet."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
@@ -142,31 +164,112 @@ def load_causal_lm(
     `reward=True` loads it as a sequence classifier with one output (a reward model: the
     backbone's weights plus a new scalar head, `score`).
     """
-    hardware = hardware or choose_hardware(config)
-    if not quiet:
-        console.print(f"[bold]hardware[/]: {hardware.describe()}")
-    quant = quantization_config(config, hardware)
+    if is_encoder_decoder(config):
+        raise ValueError(
+            f"{config.name_or_path} is an encoder-decoder model (T5, MarianMT, BART): this stage trains "
+            "decoder-only (causal) models; encoder-decoders train with method.name sft (seq2seq) or "
+            "classify"
+        )
     auto_class = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     if not reward and is_vision_language(config):
         from transformers import AutoModelForImageTextToText
 
         auto_class = AutoModelForImageTextToText
     extra: dict = {"num_labels": 1} if reward else {}
+    return _load(config, auto_class, for_training, hardware, quiet, extra, head_swap=reward)
+
+
+def load_seq2seq_lm(
+    config: ModelConfig,
+    for_training: bool = True,
+    hardware: Hardware | None = None,
+    quiet: bool = False,
+) -> tuple[PreTrainedModel, Hardware]:
+    """An encoder-decoder LM (T5, MarianMT, BART) through AutoModelForSeq2SeqLM, loaded like
+    `load_causal_lm` (hardware, quantization, KV cache off for training)."""
+    return _load(config, AutoModelForSeq2SeqLM, for_training, hardware, quiet, {})
+
+
+def load_masked_lm(
+    config: ModelConfig, hardware: Hardware | None = None, quiet: bool = False
+) -> tuple[PreTrainedModel, Hardware]:
+    """A masked LM (BERT family) through AutoModelForMaskedLM, loaded like `load_causal_lm` (a
+    pre-training checkpoint's pooler and next-sentence head are left out, quietly)."""
+    return _load(config, AutoModelForMaskedLM, True, hardware, quiet, {}, head_swap=True)
+
+
+def load_classifier(
+    config: ModelConfig,
+    labels: list[str],
+    hardware: Hardware | None = None,
+    quiet: bool = False,
+) -> tuple[PreTrainedModel, Hardware]:
+    """A sequence classifier with one output per label (`labels[i]` names class id i, saved in the
+    config as id2label/label2id): an encoder (BERT's `classifier` head on the pooled [CLS]) or a
+    causal LM (a `score` head on the last non-pad token). A head of another size is made new."""
+    extra = {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+        "ignore_mismatched_sizes": True,
+    }
+    return _load(config, AutoModelForSequenceClassification, True, hardware, quiet, extra, head_swap=True)
+
+
+# The public auto mappings, to look up the class a config loads as (for its attention support).
+_MAPPINGS = {
+    AutoModelForSeq2SeqLM: MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+    AutoModelForMaskedLM: MODEL_FOR_MASKED_LM_MAPPING,
+    AutoModelForSequenceClassification: MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+}
+
+
+def _attention(config: ModelConfig, hardware: Hardware, auto_class: type) -> str:
+    """The chosen attention kernel, or the best one this model class supports (T5 has no
+    flash-attn path; a lab model with ALiBi needs its bias, which flash kernels do not take)."""
     attention = hardware.attn_implementation
-    if attention.startswith("flash") and uses_alibi(config):
-        attention = "sdpa"  # flash-attn kernels take no ALiBi bias through transformers
+    if not attention.startswith("flash"):
+        return attention
+    if uses_alibi(config):
+        return "sdpa"
+    mapping = _MAPPINGS.get(auto_class)
+    model_config = auto_config(config)
+    if mapping is None or type(model_config) not in mapping:
+        return attention
+    model_class = mapping[type(model_config)]
+    if getattr(model_class, "_supports_flash_attn", False):
+        return attention
+    return "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def _load(
+    config: ModelConfig,
+    auto_class: type,
+    for_training: bool,
+    hardware: Hardware | None,
+    quiet: bool,
+    extra: dict,
+    head_swap: bool = False,
+) -> tuple[PreTrainedModel, Hardware]:
+    """`auto_class.from_pretrained` with the hardware choice and quantization applied; the KV
+    cache off for training, on otherwise."""
+    hardware = hardware or choose_hardware(config)
+    if not quiet:
+        console.print(f"[bold]hardware[/]: {hardware.describe()}")
+    quant = quantization_config(config, hardware)
+    extra = dict(extra)
     if quant is not None:
         # Only when asked: an explicit `quantization_config=None` would overwrite the config.json
         # entry of a checkpoint saved quantized and load its packed weights as garbage.
         extra["quantization_config"] = quant
-    with expected_head_swap() if reward else nullcontext():
+    with expected_head_swap() if head_swap else nullcontext():
         model = auto_class.from_pretrained(
             model_location(config.name_or_path),
             **extra,
             revision=config.revision,
             trust_remote_code=config.trust_remote_code,
             dtype=hardware.dtype,
-            attn_implementation=attention,
+            attn_implementation=_attention(config, hardware, auto_class),
             device_map={"": hardware.device} if quant is not None else None,
             use_safetensors=True,
         )

@@ -2,8 +2,9 @@
 
 Nothing here touches a network: the tokenizer is a byte-level BPE trained with
 `tokenizers` on text the caller provides, and the model is a randomly initialised
-Llama built from a config. Both save in the ordinary Hugging Face layout, so every
-other part of lmforge loads them exactly as it loads a hub model.
+Llama (or Qwen2-VL, T5, MarianMT, BERT) built from a config. Both save in the ordinary
+Hugging Face layout, so every other part of lmforge loads them exactly as it loads a hub
+model.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 # Special tokens of every chat template lmforge ships, so one tiny tokenizer serves
 # the template tests of all of them. Each is a single token, as in the real models.
 BOS, EOS, UNK, PAD = "<s>", "</s>", "<unk>", "<pad>"
+MASK = "<mask>"  # the encoder tokenizer's mask token (masked-LM training)
 TEMPLATE_SPECIAL_TOKENS = [
     "[INST]",
     "[/INST]",
@@ -102,7 +104,7 @@ def build_tiny_llama(
     return LlamaForCausalLM(config)
 
 
-def save_tiny(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> Path:
+def save_tiny(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> Path:
     """Save model (safetensors) and tokenizer side by side, like a hub checkpoint."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,3 +201,119 @@ def save_tiny_vlm(
     )
     image_processor.save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_encoder_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """The tiny tokenizer made an encoder's (RoBERTa style): a `<mask>` token, and every text
+    wrapped as `<s> text </s>` (a pair as `<s> a </s> b </s>`), `<s>` serving as CLS, `</s>` as SEP."""
+    fast = build_tiny_tokenizer(corpus, vocab_size)
+    fast.add_special_tokens({"mask_token": MASK, "cls_token": BOS, "sep_token": EOS})
+    ids = {token: fast.convert_tokens_to_ids(token) for token in (BOS, EOS)}
+    fast.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}",
+        pair=f"{BOS} $A {EOS} $B:1 {EOS}:1",
+        special_tokens=list(ids.items()),
+    )
+    return fast
+
+
+def build_tiny_t5(
+    tokenizer: PreTrainedTokenizerFast,
+    d_model: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    d_ff: int | None = None,
+    gated: bool = False,
+    seed: int = 0,
+):
+    """A randomly initialised T5 (encoder-decoder; `gated=True`: T5 v1.1 / Flan-T5's gated-GELU
+    feed-forward, `wi_0`/`wi_1`). As in T5, decoding starts from the pad token."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=d_ff or d_model * 2,
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(config)
+
+
+def build_tiny_marian(
+    tokenizer: PreTrainedTokenizerFast,
+    d_model: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+):
+    """A randomly initialised MarianMT (encoder-decoder, sinusoidal positions); decoding starts from
+    the pad token, as in the Opus-MT models."""
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    config = MarianConfig(
+        vocab_size=len(tokenizer),
+        decoder_vocab_size=len(tokenizer),
+        d_model=d_model,
+        encoder_layers=num_layers,
+        decoder_layers=num_layers,
+        encoder_attention_heads=num_heads,
+        decoder_attention_heads=num_heads,
+        encoder_ffn_dim=d_model * 2,
+        decoder_ffn_dim=d_model * 2,
+        max_position_embeddings=256,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = MarianMTModel(config)
+    model.config.decoder_start_token_id = tokenizer.pad_token_id
+    return model
+
+
+def build_tiny_bert(
+    tokenizer: PreTrainedTokenizerFast,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_positions: int = 256,
+    seed: int = 0,
+):
+    """A randomly initialised BERT with its pre-training heads, like the hub's bert-base checkpoints:
+    it loads as a masked LM, or as a sequence classifier (pooler kept, a new `classifier` head). Give
+    it `build_tiny_encoder_tokenizer`'s tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForPreTraining
+
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=max_positions,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return BertForPreTraining(config)

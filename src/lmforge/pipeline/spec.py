@@ -48,9 +48,22 @@ from lmforge.config.loader import (
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
 RESERVED = {"manifest.json", "report.md", "report.html", "plots"}
-TRAINING = ("sft", "pretrain", "dpo", "orpo", "simpo", "kto", "reward", "grpo", "ppo")
+TRAINING = (
+    "sft",
+    "pretrain",
+    "dpo",
+    "orpo",
+    "simpo",
+    "kto",
+    "reward",
+    "grpo",
+    "ppo",
+    "distill",
+    "mlm",
+    "classify",
+)
 KINDS = (*TRAINING, "merge", "quantize", "export", "predict", "eval")
-RUN_SECTIONS = ("method", "model", "adapter", "data", "train")
+RUN_SECTIONS = ("method", "model", "adapter", "data", "train", "hardware")
 
 
 class MergeOptions(Section):

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lmforge.config import RunConfig, dump_config
 from lmforge.data.templates import AnyTemplate
+from lmforge.models.hardware import write_hardware_report
 from lmforge.models.loading import TEMPLATE_FILE
 
 PACKAGES = ("lmforge", "torch", "transformers", "trl", "peft", "datasets", "accelerate")
@@ -33,13 +34,16 @@ def versions() -> dict[str, str]:
 
 
 def write_resolved_config(config: RunConfig, output_dir: Path) -> Path:
-    """config.yaml: the full config after defaults and overrides, headed by package versions."""
+    """config.yaml: the full config after defaults and overrides, headed by package versions; with
+    `hardware: auto`, hardware.json beside it (what was decided, why, and what was detected)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     header = "# resolved by lmforge — " + ", ".join(f"{k} {v}" for k, v in versions().items())
     path = output_dir / "config.yaml"
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(header + "\n" + dump_config(config), encoding="utf-8")
     os.replace(tmp, path)
+    if config.hardware_report is not None:
+        write_hardware_report(config.hardware_report, output_dir)
     return path
 
 

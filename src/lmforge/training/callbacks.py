@@ -1,5 +1,6 @@
 """Trainer callbacks: metrics.jsonl + loss.png, a progress bar with tokens/s, complete-checkpoint
-markers, and a guard that stops on non-finite gradients.
+markers, a guard that stops on non-finite gradients, and a memory report (estimated peak at the
+start, measured peaks at the end).
 
 These use `TrainerCallback`, the hook transformers documents for exactly this.
 """
@@ -9,14 +10,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from lmforge.config.train import TrainConfig
+
 COMPLETE_MARKER = "LMFORGE_COMPLETE"
+MB = 1024**2  # the memory report's "mb" is MiB
+console = Console(stderr=True)
 
 
 class NonFiniteError(RuntimeError):
@@ -76,13 +86,18 @@ class MetricsFileCallback(TrainerCallback):
             "time": round(time.time() - self.start, 3),
         }
         record.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(self.path, record)
 
     def on_train_end(self, args, state, control, **kw):
         if state.is_world_process_zero:
             plot_loss(self.path, self.path.parent / "loss.png")
+
+
+def append_record(path: Path, record: Mapping[str, Any]) -> None:
+    """One JSON line appended to metrics.jsonl."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def plot_loss(metrics_path: Path, out: Path) -> None:
@@ -178,3 +193,219 @@ class AdaLoraRankCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         model.base_model.update_and_allocate(state.global_step)
+
+
+# --- memory report --------------------------------------------------------------------------------
+
+# Tensors a decoder layer keeps for its backward pass, per token, in the activation dtype: 11 of
+# width hidden (the two norms' inputs and outputs, q/k/v, q/k after rotary, the attention output,
+# o_proj's input, ...) and 4 of width intermediate (gate, up, act(gate), their product: SwiGLU).
+# The counting of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
+# Models") for a Llama-style layer with SDPA/flash attention, which keep no s x s score matrix.
+# Checked against torch's saved-tensor hooks on a Llama (h 1024, i 2816): 19-22 x b·s·h in fp32,
+# this gives 22. 16-bit models also keep their norms' fp32 copies: 2 x hidden x 4 bytes more.
+ACTIVATION_PER_HIDDEN = 11
+ACTIVATION_PER_INTERMEDIATE = 4
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps smaller tensors' optimizer states in 32 bits
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a training step needs at its peak, by part (see `estimate_memory`)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+    def as_record(self) -> dict[str, float]:
+        """The estimate in MiB, as metrics.jsonl keys."""
+        parts = ("weights", "gradients", "optimizer", "activations")
+        record = {f"estimated_{part}_mb": round(getattr(self, part) / MB, 1) for part in parts}
+        return {"estimated_peak_mb": round(self.total / MB, 1), **record}
+
+    def describe(self) -> str:
+        def mb(n: int) -> str:
+            return f"{n / MB:,.1f} MB"
+
+        return (
+            f"~{mb(self.total)} (weights {mb(self.weights)} + gradients {mb(self.gradients)} + "
+            f"optimizer {mb(self.optimizer)} + activations {mb(self.activations)})"
+        )
+
+
+def optimizer_state_bytes(model: torch.nn.Module, optimizer_name: str, momentum: bool = False) -> int:
+    """Bytes of optimizer state for `model`'s trainable parameters (states in the parameter's dtype,
+    as torch keeps them). AdamW and Sophia keep two tensors per parameter, Lion one, SGD one with
+    momentum (`momentum`) else none; Adafactor a row and a column vector per matrix; Muon one for
+    its hidden matrices and AdamW's two for the rest; bitsandbytes' 8-bit AdamW two bytes per
+    element (eight for tensors under 4096 elements, which it keeps in 32 bits)."""
+    muon_ids: set[int] = set()
+    if optimizer_name == "muon":
+        from lmforge.optim.muon import split_muon_params
+
+        muon_ids = {id(param) for _, param in split_muon_params(model)[0]}
+    total = 0
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        numel, size = param.numel(), param.element_size()
+        if optimizer_name in ("adamw_8bit", "paged_adamw_8bit"):
+            total += 2 * numel if numel >= BNB_MIN_8BIT_SIZE else 8 * numel
+        elif optimizer_name == "adafactor" and param.ndim >= 2:
+            rows, cols = param.shape[-2], param.shape[-1]
+            total += (numel // cols + numel // rows) * size
+        elif optimizer_name == "adafactor" or (optimizer_name == "sgd" and momentum) or id(param) in muon_ids:
+            total += numel * size
+        elif optimizer_name == "lion":
+            total += numel * size
+        elif optimizer_name != "sgd":  # the AdamW family (LoRA+ too), Sophia, Muon's AdamW part
+            total += 2 * numel * size
+    return total
+
+
+def _activation_dtype_size(model: torch.nn.Module) -> int:
+    """Element size of the dtype most of the weights are in (activations run in it)."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            by_dtype[param.dtype] = by_dtype.get(param.dtype, 0) + param.numel()
+    if not by_dtype:  # every weight packed (4-bit): the compute dtype is 16-bit
+        return 2
+    return torch.empty((), dtype=max(by_dtype, key=by_dtype.__getitem__)).element_size()
+
+
+def estimate_memory(
+    model: torch.nn.Module,
+    optimizer_name: str,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    gradient_checkpointing: bool = False,
+    momentum: bool = False,
+) -> MemoryEstimate:
+    """A rough peak of one training step, in bytes:
+
+    - weights: every parameter at its storage size (a 4-bit weight is half a byte);
+    - gradients: the trainable parameters at their dtype's size;
+    - optimizer: see `optimizer_state_bytes`;
+    - activations: per layer b x s x (11 x hidden + 4 x intermediate) x element size, plus
+      b x s x 2 x hidden x 4 in a 16-bit model (its norms compute in fp32), see
+      ACTIVATION_PER_HIDDEN; with gradient checkpointing only each layer's input (b x s x hidden)
+      plus one layer's full activations; plus the logits, b x s x vocab x (element size + 8) for
+      the fp32 copy the loss takes and its gradient.
+
+    Not counted: the CUDA context (~0.3-0.5 GB), allocator fragmentation, a separate reference or
+    teacher model, and the temporary buffers of the kernels.
+    """
+    params = list(model.parameters())
+    weights = sum(param.numel() * param.element_size() for param in params)
+    gradients = sum(param.numel() * param.element_size() for param in params if param.requires_grad)
+    optimizer = optimizer_state_bytes(model, optimizer_name, momentum)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None)
+    layers = getattr(text, "num_hidden_layers", None)
+    activations = 0
+    if hidden and layers:
+        intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+        vocab = getattr(text, "vocab_size", None) or 0
+        size = _activation_dtype_size(model)
+        tokens = batch_size * seq_len
+        layer = tokens * (ACTIVATION_PER_HIDDEN * hidden + ACTIVATION_PER_INTERMEDIATE * intermediate) * size
+        if size < 4:
+            layer += tokens * 2 * hidden * 4
+        activations = tokens * hidden * size * layers + layer if gradient_checkpointing else layer * layers
+        activations += tokens * vocab * (size + 8)
+    return MemoryEstimate(weights, gradients, optimizer, activations)
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory so far (None where it cannot be read)."""
+    try:
+        import resource
+    except ImportError:  # Windows: psutil, when installed, reports the peak working set
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return getattr(psutil.Process().memory_info(), "peak_wset", None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def measured_peaks(device: torch.device) -> dict[str, float]:
+    """Measured peaks in MiB: process RSS, and the accelerator's allocated/reserved memory."""
+    peaks: dict[str, float] = {}
+    rss = peak_rss_bytes()
+    if rss is not None:
+        peaks["peak_rss_mb"] = round(rss / MB, 1)
+    if device.type == "cuda":
+        peaks["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / MB, 1)
+        peaks["peak_cuda_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / MB, 1)
+    elif device.type == "xpu":
+        peaks["peak_xpu_mb"] = round(torch.xpu.max_memory_allocated(device) / MB, 1)
+    return peaks
+
+
+PEAK_LABELS = {
+    "peak_rss_mb": "peak RSS (whole process)",
+    "peak_cuda_mb": "peak CUDA allocated",
+    "peak_cuda_reserved_mb": "reserved",
+    "peak_xpu_mb": "peak XPU allocated",
+}
+
+
+class MemoryReportCallback(TrainerCallback):
+    """The estimated peak memory printed when training starts; the measured peaks (process RSS,
+    CUDA/XPU allocations during training) printed when it ends and appended to metrics.jsonl with
+    the estimate (`peak_rss_mb`, `peak_cuda_mb`, `estimated_peak_mb`, ...)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train: TrainConfig,
+        seq_len: int,
+        rows_per_example: int = 1,
+        quiet: bool = False,
+    ) -> None:
+        self.model = model
+        self.train = train
+        self.seq_len = seq_len
+        self.rows = rows_per_example
+        self.quiet = quiet
+        self.path = Path(train.output_dir) / "metrics.jsonl"
+        self.estimate: MemoryEstimate | None = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        if args.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(args.device)  # the training peak, weights included
+        elif args.device.type == "xpu":
+            torch.xpu.reset_peak_memory_stats(args.device)
+        if not state.is_world_process_zero:
+            return
+        options = self.train.optimizer_options
+        self.estimate = estimate_memory(
+            self.model,
+            self.train.optimizer,
+            self.train.batch_size * self.rows,
+            self.seq_len,
+            self.train.gradient_checkpointing,
+            momentum=bool(getattr(options, "momentum", 0)),
+        )
+        if not self.quiet:
+            console.print(f"[bold]memory[/]: estimated peak {self.estimate.describe()}")
+
+    def on_train_end(self, args, state, control, **kw):
+        if not state.is_world_process_zero:
+            return
+        peaks = measured_peaks(args.device)
+        estimate = self.estimate.as_record() if self.estimate else {}
+        append_record(self.path, {"step": state.global_step, "epoch": state.epoch, **peaks, **estimate})
+        if not self.quiet:
+            measured = ", ".join(f"{PEAK_LABELS[key]} {value:,.1f} MB" for key, value in peaks.items())
+            against = f" against the estimated ~{self.estimate.total / MB:,.1f} MB" if self.estimate else ""
+            console.print(f"[bold]memory[/]: measured {measured or 'no peak (not readable here)'}{against}")

@@ -28,6 +28,7 @@ from lmforge.optim.sophia import SophiaG, estimate_hessian
 from lmforge.training.callbacks import (
     AdaLoraRankCallback,
     CompleteCheckpointCallback,
+    MemoryReportCallback,
     MetricsFileCallback,
     NonFiniteError,
     NonFiniteGradientCallback,
@@ -90,6 +91,7 @@ def common_arguments(train: TrainConfig, hardware: Hardware, has_eval: bool) -> 
     else:
         eval_strategy = "no"
     on_cuda = hardware.device == "cuda"
+    on_gpu = hardware.device in ("cuda", "xpu")  # mixed precision on either; the Trainer finds the XPU
     if train.optimizer in CUDA_ONLY and not on_cuda:
         raise ValueError(
             f"train.optimizer {train.optimizer} keeps bitsandbytes' 8-bit/paged states on a CUDA GPU and "
@@ -122,9 +124,9 @@ def common_arguments(train: TrainConfig, hardware: Hardware, has_eval: bool) -> 
         "eval_steps": train.eval_steps or None,
         "report_to": ["tensorboard"] if train.tensorboard else [],
         "disable_tqdm": True,  # lmforge's own progress bar shows tokens/s and ETA
-        "use_cpu": not on_cuda,
-        "bf16": on_cuda and hardware.dtype == torch.bfloat16,
-        "fp16": on_cuda and hardware.dtype == torch.float16,
+        "use_cpu": not on_gpu,
+        "bf16": on_gpu and hardware.dtype == torch.bfloat16,
+        "fp16": on_gpu and hardware.dtype == torch.float16,
         "remove_unused_columns": False,
         "save_only_model": False,
         "dataloader_num_workers": 0,
@@ -205,11 +207,15 @@ def stage_optimizer(config: RunConfig, model) -> torch.optim.Optimizer | None:
 
 
 def stage_callbacks(config: RunConfig, model, stage: str, quiet: bool) -> list:
-    """lmforge's callbacks for any stage: metrics file, checkpoint markers, NaN guard, progress."""
+    """lmforge's callbacks for any stage: metrics file, checkpoint markers, NaN guard, memory report,
+    progress."""
+    # Preference and reward stages run each example's chosen and rejected rows through the model.
+    rows = 2 if stage in ("dpo", "orpo", "simpo", "reward") else 1
     callbacks = [
         MetricsFileCallback(config.train.output_dir),
         CompleteCheckpointCallback(),
         NonFiniteGradientCallback(model),
+        MemoryReportCallback(model, config.train, config.data.max_length, rows, quiet),
     ]
     if config.train.progress and not quiet:
         callbacks.append(ProgressCallback(stage))
@@ -227,8 +233,11 @@ def build_trainer(
     eval_dataset: Dataset | None,
     stage: str,
     quiet: bool = False,
+    trainer_class: type[ForgeTrainer] | None = None,
+    **trainer_kwargs,
 ) -> ForgeTrainer:
-    """The SFT/pre-training trainer with lmforge's callbacks and collators."""
+    """The SFT/pre-training trainer with lmforge's callbacks and collators (`trainer_class`: a
+    ForgeTrainer subclass with its own loss, e.g. distillation's, given `trainer_kwargs`)."""
     # With flash-attn, trl's padding-free collator flattens each batch (varlen kernels attend
     # within examples). With SDPA/eager attention a flattened batch gets one dense mask, so our
     # collators keep rows: packed rows as they are, unpacked examples packed into rows as wide as
@@ -250,7 +259,8 @@ def build_trainer(
     model.config.use_cache = False
     callbacks = stage_callbacks(config, model, stage, quiet)
     optimizer = stage_optimizer(config, model)
-    trainer = ForgeTrainer(
+    trainer = (trainer_class or ForgeTrainer)(
+        **trainer_kwargs,
         model=model,
         args=args,
         train_dataset=train_dataset,

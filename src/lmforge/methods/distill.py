@@ -1,0 +1,238 @@
+"""Knowledge distillation: a student learns a frozen teacher's token distributions.
+
+Logit distillation (default): on the SFT data, tokenized and masked as SFT does (response tokens
+only for chat data), the loss at every labelled position is alpha x D(teacher, student) +
+(1 - alpha) x cross-entropy on the hard label, with D forward KL (Hinton et al. 2015), reverse KL
+or generalized JSD (GKD, Agarwal et al. 2024) at temperature T (losses/kd.py). Teacher and student
+must share a vocabulary, which is checked. The teacher runs in no-grad eval mode on the same
+packed rows; optionally quantized or with an adapter. The student trains fully or with an adapter.
+
+Sequence-level distillation (`method.distill.sequence_level`, Kim & Rush 2016): the teacher
+answers every training prompt (greedy) and the student is fine-tuned on those answers: no shared
+vocabulary needed. The answers are kept in `teacher_answers.jsonl` beside the run.
+
+Why not trl's distillation trainers: they live in `trl.experimental` (unstable between releases)
+and add on-policy sampling; this driver reuses SFT's data path and the fast ForgeTrainer loop,
+with the loss as a pure, tested function.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lmforge.config import RunConfig
+from lmforge.config.method import DistillOptions
+from lmforge.config.model import ModelConfig
+from lmforge.data.loader import load_eval, load_examples
+from lmforge.data.templates import Conversation
+from lmforge.data.tokenize import tokenize_examples
+from lmforge.losses.kd import distillation_loss
+from lmforge.models.loading import load_causal_lm, load_tokenizer, model_location
+from lmforge.training.artifacts import save_artifact, write_resolved_config
+from lmforge.training.checkpoints import resolve_resume
+from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
+from lmforge.training.trainer import ForgeTrainer, build_trainer
+
+console = Console(stderr=True)
+ANSWERS_FILE = "teacher_answers.jsonl"
+
+
+def check(config: RunConfig) -> None:
+    """Distillation's own combinations, checked before any model is loaded."""
+    if config.method.name != "distill":
+        raise ValueError(f"methods.distill cannot run method.name={config.method.name}")
+    options = config.method.distill
+    assert options is not None  # MethodConfig requires it for distill
+    model_location(options.teacher)  # a missing local teacher folder is one clear error
+    if options.teacher_adapter and not Path(options.teacher_adapter).is_dir():
+        raise ValueError(f"method.distill.teacher_adapter {options.teacher_adapter} is not a folder")
+    if config.data.format == "text":
+        raise ValueError("distillation reads instruction or chat records (the student learns the answers)")
+    if config.data.streaming:
+        raise ValueError("distillation reads the whole data set; turn off data.streaming")
+    if options.sequence_level and config.data.packing:
+        raise ValueError("sequence-level distillation writes new answers first: turn off data.packing")
+
+
+def shared_vocabulary(student: PreTrainedTokenizerBase, teacher: PreTrainedTokenizerBase, options) -> int:
+    """The vocabulary size both use (logits beyond it, embedding padding, are ignored); a clear error
+    when the tokenizers differ."""
+    student_vocab, teacher_vocab = student.get_vocab(), teacher.get_vocab()
+    if student_vocab != teacher_vocab:
+        differing = next(
+            (tok for tok, i in student_vocab.items() if teacher_vocab.get(tok) != i), "(sizes differ)"
+        )
+        raise ValueError(
+            f"the student ({len(student_vocab)} tokens) and the teacher {options.teacher} "
+            f"({len(teacher_vocab)} tokens) use different tokenizers (e.g. {differing!r} maps to "
+            f"{student_vocab.get(differing)} vs {teacher_vocab.get(differing)}): logit distillation needs "
+            "one vocabulary. Use a student of the teacher's family, or set "
+            "method.distill.sequence_level: true to train on the teacher's answers instead"
+        )
+    return len(student_vocab)
+
+
+def load_teacher(config: RunConfig, hardware) -> PreTrainedModel:
+    """The frozen teacher (optionally quantized, optionally with an adapter), in eval mode."""
+    options = config.method.distill
+    teacher_config = ModelConfig(
+        name_or_path=options.teacher,
+        quantization=options.teacher_quantization,
+        trust_remote_code=config.model.trust_remote_code,
+        device=config.model.device,
+        dtype=config.model.dtype,
+    )
+    teacher, _ = load_causal_lm(teacher_config, for_training=False, hardware=hardware, quiet=True)
+    if options.teacher_adapter:
+        from peft import PeftModel
+
+        teacher = PeftModel.from_pretrained(teacher, options.teacher_adapter, is_trainable=False)
+    teacher.config.use_cache = False
+    teacher.eval()
+    for parameter in teacher.parameters():
+        parameter.requires_grad_(False)
+    return teacher
+
+
+class DistillTrainer(ForgeTrainer):
+    """ForgeTrainer whose loss is distillation's: the teacher scores the same rows, no grad."""
+
+    def __init__(self, *args, teacher: PreTrainedModel, options: DistillOptions, vocab: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.options, self.vocab = teacher, options, vocab
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        features = {key: value for key, value in inputs.items() if key != "labels"}
+        outputs = model(**features, use_cache=False)
+        with torch.no_grad():
+            teacher_logits = self.teacher(**features, use_cache=False).logits
+        options = self.options
+        # num_items_in_batch counts the label tokens of the whole accumulated batch; the Trainer
+        # divides by the accumulation steps itself only when the model takes no loss kwargs.
+        items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        loss, parts = distillation_loss(
+            outputs.logits[:, :-1, : self.vocab],
+            teacher_logits[:, :-1, : self.vocab].to(outputs.logits.device),
+            inputs["labels"][:, 1:],
+            options.loss,
+            options.temperature,
+            options.jsd_beta,
+            options.alpha,
+            items,
+        )
+        mode = "train" if model.training else "eval"
+        for name, value in parts.items():
+            self._metrics[mode][name].append(value)
+        return (loss, outputs) if return_outputs else loss
+
+
+def teacher_answers(config: RunConfig, out: Path, quiet: bool) -> Path:
+    """Sequence-level KD: the teacher's greedy answers to every training prompt, as a messages
+    file (written atomically); reused when it is already complete."""
+    from lmforge.evaluation.runner import write_atomic
+    from lmforge.inference.engine import Engine, SamplingParams
+
+    path = out / ANSWERS_FILE
+    examples = load_examples(config.data, "sft").train
+    if path.is_file() and len(path.read_text(encoding="utf-8").splitlines()) == len(examples):
+        return path
+    options = config.method.distill
+    # The teacher is prompted in its own chat format (saved with it, or guessed from its name);
+    # the student then learns the answers in the data's template.
+    engine = Engine.load(options.teacher, adapter=options.teacher_adapter)
+    conversations = []
+    for example in examples:
+        conversation = example.conversation()
+        *history, (last_user, _) = conversation.turns
+        conversations.append(Conversation(turns=[*history, (last_user, "")], system=conversation.system))
+    params = SamplingParams(max_new_tokens=options.max_new_tokens)
+    answers = engine.generate(conversations, params, batch_size=16)
+    lines = []
+    for conversation, answer in zip(conversations, answers, strict=True):
+        messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
+        for user, assistant in conversation.turns[:-1]:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages += [
+            {"role": "user", "content": conversation.turns[-1][0]},
+            {"role": "assistant", "content": answer.strip()},
+        ]
+        lines.append(json.dumps({"messages": messages}, ensure_ascii=False))
+    write_atomic(path, "\n".join(lines) + "\n")
+    if not quiet:
+        console.print(f"[bold]teacher answers[/]: {len(lines)} written to {path}")
+    return path
+
+
+def run(config: RunConfig, quiet: bool = False) -> StageResult:
+    check(config)
+    output_dir = Path(config.train.output_dir)
+    write_resolved_config(config, output_dir)
+    options = config.method.distill
+    assert options is not None
+
+    if options.sequence_level:
+        from lmforge.config.data import DatasetSource
+        from lmforge.methods import sft
+
+        answers = teacher_answers(config, output_dir, quiet)
+        source = DatasetSource(path=str(answers.resolve()), format="messages")
+        on_answers = config.model_copy(
+            update={
+                "method": config.method.model_copy(update={"name": "sft", "distill": None}),
+                "data": config.data.model_copy(update={"path": "", "datasets": [source], "eval_path": None}),
+            }
+        )
+        result = sft.run(on_answers, quiet)
+        write_resolved_config(config, output_dir)  # the run's config is the distillation one
+        return result
+
+    tokenizer = load_tokenizer(config.model)
+    vocab = shared_vocabulary(tokenizer, load_tokenizer(ModelConfig(name_or_path=options.teacher)), options)
+    template = resolve_template(config)
+
+    def tokenize(examples):
+        return tokenize_examples(examples, template, tokenizer, config.data.max_length, config.data.train_on)
+
+    data = load_examples(config.data, "sft")
+    train_ds, stats = tokenize(data.train)
+    if stats.examples == 0:
+        raise ValueError("no training example has a response token within data.max_length")
+    eval_examples = data.eval or (load_eval(config.data, "sft") if config.data.eval_path else [])
+    eval_ds = tokenize(eval_examples)[0] if eval_examples else None
+
+    model, hardware = load_model_for_training(config, quiet, optimizer_steps(config, len(train_ds)))
+    teacher = load_teacher(config, hardware)
+    if not quiet:
+        console.print(
+            f"[bold]distill[/]: {options.loss} at T={options.temperature}, alpha {options.alpha} "
+            f"(1 - alpha on hard labels) from {options.teacher}; {stats.examples} examples"
+        )
+    trainer = build_trainer(
+        config,
+        model,
+        tokenizer,
+        hardware,
+        train_ds,
+        eval_ds,
+        "distill",
+        quiet,
+        trainer_class=DistillTrainer,
+        teacher=teacher,
+        options=options,
+        vocab=vocab,
+    )
+    result = trainer.train(resume_from_checkpoint=resolve_resume(output_dir, config.train.resume))
+    metrics = dict(result.metrics)
+    if eval_ds is not None:
+        metrics.update(trainer.evaluate())
+
+    kind = "adapter" if config.adapter.method != "none" else "model"
+    artifact = save_artifact(trainer.model, tokenizer, template, output_dir / kind, kind, config)
+    if not quiet:
+        console.print(f"[bold green]saved[/] {kind} to {artifact}")
+    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
