@@ -121,7 +121,6 @@ def load_mlm(path, adapter=None):
 
 
 def test_mlm_lora_trains_only_the_adapter(tmp_path, encoder_tokenizer, bert_dir, text_files):
-    torch.set_num_threads(2)
     base = load_file(bert_dir / "model.safetensors")
     config = run_config(bert_dir, text_files["train"], tmp_path / "run", "mlm", max_steps=40, lr=1e-2)
     result = mlm.run(validate_config(config), quiet=True)
@@ -140,7 +139,6 @@ def test_mlm_lora_trains_only_the_adapter(tmp_path, encoder_tokenizer, bert_dir,
 def test_mlm_full_finetuning_raises_masked_token_accuracy_on_held_out_text(
     tmp_path, encoder_tokenizer, bert_dir, text_files
 ):
-    torch.set_num_threads(2)
     config = run_config(
         bert_dir, text_files["train"], tmp_path / "run", "mlm", adapter="none", max_steps=300, lr=5e-3
     )
@@ -188,7 +186,6 @@ def test_a_saved_adapter_gives_identical_logits(tmp_path, encoder_tokenizer, ber
 def test_classify_lora_learns_a_keyword_and_saves_the_head(
     tmp_path, encoder_tokenizer, bert_dir, keyword_file
 ):
-    torch.set_num_threads(2)
     base = load_file(bert_dir / "model.safetensors")
     config = run_config(bert_dir, keyword_file, tmp_path / "run", "classify", max_steps=100)
     config["data"]["val_size"] = 0.2
@@ -219,7 +216,6 @@ def test_classify_lora_learns_a_keyword_and_saves_the_head(
 
 
 def test_classify_a_causal_lm_fully_and_save_the_class_names(tmp_path, base_dir, keyword_file):
-    torch.set_num_threads(2)
     config = run_config(base_dir, keyword_file, tmp_path / "run", "classify", adapter="none", max_steps=60)
     config["data"]["val_size"] = 0.2
     result = classify.run(validate_config(config), quiet=True)
@@ -244,7 +240,6 @@ def test_summed_cross_entropy_by_hand():
 
 
 def test_classify_batch_times_accumulation_is_equivalent(tmp_path, bert_dir, keyword_file):
-    torch.set_num_threads(2)
     saved = []
     for batch_size, grad_accum in ((8, 1), (2, 4)):
         config = run_config(

@@ -93,7 +93,6 @@ EXPECTED_TARGETS = {
 def test_lora_trains_only_the_adapter_and_the_saved_adapter_reproduces_the_model(
     tmp_path, tokenizer, seq2seq_dirs, copy_files, family
 ):
-    torch.set_num_threads(2)
     base_dir = seq2seq_dirs[family]
     base = load_file(base_dir / "model.safetensors")
     config = seq2seq_config(base_dir, copy_files["train"], tmp_path / "run", max_steps=12)
@@ -141,7 +140,6 @@ def test_lora_trains_only_the_adapter_and_the_saved_adapter_reproduces_the_model
 
 def test_batch_times_accumulation_is_equivalent(tmp_path, seq2seq_dirs, copy_files):
     """Target tokens weigh the same however the batch is split (see `summed_cross_entropy`)."""
-    torch.set_num_threads(2)
     saved = []
     for batch_size, grad_accum in ((8, 1), (2, 4)):
         config = seq2seq_config(
@@ -156,7 +154,6 @@ def test_batch_times_accumulation_is_equivalent(tmp_path, seq2seq_dirs, copy_fil
 
 
 def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, seq2seq_dirs, copy_files):
-    torch.set_num_threads(2)
 
     def run(output_dir, resume: str = "none"):
         config = seq2seq_config(
@@ -196,7 +193,6 @@ def test_presets_name_t5_and_marian_layers(tokenizer):
 @pytest.fixture(scope="module")
 def copy_run(tmp_path_factory, seq2seq_dirs, copy_files):
     """Full fine-tuning of the tiny T5 on the copy task through the real driver."""
-    torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("copy-run") / "run"
     config = seq2seq_config(
         seq2seq_dirs["t5"], copy_files["train"], out, adapter="none", max_steps=400, batch_size=32, lr=2e-3
@@ -206,7 +202,6 @@ def copy_run(tmp_path_factory, seq2seq_dirs, copy_files):
 
 
 def test_full_finetuning_learns_to_copy_held_out_strings(seq2seq_dirs, copy_files, copy_run):
-    torch.set_num_threads(2)
     before = exact(Engine.load(str(seq2seq_dirs["t5"])), copy_files["heldout"])
     after = exact(Engine.load(str(copy_run.artifact)), copy_files["heldout"])
     print(f"held-out exact match: {before:.3f} -> {after:.3f}")
@@ -217,7 +212,6 @@ def test_full_finetuning_learns_to_copy_held_out_strings(seq2seq_dirs, copy_file
 
 
 def test_predict_and_eval_generation_score_a_seq2seq_model(tmp_path, copy_files, copy_run):
-    torch.set_num_threads(2)
     out = tmp_path / "preds.jsonl"
     args = ["predict", "--model", str(copy_run.artifact), "--data", str(copy_files["heldout"])]
     result = CliRunner().invoke(app, [*args, "--out", str(out), "--max-new-tokens", "6"])
@@ -251,7 +245,6 @@ def test_predict_and_eval_generation_score_a_seq2seq_model(tmp_path, copy_files,
 
 def test_qlora_on_a_4bit_t5(tmp_path, seq2seq_dirs, copy_files):
     pytest.importorskip("bitsandbytes")
-    torch.set_num_threads(2)
     config = seq2seq_config(seq2seq_dirs["t5"], copy_files["train"], tmp_path / "run", max_steps=3)
     config["model"]["quantization"] = "4bit"
     result = sft.run(validate_config(config), quiet=True)
