@@ -51,49 +51,18 @@ def _fail(exc: BaseException, traceback: bool) -> None:
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError, RuntimeError)
 
 
+# The driver module of each method (imported when used: the CLI starts without torch).
+DRIVERS = {"orpo": "dpo", "simpo": "dpo"}  # the rest run lmforge.methods.<method name>
+
+
 def run_stage(config: RunConfig):
+    import importlib
+
     from lmforge.models.hardware import apply_hardware
 
     config = apply_hardware(config)  # hardware: auto fills in device, dtype, 4-bit, optimizer
-    if config.method.name == "pretrain":
-        from lmforge.methods import pretrain
-
-        return pretrain.run(config)
-    if config.method.name in ("dpo", "orpo", "simpo"):
-        from lmforge.methods import dpo
-
-        return dpo.run(config)
-    if config.method.name == "kto":
-        from lmforge.methods import kto
-
-        return kto.run(config)
-    if config.method.name == "reward":
-        from lmforge.methods import reward
-
-        return reward.run(config)
-    if config.method.name == "grpo":
-        from lmforge.methods import grpo
-
-        return grpo.run(config)
-    if config.method.name == "ppo":
-        from lmforge.methods import ppo
-
-        return ppo.run(config)
-    if config.method.name == "distill":
-        from lmforge.methods import distill
-
-        return distill.run(config)
-    if config.method.name == "mlm":
-        from lmforge.methods import mlm
-
-        return mlm.run(config)
-    if config.method.name == "classify":
-        from lmforge.methods import classify
-
-        return classify.run(config)
-    from lmforge.methods import sft
-
-    return sft.run(config)
+    name = config.method.name
+    return importlib.import_module(f"lmforge.methods.{DRIVERS.get(name, name)}").run(config)
 
 
 @app.command()

@@ -33,9 +33,14 @@ from lmforge.data.templates import Conversation
 from lmforge.data.tokenize import tokenize_examples
 from lmforge.losses.kd import distillation_loss
 from lmforge.models.loading import load_causal_lm, load_tokenizer, model_location
-from lmforge.training.artifacts import save_artifact, write_resolved_config
-from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
+from lmforge.training.artifacts import write_resolved_config
+from lmforge.training.stage import (
+    StageResult,
+    load_model_for_training,
+    optimizer_steps,
+    resolve_template,
+    train_and_save,
+)
 from lmforge.training.trainer import ForgeTrainer, build_trainer
 
 console = Console(stderr=True)
@@ -226,13 +231,4 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         options=options,
         vocab=vocab,
     )
-    result = trainer.train(resume_from_checkpoint=resolve_resume(output_dir, config.train.resume))
-    metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-
-    kind = "adapter" if config.adapter.method != "none" else "model"
-    artifact = save_artifact(trainer.model, tokenizer, template, output_dir / kind, kind, config)
-    if not quiet:
-        console.print(f"[bold green]saved[/] {kind} to {artifact}")
-    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
+    return train_and_save(trainer, config, tokenizer, template, stats, eval_ds is not None, quiet)

@@ -50,9 +50,8 @@ from lmforge.models.loading import (
     load_tokenizer,
     model_type,
 )
-from lmforge.training.artifacts import save_artifact, write_resolved_config
-from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.stage import StageResult, optimizer_steps, pissa_init_dir
+from lmforge.training.artifacts import write_resolved_config
+from lmforge.training.stage import StageResult, optimizer_steps, pissa_init_dir, train_and_save
 from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
 
 console = Console(stderr=True)
@@ -167,17 +166,5 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         preprocess_logits_for_metrics=argmax_logits,
     )
     trainer.remove_callback(PrinterCallback)
-    resume = resolve_resume(output_dir, config.train.resume)
-    if resume and not quiet:
-        console.print(f"[bold]resuming[/] from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-
-    kind = "adapter" if config.adapter.method != "none" else "model"
     template = get_template("plain")  # recorded beside the model; an encoder has no chat format
-    artifact = save_artifact(trainer.model, tokenizer, template, output_dir / kind, kind, config)
-    if not quiet:
-        console.print(f"[bold green]saved[/] {kind} to {artifact}")
-    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
+    return train_and_save(trainer, config, tokenizer, template, stats, eval_ds is not None, quiet)

@@ -17,9 +17,14 @@ from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
 from lmforge.data.tokenize import TokenizeStats, iter_tokenized, pack, tokenize_examples
 from lmforge.models.loading import is_encoder_decoder, is_vision_language, load_tokenizer
-from lmforge.training.artifacts import save_artifact, write_resolved_config
-from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
+from lmforge.training.artifacts import write_resolved_config
+from lmforge.training.stage import (
+    StageResult,
+    load_model_for_training,
+    optimizer_steps,
+    resolve_template,
+    train_and_save,
+)
 from lmforge.training.trainer import build_trainer
 
 console = Console(stderr=True)
@@ -113,16 +118,4 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     model, hardware = load_model_for_training(config, quiet, optimizer_steps(config, rows))
 
     trainer = build_trainer(config, model, tokenizer, hardware, train_ds, eval_ds, "sft", quiet)
-    resume = resolve_resume(output_dir, config.train.resume)
-    if resume and not quiet:
-        console.print(f"[bold]resuming[/] from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-
-    kind = "adapter" if config.adapter.method != "none" else "model"
-    artifact = save_artifact(trainer.model, tokenizer, template, output_dir / kind, kind, config)
-    if not quiet:
-        console.print(f"[bold green]saved[/] {kind} to {artifact}")
-    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
+    return train_and_save(trainer, config, tokenizer, template, stats, eval_ds is not None, quiet)

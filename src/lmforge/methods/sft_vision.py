@@ -25,9 +25,14 @@ from lmforge.data.loader import load_examples
 from lmforge.data.multimodal import VisionCollator, VisionProcessor, encode_multimodal
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.artifacts import save_artifact, write_resolved_config
-from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
+from lmforge.training.artifacts import write_resolved_config
+from lmforge.training.stage import (
+    StageResult,
+    load_model_for_training,
+    optimizer_steps,
+    resolve_template,
+    train_and_save,
+)
 from lmforge.training.trainer import ForgeTrainer, stage_callbacks, stage_optimizer, training_arguments
 
 console = Console(stderr=True)
@@ -99,18 +104,8 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     from transformers import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
-    resume = resolve_resume(output_dir, config.train.resume)
-    if resume and not quiet:
-        console.print(f"[bold]resuming[/] from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if eval_rows is not None:
-        metrics.update(trainer.evaluate())
-
-    artifact = save_artifact(
-        trainer.model, tokenizer, template, output_dir / "adapter", "adapter", config,
+    # adapter.method is never none here (checked): the artifact is the adapter, with the images' processor
+    return train_and_save(
+        trainer, config, tokenizer, template, stats, eval_rows is not None, quiet,
         image_processor=vision.image_processor,
     )  # fmt: skip
-    if not quiet:
-        console.print(f"[bold green]saved[/] adapter to {artifact}")
-    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)

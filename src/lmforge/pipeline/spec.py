@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import Field, ValidationError
 
@@ -45,23 +45,11 @@ from lmforge.config.loader import (
     validate_config,
     validate_eval_config,
 )
+from lmforge.config.method import MethodConfig
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*")
 RESERVED = {"manifest.json", "report.md", "report.html", "plots"}
-TRAINING = (
-    "sft",
-    "pretrain",
-    "dpo",
-    "orpo",
-    "simpo",
-    "kto",
-    "reward",
-    "grpo",
-    "ppo",
-    "distill",
-    "mlm",
-    "classify",
-)
+TRAINING = get_args(MethodConfig.model_fields["name"].annotation)  # every training method
 KINDS = (*TRAINING, "merge", "quantize", "export", "predict", "eval")
 RUN_SECTIONS = ("method", "model", "adapter", "data", "train", "hardware")
 

@@ -15,6 +15,8 @@ from lmforge.data.templates import AnyTemplate, get_template, guess_template
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.hardware import Hardware, choose_hardware
 from lmforge.models.loading import count_parameters, load_causal_lm, saved_template_name
+from lmforge.training.artifacts import save_artifact
+from lmforge.training.checkpoints import resolve_resume
 
 console = Console(stderr=True)
 
@@ -80,6 +82,37 @@ def load_model_for_training(
         share = 100 * trainable / max(total, 1)
         console.print(f"[bold]parameters[/]: {trainable:,} trainable / {total:,} total ({share:.3f}%)")
     return model, hardware
+
+
+def train_and_save(
+    trainer,
+    config: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    template: AnyTemplate,
+    stats: TokenizeStats,
+    evaluate: bool,
+    quiet: bool = False,
+    card_extra: str = "",
+    image_processor=None,
+) -> StageResult:
+    """The end every trainer-based driver shares: resume from the latest complete checkpoint
+    (`train.resume`), train, evaluate when there is evaluation data, save the adapter (or the
+    whole model when adapter.method is none) with tokenizer, template and card."""
+    output_dir = Path(config.train.output_dir)
+    resume = resolve_resume(output_dir, config.train.resume)
+    if resume and not quiet:
+        console.print(f"[bold]resuming[/] from {resume}")
+    result = trainer.train(resume_from_checkpoint=resume)
+    metrics = dict(result.metrics)
+    if evaluate:
+        metrics.update(trainer.evaluate())
+    kind = "adapter" if config.adapter.method != "none" else "model"
+    artifact = save_artifact(
+        trainer.model, tokenizer, template, output_dir / kind, kind, config, card_extra, image_processor
+    )
+    if not quiet:
+        console.print(f"[bold green]saved[/] {kind} to {artifact}")
+    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
 
 
 def optimizer_steps(config: RunConfig, examples: int) -> int:
