@@ -127,7 +127,7 @@ def data_check(
         tokenizer = chat_template = vision = None
         if model_cfg is not None:
             tokenizer = load_tokenizer(model_cfg)
-            chat_template = template_for(data.template, model_cfg.name_or_path)
+            chat_template = template_for(data.template, model_cfg.name_or_path, tokenizer)
             if is_vision_language(model_cfg):  # images count as the tokens they will take
                 from lmforge.data.multimodal import VisionProcessor
 

@@ -12,6 +12,7 @@ for every template, that both agree token for token.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 from transformers import PreTrainedTokenizerBase
@@ -361,8 +362,8 @@ def get_template(name: str) -> AnyTemplate:
         raise ValueError(f"unknown chat template `{name}`; known templates: {known}") from None
 
 
-def guess_template(model_name: str) -> str:
-    """A template name for a model id, for when the config says `auto` and none is saved."""
+def guess_template(model_name: str) -> str | None:
+    """A template name for a model id's family, or None when the name matches no family."""
     lowered = model_name.lower()
     if "deepseek-r1" in lowered or "r1-distill" in lowered:
         return "deepseek-r1"
@@ -376,4 +377,25 @@ def guess_template(model_name: str) -> str:
         return "llama2"
     if "llama-3" in lowered or "llama3" in lowered:
         return "llama3"
-    return "chatml"
+    return None
+
+
+def pick_template(
+    name: str | None,
+    saved: Iterable[str | None],
+    tokenizer: PreTrainedTokenizerBase | None,
+    model_name: str,
+) -> AnyTemplate:
+    """The one template resolution every command shares (train, chat, predict, serve, merge, ...).
+
+    In order: `name` when given (and not `auto`); the first template lmforge saved with the
+    adapter or model (`saved`, e.g. `[saved_template_name(adapter), saved_template_name(model)]`);
+    the named template of the model's family, guessed from its name; the tokenizer's own Jinja
+    `chat_template`; and ChatML for a tokenizer that has none.
+    """
+    if name and name != "auto":
+        return get_template(name)
+    chosen = next((s for s in saved if s), None) or guess_template(model_name)
+    if chosen is None and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        chosen = "tokenizer"
+    return get_template(chosen or "chatml")

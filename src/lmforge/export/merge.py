@@ -23,7 +23,7 @@ from transformers import AutoConfig
 
 from lmforge.adapters.moe_dora import is_moe_dora_folder
 from lmforge.config.model import ModelConfig
-from lmforge.data.templates import get_template, guess_template
+from lmforge.data.templates import pick_template
 from lmforge.models.loading import (
     is_encoder_decoder,
     load_causal_lm,
@@ -115,8 +115,8 @@ def merge_adapter(
     tokenizer = load_tokenizer(
         ModelConfig(name_or_path=tokenizer_source, trust_remote_code=trust_remote_code)
     )
-    template = get_template(
-        saved_template_name(str(adapter)) or saved_template_name(base) or guess_template(base)
+    template = pick_template(
+        None, [saved_template_name(str(adapter)), saved_template_name(base)], tokenizer, base
     )
     card = f"Merged from base `{base}` and adapter `{adapter}` in {dtype}."
     image_processor = None

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from lmforge.adapters.moe_dora import is_moe_dora_folder
 from lmforge.data.formats import Example
-from lmforge.data.templates import AnyTemplate, get_template, guess_template
+from lmforge.data.templates import AnyTemplate, pick_template
 from lmforge.models.hardware import DTYPES
 from lmforge.models.loading import TEMPLATE_FILE, model_location, quiet_library_bars, saved_template_name
 from lmforge.training.artifacts import atomic_folder, versions
@@ -157,7 +157,7 @@ def _read_calibration(
 ) -> list[str]:
     from lmforge.inference.predict import read_examples
 
-    template = get_template(saved_template_name(source) or guess_template(source))
+    template = pick_template(None, [saved_template_name(source)], tokenizer, source)
     texts = calibration_texts(read_examples(calibration), tokenizer, template, samples)
     if not texts:
         raise QuantizeError(

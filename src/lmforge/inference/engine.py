@@ -29,7 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 from lmforge.adapters.moe_dora import MoeDoraModel, is_moe_dora_folder
 from lmforge.config.model import ModelConfig
 from lmforge.data.multimodal import VisionProcessor, expand_image_tokens, open_image
-from lmforge.data.templates import AnyTemplate, Conversation, get_template, guess_template
+from lmforge.data.templates import AnyTemplate, Conversation, pick_template
 from lmforge.data.tokenize import encode_source, seq2seq_source
 from lmforge.models.loading import (
     is_encoder_decoder,
@@ -172,12 +172,12 @@ class Engine:
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
-        name = template or saved_template_name(adapter or "") or saved_template_name(model_path)
         vision = None
         if getattr(model.config, "vision_config", None) is not None:  # read from the loaded model
             has_processor = adapter and (Path(adapter) / "preprocessor_config.json").is_file()
             vision = VisionProcessor.load(adapter if has_processor else model_path, tokenizer, None, None)
-        return cls(model, tokenizer, get_template(name or guess_template(model_path)), vision)
+        saved = [saved_template_name(adapter or ""), saved_template_name(model_path)]
+        return cls(model, tokenizer, pick_template(template, saved, tokenizer, model_path), vision)
 
     @property
     def device(self) -> torch.device:

@@ -121,19 +121,14 @@ class VllmEngine:
             raise ValueError("--backend vllm needs a CUDA GPU; use --backend transformers on this machine")
         from vllm import LLM
 
-        from lmforge.data.templates import get_template, guess_template
+        from lmforge.data.templates import pick_template
         from lmforge.inference.engine import stop_token_ids
         from lmforge.models.loading import model_location, saved_template_name
 
         self.llm = LLM(model=model_location(model), enable_lora=adapter is not None)
         self.tokenizer = self.llm.get_tokenizer()
-        name = (
-            template
-            or saved_template_name(adapter or "")
-            or saved_template_name(model)
-            or guess_template(model)
-        )
-        self.template = get_template(name)
+        saved = [saved_template_name(adapter or ""), saved_template_name(model)]
+        self.template = pick_template(template, saved, self.tokenizer, model)
         self.stop_ids = stop_token_ids(self.tokenizer, self.template)
         self.lora = None
         if adapter is not None:

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmforge.config.model import ModelConfig
-from lmforge.data.templates import AnyTemplate, Conversation, get_template, guess_template
+from lmforge.data.templates import AnyTemplate, Conversation, pick_template
 from lmforge.models.loading import (
     expected_head_swap,
     load_tokenizer,
@@ -57,8 +57,8 @@ class RewardModel:
             if model.config.num_labels != 1:
                 raise ValueError(f"{path} has {model.config.num_labels} outputs; a reward model has one")
         model.config.pad_token_id = tokenizer.pad_token_id
-        name = saved_template_name(str(path)) or guess_template(base or str(path))
-        return cls(model.to(device), tokenizer, get_template(name))
+        template = pick_template(None, [saved_template_name(str(path))], tokenizer, base or str(path))
+        return cls(model.to(device), tokenizer, template)
 
     def encode(self, prompt: str, response: str, system: str | None = None) -> list[int]:
         segments = self.template.encode(

@@ -198,7 +198,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
 
     tokenizer = load_tokenizer(config.model)
     vocab = shared_vocabulary(tokenizer, load_tokenizer(ModelConfig(name_or_path=options.teacher)), options)
-    template = resolve_template(config)
+    template = resolve_template(config, tokenizer)
 
     def tokenize(examples):
         return tokenize_examples(examples, template, tokenizer, config.data.max_length, config.data.train_on)

@@ -159,7 +159,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     write_resolved_config(config, output_dir)
 
     tokenizer = load_tokenizer(config.model)
-    template = resolve_template(config)
+    template = resolve_template(config, tokenizer)
     vision = VisionProcessor.load(
         config.model.name_or_path, tokenizer, config.data.min_pixels, config.data.max_pixels
     )

@@ -128,7 +128,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     write_resolved_config(config, output_dir)
 
     tokenizer = load_tokenizer(config.model)
-    template = resolve_template(config)
+    template = resolve_template(config, tokenizer)
     use_template(tokenizer, template)
     data = load_examples(config.data, "prompt")
     train_ds = prompt_dataset(data.train)

@@ -66,7 +66,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     write_resolved_config(config, output_dir)
 
     tokenizer = load_tokenizer(config.model)
-    template = resolve_template(config)
+    template = resolve_template(config, tokenizer)
     use_template(tokenizer, template)
     first = next(itertools.islice(iter_examples(config.data), 1), None)
     pairs = first is not None and first.kind == "preference"

@@ -189,7 +189,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     random.seed(train.seed)
 
     tokenizer = load_tokenizer(config.model)
-    template = resolve_template(config)
+    template = resolve_template(config, tokenizer)
     prompts = load_examples(config.data, "prompt").train
     sources = build_rewards(method.rewards)
     per_epoch = math.ceil(len(prompts) / ppo.rollout_batch_size)

@@ -68,7 +68,8 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     write_resolved_config(config, output_dir)
 
     tokenizer = arch_tokenizer(config.model.arch) if config.model.arch else load_tokenizer(config.model)
-    template = resolve_template(config) if config.data.template != "auto" else get_template("chatml")
+    auto = config.data.template == "auto"
+    template = get_template("chatml") if auto else resolve_template(config, tokenizer)
     max_length, boundaries = config.data.max_length, config.method.document_boundaries
 
     def blocks(examples) -> tuple[Dataset, TokenizeStats]:

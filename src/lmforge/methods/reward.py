@@ -51,7 +51,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     write_resolved_config(config, output_dir)
 
     tokenizer = load_tokenizer(config.model)
-    template = resolve_template(config)
+    template = resolve_template(config, tokenizer)
     use_template(tokenizer, template)
     data = load_examples(config.data, "preference")
     train_ds = pair_dataset(data.train, "reward", with_margin=config.method.margin)

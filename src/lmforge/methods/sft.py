@@ -90,7 +90,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     write_resolved_config(config, output_dir)
 
     tokenizer = load_tokenizer(config.model)
-    template = resolve_template(config)
+    template = resolve_template(config, tokenizer)
 
     def tokenize(examples):
         return tokenize_examples(examples, template, tokenizer, config.data.max_length, config.data.train_on)

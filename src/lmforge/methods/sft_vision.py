@@ -70,7 +70,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     write_resolved_config(config, output_dir)
 
     tokenizer = load_tokenizer(config.model)
-    template = resolve_template(config)
+    template = resolve_template(config, tokenizer)
     data_config = config.data
     vision = VisionProcessor.load(
         config.model.name_or_path, tokenizer, data_config.min_pixels, data_config.max_pixels

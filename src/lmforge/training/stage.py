@@ -11,7 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from lmforge.adapters.build import attach_adapter
 from lmforge.config import RunConfig
-from lmforge.data.templates import AnyTemplate, get_template, guess_template
+from lmforge.data.templates import AnyTemplate, pick_template
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.hardware import Hardware, choose_hardware
 from lmforge.models.loading import count_parameters, load_causal_lm, saved_template_name
@@ -31,16 +31,16 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_template(config: RunConfig) -> AnyTemplate:
-    """data.template, else the one saved with the model, else a guess from the model name."""
-    return template_for(config.data.template, config.model.name_or_path)
+def resolve_template(config: RunConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> AnyTemplate:
+    """data.template; `auto` resolves as every command does (`data.templates.pick_template`)."""
+    return template_for(config.data.template, config.model.name_or_path, tokenizer)
 
 
-def template_for(name: str, model_name_or_path: str) -> AnyTemplate:
-    """The template `name`; `auto` is the one saved with the model, else a guess from its name."""
-    if name == "auto":
-        name = saved_template_name(model_name_or_path) or guess_template(model_name_or_path)
-    return get_template(name)
+def template_for(
+    name: str, model_name_or_path: str, tokenizer: PreTrainedTokenizerBase | None = None
+) -> AnyTemplate:
+    """The template `name`; `auto` resolves as every command does (`data.templates.pick_template`)."""
+    return pick_template(name, [saved_template_name(model_name_or_path)], tokenizer, model_name_or_path)
 
 
 def load_model_for_training(
