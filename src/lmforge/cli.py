@@ -88,7 +88,8 @@ def train(
 def data_check(
     target: Annotated[str, typer.Argument(help="A YAML config, or a dataset (file, folder, registry name).")],
     overrides: Annotated[
-        list[str] | None, typer.Argument(help="Config overrides: section.key=value ...")
+        list[str] | None,
+        typer.Argument(help="Overrides: section.key=value ... (for a dataset: data.key=value)"),
     ] = None,
     model: Annotated[
         str | None, typer.Option(help="Tokenizer to count tokens with (default: the config's model).")
@@ -105,18 +106,18 @@ def data_check(
 ) -> None:
     """Read every record: counts, token lengths, truncation, bad records, 2 rendered examples."""
     from lmforge.config.data import DataConfig
+    from lmforge.config.loader import load_data_config
     from lmforge.config.model import ModelConfig
     from lmforge.data.check import check_data, print_report
     from lmforge.data.loader import STAGE_NEEDS
     from lmforge.models.loading import is_vision_language, load_tokenizer
-    from lmforge.training.stage import template_for
 
     try:
         if target.endswith((".yaml", ".yml")):
             cfg = load_config(Path(target), overrides or [])
             data, model_cfg, method = cfg.data, cfg.model, cfg.method.name
         else:
-            data, model_cfg, method = DataConfig(path=target), None, "sft"
+            data, model_cfg, method = load_data_config(target, overrides or []), None, "sft"
         if model is not None:
             model_cfg = ModelConfig(name_or_path=model)
         updates = {k: v for k, v in {"template": template, "max_length": max_length}.items() if v is not None}
@@ -126,6 +127,8 @@ def data_check(
             raise ValueError(f"--stage {method} is not one of {', '.join(STAGE_NEEDS)}")
         tokenizer = chat_template = vision = None
         if model_cfg is not None:
+            from lmforge.training.stage import template_for  # imports peft (and bitsandbytes)
+
             tokenizer = load_tokenizer(model_cfg)
             chat_template = template_for(data.template, model_cfg.name_or_path, tokenizer)
             if is_vision_language(model_cfg):  # images count as the tokens they will take

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lmforge.cli import app
@@ -78,3 +79,75 @@ def test_check_reads_on_after_a_broken_line(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert runner.invoke(app, ["data", "check", str(empty)]).exit_code == 1
+
+
+def llamafactory_folder(root):
+    """A LLaMA-Factory style data folder: an alpaca set and a pre-training corpus."""
+    root.mkdir()
+    (root / "alpaca_demo.json").write_text(json.dumps([{"instruction": "q", "output": "a"}] * 3))
+    (root / "c4_demo.jsonl").write_text("".join(json.dumps({"text": f"text {i}"}) + "\n" for i in range(4)))
+    (root / "dataset_info.json").write_text(
+        json.dumps(
+            {
+                "alpaca_demo": {"file_name": "alpaca_demo.json"},
+                "c4_demo": {"file_name": "c4_demo.jsonl", "columns": {"prompt": "text"}},
+            }
+        )
+    )
+    return root
+
+
+def test_check_a_registry_name_with_overrides(tmp_path):
+    folder = llamafactory_folder(tmp_path / "lf")
+    ok = runner.invoke(app, ["data", "check", "alpaca_demo", f"data.dataset_dir={folder}"])
+    assert ok.exit_code == 0, ok.output
+    assert (
+        next(line for line in ok.output.splitlines() if "records in alpaca_demo" in line).split()[-2] == "3"
+    )
+    pretrain = runner.invoke(
+        app, ["data", "check", "c4_demo", "--stage", "pretrain", f"data.dataset_dir={folder}"]
+    )
+    assert pretrain.exit_code == 0, pretrain.output
+    assert "text: 4" in pretrain.output and "every record is usable" in pretrain.output
+    capped = runner.invoke(
+        app,
+        [
+            "data",
+            "check",
+            "c4_demo",
+            "--stage",
+            "pretrain",
+            f"data.dataset_dir={folder}",
+            "data.max_samples=2",
+        ],
+    )
+    assert "text: 2" in capped.output, capped.output
+    # The same name for a stage that learns answers: a prompt column is not an SFT example.
+    sft = runner.invoke(app, ["data", "check", "c4_demo", f"data.dataset_dir={folder}"])
+    assert sft.exit_code == 1 and "empty response" in sft.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["missing_name"], "not a registered name"),
+        (["alpaca_dem"], "did you mean the registered dataset `alpaca_demo`"),
+        (["alpaca_demo", "data.dataset_dri=x"], "did you mean `data.dataset_dir`"),
+        (["alpaca_demo", "train.lr=1"], "only data.* overrides apply to a dataset"),
+        (["empty"], "dataset `empty` has no records"),
+        (["broken"], "broken.json: not valid JSON"),
+    ],
+)
+def test_a_fatal_error_prints_only_the_error(tmp_path, args, message):
+    folder = llamafactory_folder(tmp_path / "lf")
+    (folder / "empty.jsonl").write_text("")
+    (folder / "broken.json").write_text("[{")
+    info = json.loads((folder / "dataset_info.json").read_text())
+    info |= {"empty": {"file_name": "empty.jsonl"}, "broken": {"file_name": "broken.json"}}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    overrides = [] if any(a.startswith("data.dataset_dri") for a in args) else [f"data.dataset_dir={folder}"]
+    result = runner.invoke(app, ["data", "check", *args, *overrides])
+    assert result.exit_code == 1
+    assert message in result.output, result.output
+    assert result.output.startswith("error:") and result.output.count("error:") == 1, result.output
+    assert "data check (for a stage" not in result.output and "records in" not in result.output

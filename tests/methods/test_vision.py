@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -197,17 +198,21 @@ def dpo_config(vlm_dir, data, out, method=None, adapter=None, **train) -> dict:
     return raw
 
 
-def test_vision_dpo_starts_at_its_formula_and_trains_the_adapter(tmp_path, vlm_dir):
-    import math
-
+@pytest.mark.parametrize(
+    ("method", "start"),
+    [({}, math.log(2)), ({"loss_type": "ipo", "beta": 0.1}, (1 / (2 * 0.1)) ** 2)],
+    ids=["sigmoid", "ipo"],
+)
+def test_vision_dpo_starts_at_its_formula_and_trains_the_adapter(tmp_path, vlm_dir, method, start):
     pairs = shape_pairs(tmp_path / "folder" / "pairs.json", tmp_path / "folder", 16, 0)
     frozen = load_file(vlm_dir / "model.safetensors")
     from lmforge.methods import dpo
 
-    out = dpo.run(validate_config(dpo_config(vlm_dir, pairs, tmp_path / "out", warmup_ratio=0.0)), quiet=True)
+    raw = dpo_config(vlm_dir, pairs, tmp_path / "out", method, warmup_ratio=0.0)
+    out = dpo.run(validate_config(raw), quiet=True)
     rows = [json.loads(line) for line in (out.output_dir / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if r.get("step") == 1 and "loss" in r)
-    assert first["loss"] == pytest.approx(math.log(2), rel=1e-4), "a new adapter is its own reference"
+    assert first["loss"] == pytest.approx(start, rel=1e-4), "a new adapter is its own reference"
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     for key in (
         "rewards/chosen",

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from lmforge.config.data import DataConfig
 from lmforge.config.eval import EvalConfig
 from lmforge.config.root import RunConfig
 
@@ -137,6 +138,26 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe(e, source) for e in exc.errors()]
+        raise ConfigError("\n".join(problems)) from None
+
+
+def load_data_config(path: str, overrides: Sequence[str] = ()) -> DataConfig:
+    """The `data:` section for one dataset (a file, folder or registry name) given on the command
+    line, with `data.key=value` overrides; errors name keys as in a whole config (`data.dataset_dir`)."""
+    nested = parse_overrides(overrides)
+    others = sorted(set(nested) - {"data"})
+    if others:
+        raise ConfigError(
+            f"only data.* overrides apply to a dataset, not {', '.join(f'{o}.*' for o in others)}; "
+            "give the tokenizer with --model and the stage with --stage, or check a config"
+        )
+    section = nested.get("data", {})
+    if not isinstance(section, dict) or "path" in section or "datasets" in section:
+        raise ConfigError(f"data.path is the dataset given (`{path}`); give data.key=value overrides")
+    try:
+        return DataConfig.model_validate({**section, "path": path})
+    except ValidationError as exc:
+        problems = [_describe({**e, "loc": ("data", *e["loc"])}, "command line") for e in exc.errors()]
         raise ConfigError("\n".join(problems)) from None
 
 

@@ -145,18 +145,17 @@ def check_data(
     vision: VisionProcessor | None = None,
 ) -> CheckReport:
     """Read every record of every dataset in `data` and report (never raises for a bad record).
-    With `vision` (a vision-language model's image side) images count as their image tokens."""
+    With `vision` (a vision-language model's image side) images count as their image tokens.
+
+    Raises DataError when there is nothing to report on: a dataset that cannot be found, or a
+    file of which not one record can be read (empty, not JSON as a whole, not UTF-8)."""
     report = CheckReport(needs=needs)
     rng = random.Random(data.seed)
     for source in data.sources():
-        try:
-            resolved = resolve(source, data.dataset_dir)
-        except DataError as exc:
-            report.note("malformed", str(exc))
-            continue
+        resolved = resolve(source, data.dataset_dir)
         report.records[resolved.name] = 0
         try:
-            for where, example in normalised(resolved, keep_going=True):
+            for where, example in normalised(resolved, needs, keep_going=True):
                 report.records[resolved.name] += 1
                 if isinstance(example, DataError):
                     report.note("malformed", str(example))
@@ -170,9 +169,11 @@ def check_data(
                     example, report, tokenizer, template, data.max_length, data.train_on, not found, vision
                 )
         except DataError as exc:  # a file that cannot be read on: broken JSON file, bad encoding
+            if not report.records[resolved.name]:
+                raise
             report.note("malformed", str(exc))
         if not report.records[resolved.name]:
-            report.note("malformed", f"dataset `{resolved.name}` has no records")
+            raise DataError(f"dataset `{resolved.name}` has no records")
     return report
 
 

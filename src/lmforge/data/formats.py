@@ -14,6 +14,8 @@ Layouts (`data.format`):
   `question`/`answer` records read the same way: `question` is the prompt, `answer` the reference.
 * text: `text` for pre-training and masked-LM training; with a `label` (a class id or name) and
   optionally a `text_pair` (or the dataset's `columns.query`) for sequence classification.
+  A stage that reads text also reads an alpaca record with a mapped `columns.prompt` as text
+  (`prompt_as_text`: LLaMA-Factory's pre-training entries, `columns: {prompt: text}`).
 
 What kind of example a record is follows from its fields: text (labelled or not), preference
 (chosen and rejected), kto (a boolean label), prompt (no response) or sft. Errors are `DataError`s naming
@@ -433,6 +435,33 @@ def _text_record(
     )
 
 
+def prompt_as_text(record: dict[str, Any], columns: Columns, where: str) -> Example:
+    """An alpaca record with a mapped `columns.prompt`, read as pre-training text.
+
+    LLaMA-Factory's pre-training stage (pt) trains on the user turn it builds from such a record:
+    the prompt column's text, then the query column's on a new line when it holds any. Its answer
+    columns are dropped there; here a mapped response, history or chosen/rejected that holds text
+    is refused, so no part of a record is left out of training unnoticed.
+    """
+    assert columns.prompt is not None
+    for field_name in ("response", "history", "chosen", "rejected"):
+        key = getattr(columns, field_name)
+        if key is not None and record.get(key) not in (None, "", []):
+            raise DataError(
+                f"{where}: `{key}` (columns.{field_name}) holds text that pre-training would not read: "
+                f"it reads the `{columns.prompt}` column (columns.prompt) and columns.query as text, as "
+                f"LLaMA-Factory's pt stage does; remove `{field_name}` from the dataset's columns to "
+                "pre-train on the prompt text alone, or use this data with a stage that learns answers "
+                "(sft, dpo, kto)"
+            )
+    text = _text(record.get(columns.prompt), where, columns.prompt)
+    query = record.get(columns.query) if columns.query is not None else None
+    if query not in (None, ""):
+        query = _text(query, where, columns.query)
+        text = f"{text}\n{query}" if text else query
+    return Example(text=text, where=where)
+
+
 LAYOUTS = {
     "alpaca": _alpaca,
     "sharegpt": _sharegpt,
@@ -482,7 +511,15 @@ def problems(example: Example, needs: str) -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     kind = example.kind
     if needs == "text":
-        return [] if kind == "text" else [("wrong_kind", f"is a {kind} record; pre-training reads `text`")]
+        if kind == "text":
+            return []
+        return [
+            (
+                "wrong_kind",
+                f"is a {kind} record; pre-training reads `text` (or, from a registry entry, the "
+                "field its columns.prompt names)",
+            )
+        ]
     if needs == "classify":
         return _classify_problems(example)
     if kind == "text":

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 from lmforge.config.data import DataConfig, DatasetSource
 from lmforge.data.files import DataError, iter_hub, iter_records
-from lmforge.data.formats import Example, detect_format, problems, to_example
+from lmforge.data.formats import Example, detect_format, problems, prompt_as_text, to_example
 from lmforge.data.registry import ResolvedSource, resolve
 from lmforge.data.templates import THINK_BLOCK
 
@@ -43,10 +43,13 @@ class LoadedData:
 
 
 def normalised(
-    resolved: ResolvedSource, keep_going: bool = False
+    resolved: ResolvedSource, needs: str | None = None, keep_going: bool = False
 ) -> Iterator[tuple[str, Example | DataError]]:
     """(where, example) for one dataset, lazily, capped at its max_samples.
 
+    `needs` is what the stage reads: for `text` (pre-training, masked LM) an alpaca record with a
+    mapped `columns.prompt` is that column's text, as LLaMA-Factory's pre-training entries
+    (`columns: {prompt: text}`) mean it; for any other stage the same record is a prompt.
     A record that cannot be parsed or normalised raises its DataError, or with `keep_going` is
     yielded in the example's place, so `lmforge data check` can count it and read on.
     """
@@ -63,16 +66,19 @@ def normalised(
                 raise record
             if fmt == "auto":
                 fmt = detect_format(record, where, source.columns)
-            yield where, to_example(record, where, fmt, source.columns, source.tags, resolved.root)
+            if needs == "text" and fmt == "alpaca" and source.columns.prompt is not None:
+                yield where, prompt_as_text(record, source.columns, where)
+            else:
+                yield where, to_example(record, where, fmt, source.columns, source.tags, resolved.root)
         except DataError as exc:
             if not keep_going:
                 raise
             yield where, exc
 
 
-def read_source(resolved: ResolvedSource) -> Iterator[Example]:
-    """Normalised examples of one dataset, lazily, capped at its max_samples."""
-    for _, example in normalised(resolved):
+def read_source(resolved: ResolvedSource, needs: str | None = None) -> Iterator[Example]:
+    """Normalised examples of one dataset as a stage reading `needs` sees them, lazily."""
+    for _, example in normalised(resolved, needs):
         assert isinstance(example, Example)  # without keep_going, bad records raise
         yield example
 
@@ -127,15 +133,17 @@ def mix(
                 raise DataError(f"dataset {i} of data.datasets is empty") from None
 
 
-def _factories(data: DataConfig) -> tuple[list[Callable[[], Iterator[Example]]], list[str], list[float]]:
+def _factories(
+    data: DataConfig, needs: str | None
+) -> tuple[list[Callable[[], Iterator[Example]]], list[str], list[float]]:
     resolved = [resolve(source, data.dataset_dir) for source in data.sources()]
-    factories = [lambda r=r: read_source(r) for r in resolved]
+    factories = [lambda r=r: read_source(r, needs) for r in resolved]
     return factories, [r.name for r in resolved], [r.source.weight for r in resolved]
 
 
-def iter_examples(data: DataConfig) -> Iterator[Example]:
-    """The mixed, prepared training examples, lazily (for streaming)."""
-    factories, _, weights = _factories(data)
+def iter_examples(data: DataConfig, needs: str | None = None) -> Iterator[Example]:
+    """The mixed, prepared training examples for a stage reading `needs`, lazily (for streaming)."""
+    factories, _, weights = _factories(data, needs)
     rng = random.Random(data.seed)
     for example in mix(factories, weights, data.mix, data.seed):
         yield prepare(example, data, rng)
@@ -175,7 +183,7 @@ def load_examples(data: DataConfig, needs: str) -> LoadedData:
     `val_size` is held out of each dataset before mixing, so an example repeated by
     `interleave_over` never lands on both sides.
     """
-    factories, names, weights = _factories(data)
+    factories, names, weights = _factories(data, needs)
     read: dict[str, int] = {}
     lists: list[list[Example]] = []
     held_out: list[Example] = []
@@ -207,14 +215,14 @@ def load_eval(data: DataConfig, needs: str) -> list[Example]:
     assert data.eval_path
     source = DatasetSource(path=data.eval_path, format=data.format)
     rng = random.Random(data.seed + 1)
-    evaluation = [prepare(e, data, rng) for e in read_source(resolve(source, data.dataset_dir))]
+    evaluation = [prepare(e, data, rng) for e in read_source(resolve(source, data.dataset_dir), needs)]
     check_examples(evaluation, needs, "evaluation")
     return evaluation
 
 
 def peek(data: DataConfig, needs: str, count: int = 200) -> None:
     """Check the first `count` examples of a streamed mix before any model is loaded."""
-    first = list(itertools.islice(iter_examples(data), count))
+    first = list(itertools.islice(iter_examples(data, needs), count))
     if not first:
         raise DataError("the training data has no records")
     check_examples(first, needs, "training")

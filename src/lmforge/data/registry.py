@@ -13,6 +13,9 @@ inside `data.dataset_dir`; a `file_name` that escapes it is refused.
 
 `dataset_info.json` entries use LLaMA-Factory's keys: `file_name`, `hf_hub_url`, `formatting`
 (alpaca | sharegpt), `ranking`, `columns`, `tags`, `subset`, `split`, `folder`, `num_samples`.
+How an alpaca entry's mapped `columns.prompt` reads is the stage's to decide, not the registry's:
+the text for pre-training (LLaMA-Factory's `columns: {prompt: text}` corpora), the prompt
+otherwise (`loader.normalised`).
 """
 
 from __future__ import annotations

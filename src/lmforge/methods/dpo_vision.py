@@ -4,7 +4,8 @@
 vision tower. trl's own vision path needs the model's full processor, whose video half requires
 torchvision; lmforge encodes images itself (`data/multimodal.py`, as for image-text SFT), so here the
 trainer is transformers' Trainer with DPO's loss (`losses/dpo.py`: sigmoid, ipo, hinge, robust, the
-same formulas as trl's, tested by hand) on the summed log-probs of each answer.
+same definitions as trl's, tested by hand and against trl's on one batch) on the summed log-probs
+of each answer (ipo, as trl's, divides each answer's log-ratio by its token count).
 
 Each pair is one prompt with its images and two answers; a batch runs the chosen and the rejected
 rows in one forward pass (the images go in twice). The reference is the starting model, as in text
@@ -31,7 +32,7 @@ from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.multimodal import VisionCollator, VisionProcessor, encode_multimodal
 from lmforge.data.tokenize import TokenizeStats
-from lmforge.losses.dpo import answer_logps, dpo_loss
+from lmforge.losses.dpo import answer_logps, answer_tokens, dpo_loss
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
@@ -118,6 +119,7 @@ class VisionDPOTrainer(Trainer):
         with torch.no_grad(), reference(self.accelerator.unwrap_model(model)):
             ref_logps = answer_logps(model(**inputs).logits, inputs["labels"])
         n = len(logps) // 2
+        tokens = answer_tokens(inputs["labels"])
         losses, chosen, rejected = dpo_loss(
             logps[:n],
             logps[n:],
@@ -126,11 +128,12 @@ class VisionDPOTrainer(Trainer):
             self.beta,
             self.loss_type,
             self.label_smoothing,
+            tokens[:n],
+            tokens[n:],
         )
         loss = losses.mean()
         if self.sft_weight > 0:
-            tokens = (inputs["labels"][:n, 1:] != -100).sum().clamp(min=1)
-            loss = loss + self.sft_weight * -(logps[:n].sum() / tokens)
+            loss = loss + self.sft_weight * -(logps[:n].sum() / tokens[:n].sum().clamp(min=1))
         metrics = self._metrics["train" if model.training else "eval"]
         for key, value in {
             "rewards/chosen": chosen.mean(),

@@ -68,7 +68,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config, tokenizer)
     use_template(tokenizer, template)
-    first = next(itertools.islice(iter_examples(config.data), 1), None)
+    first = next(itertools.islice(iter_examples(config.data, "kto"), 1), None)
     pairs = first is not None and first.kind == "preference"
     data = load_examples(config.data, "preference" if pairs else "kto")
     train = kto_from_pairs(data.train) if pairs else data.train

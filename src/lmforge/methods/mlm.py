@@ -116,7 +116,9 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         peek(config.data, "text")
 
         def rows():
-            yield from text_chunks((e.text or "" for e in iter_examples(config.data)), tokenizer, max_length)
+            yield from text_chunks(
+                (e.text or "" for e in iter_examples(config.data, "text")), tokenizer, max_length
+            )
 
         train_ds, stats = IterableDataset.from_generator(rows), TokenizeStats()
         if config.data.eval_path:

@@ -56,7 +56,7 @@ def _streamed(config: RunConfig, tokenizer) -> IterableDataset:
     data, boundaries = config.data, config.method.document_boundaries
 
     def rows():
-        texts = (example.text or "" for example in iter_examples(data))
+        texts = (example.text or "" for example in iter_examples(data, "text"))
         yield from text_blocks(text_documents(texts, tokenizer), data.max_length, boundaries)
 
     return IterableDataset.from_generator(rows)

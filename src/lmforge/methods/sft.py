@@ -52,7 +52,9 @@ def _streamed(config: RunConfig, template, tokenizer) -> IterableDataset:
     data = config.data
 
     def rows():
-        yield from iter_tokenized(iter_examples(data), template, tokenizer, data.max_length, data.train_on)
+        yield from iter_tokenized(
+            iter_examples(data, "sft"), template, tokenizer, data.max_length, data.train_on
+        )
 
     return IterableDataset.from_generator(rows)
 
