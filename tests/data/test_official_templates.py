@@ -21,6 +21,7 @@ SPECIAL = {
     "llama2": ("<s>", "</s>"),
     "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
     "mistral": ("<s>", "</s>"),
+    "mistral-2023": ("<s>", "</s>"),
     "qwen2.5": (None, "<|im_end|>"),
     "qwen2-vl": (None, "<|im_end|>"),
     "deepseek-r1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
@@ -74,6 +75,8 @@ def test_named_template_renders_the_official_tokens(tokenizer, name, index):
             ],
             system=conversation.system,
         )
+    if name == "mistral-2023":  # the first Mistral template has no system role (it raises)
+        conversation = Conversation(turns=conversation.turns)
     tok = official_tokenizer(tokenizer, name)
     template = get_template(name)
     official = tok.apply_chat_template(as_messages(conversation), tokenize=False)

@@ -12,6 +12,7 @@ for every template, that both agree token for token.
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
@@ -32,6 +33,59 @@ class Conversation:
     system: str | None = None
 
 
+def split_encoding(
+    segments: list[tuple[str, str]], tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[list[int], list[int]]]:
+    """The ids of the whole text (`segments` joined), split at each segment's first character.
+
+    Encoding prompt and answer separately is not the same as encoding the conversation: a
+    SentencePiece tokenizer (Llama-2, Mistral, T5) writes a `▁` before a text it starts anew, and
+    any tokenizer may merge across a boundary. Training must see the tokens inference and
+    `apply_chat_template(tokenize=True)` see, so the whole text is encoded once and each token
+    goes to the segment holding its first character (its character offsets). A tokenizer
+    without offsets is split where the encoding of each prefix stops agreeing with the whole.
+    """
+    pieces = [text for pair in segments for text in pair]
+    starts, position = [], 0
+    for text in pieces:
+        starts.append(position)
+        position += len(text)
+    full = "".join(pieces)
+    if not full:
+        return [([], []) for _ in segments]
+    try:
+        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    except NotImplementedError:  # a slow (Python) tokenizer has no offsets
+        ids, offsets = tokenizer(full, add_special_tokens=False)["input_ids"], None
+    if offsets is not None:
+        owners = [_owner(starts, pieces, start) for start, _ in offsets]
+    else:
+        owners, cut = [], 0
+        for index in range(len(pieces)):
+            end = starts[index] + len(pieces[index])
+            prefix = tokenizer(full[:end], add_special_tokens=False)["input_ids"] if end < len(full) else ids
+            agree = next(
+                (i for i, (a, b) in enumerate(zip(prefix, ids, strict=False)) if a != b), len(prefix)
+            )
+            agree = max(min(agree, len(ids)), cut)
+            owners += [index] * (agree - cut)
+            cut = agree
+        owners += [len(pieces) - 1] * (len(ids) - cut)
+    split: list[list[int]] = [[] for _ in pieces]
+    for token, owner in zip(ids, owners, strict=True):
+        split[owner].append(token)
+    return [(split[2 * i], split[2 * i + 1]) for i in range(len(segments))]
+
+
+def _owner(starts: list[int], pieces: list[str], char: int) -> int:
+    """The index of the last non-empty piece that starts at or before character `char`."""
+    index = max(bisect_right(starts, char) - 1, 0)
+    while index > 0 and not pieces[index]:
+        index -= 1
+    return index
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """A chat format. `{content}` marks where text goes; `{bos}`/`{eos}` are the tokenizer's."""
@@ -48,6 +102,7 @@ class ChatTemplate:
     strip_history_thinking: bool = False  # drop <think>…</think> from earlier assistant turns
     image: str = IMAGE_PLACEHOLDER  # what a record's <image> placeholder becomes in the prompt
     generation_suffix: str = ""  # written after the prompt only when asking for an answer
+    trim: bool = False  # strip whitespace around every message, as Llama-2's official template does
     aliases: tuple[str, ...] = field(default=())
 
     def _fill(self, pattern: str, tokenizer: PreTrainedTokenizerBase, content: str = "") -> str:
@@ -64,9 +119,10 @@ class ChatTemplate:
     ) -> list[tuple[str, str]]:
         """(prompt text, response text) per turn; joined they are the full conversation."""
         system = conversation.system if conversation.system is not None else self.default_system
+        turns = conversation.turns
         pairs: list[tuple[str, str]] = []
-        last = len(conversation.turns) - 1
-        for i, (user, assistant) in enumerate(conversation.turns):
+        last = len(turns) - 1
+        for i, (user, assistant) in enumerate(turns):
             prompt = ""
             if i == 0:
                 prompt += self._fill(self.prefix, tokenizer)
@@ -78,6 +134,8 @@ class ChatTemplate:
                 prompt += self._fill(self.separator, tokenizer)
             if self.image != IMAGE_PLACEHOLDER:
                 user = user.replace(IMAGE_PLACEHOLDER, self.image)
+            if self.trim:  # after folding the system in, as the official template strips
+                user, assistant = user.strip(), assistant.strip()
             prompt += self._fill(self.user, tokenizer, user)
             if self.strip_history_thinking and i < last and "</think>" in assistant:
                 assistant = assistant.split("</think>")[-1]  # as the official template: keeps what follows
@@ -95,12 +153,8 @@ class ChatTemplate:
     def encode(
         self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase
     ) -> list[tuple[list[int], list[int]]]:
-        """Token ids of each (prompt, response) segment, encoded separately."""
-
-        def ids(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-        return [(ids(p), ids(r)) for p, r in self.segments(conversation, tokenizer)]
+        """Token ids of each (prompt, response) segment: the whole conversation's encoding, split."""
+        return split_encoding(self.segments(conversation, tokenizer), tokenizer)
 
     def jinja(self, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
         """An equivalent Jinja chat template (messages with system/user/assistant roles)."""
@@ -118,6 +172,7 @@ class ChatTemplate:
                     out.append(repr(piece))
             return " + ".join(out) if out else "''"
 
+        text = "(content | trim)" if self.trim else "content"  # trimmed after the system is folded in
         folded = self.system_in_user.replace("{system}", "' + system + '")
         folded_expr = "'" + folded.replace("\n", "\\n").replace("{content}", "' + content + '") + "'"
         default = repr(self.default_system) if self.default_system is not None else "none"
@@ -154,11 +209,11 @@ class ChatTemplate:
                 if self.image != IMAGE_PLACEHOLDER
                 else ""
             )
-            + f"{{{{- {lit(self.user, 'content')} -}}}}"
+            + f"{{{{- {lit(self.user, text)} -}}}}"
             "{%- set ns.turn = ns.turn + 1 -%}"
             "{%- elif m['role'] == 'assistant' -%}"
             + history_strip
-            + f"{{{{- {lit(self.assistant, 'content')} -}}}}"
+            + f"{{{{- {lit(self.assistant, text)} -}}}}"
             "{%- endif -%}{%- endfor -%}"
             + (
                 "{%- if add_generation_prompt and msgs and msgs[-1]['role'] == 'user' -%}"
@@ -245,7 +300,9 @@ def _register(template: ChatTemplate) -> None:
 _register(
     ChatTemplate(
         # Llama-2-chat: every user turn opens with BOS; system folded into the first one.
+        # Message text is stripped of surrounding whitespace, as the official template's `| trim`.
         name="llama2",
+        trim=True,
         prefix="",
         user="<s>[INST] {content} [/INST]",
         assistant=" {content} </s>",
@@ -277,6 +334,18 @@ _register(
         user=" [INST] {content} [/INST]",
         assistant=" {content}</s>",
         stop="</s>",
+    )
+)
+_register(
+    ChatTemplate(
+        # Mistral-7B-Instruct v0.1/v0.2 as first released (2023): no space before [INST] or the
+        # answer, no system role (lmforge folds a system prompt into the first user turn).
+        name="mistral-2023",
+        prefix="<s>",
+        user="[INST] {content} [/INST]",
+        assistant="{content}</s>",
+        stop="</s>",
+        aliases=("mistral-v0.2-2023",),
     )
 )
 CHATML = ChatTemplate(
