@@ -516,6 +516,7 @@ def serve(
         typer.Option(envvar="LMFORGE_API_KEY", help="Key clients send as Bearer (env LMFORGE_API_KEY)."),
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="Default max_tokens of a request.")] = 256,
+    template: Annotated[str | None, typer.Option(help="Chat template (default: the one saved).")] = None,
     image_root: Annotated[
         Path | None, typer.Option(help="Folder file:// image URLs may come from (off by default).")
     ] = None,
@@ -539,7 +540,7 @@ def serve(
             if not sep or not adapter_name or not path:
                 raise ValueError(f"--adapter {item!r}: use NAME=PATH, e.g. --adapter sql=runs/sql/adapter")
             adapters[adapter_name] = path
-        served = load_served(model, adapters, name, image_root)
+        served = load_served(model, adapters, name, image_root, template)
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return

@@ -73,3 +73,43 @@ def test_sampling_settings_reach_generate(base_dir):
     plain = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12))
     penalised = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, repetition_penalty=5.0))
     assert plain != penalised, "the penalty changes what greedy decoding picks"
+
+
+def test_completion_keeps_the_continuations_leading_space(base_dir, tokenizer):
+    """`/v1/completions` returns raw text: a continuation starting with a space keeps it."""
+    engine = Engine.load(str(base_dir), template="chatml")
+    space_the = tokenizer.convert_tokens_to_ids("Ġthe")
+    lm_head = engine.model.lm_head
+    biased = torch.nn.Linear(lm_head.in_features, lm_head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.zero_()
+        biased.bias.zero_()
+        biased.bias[space_the] = 5.0
+    engine.model.lm_head = biased
+    assert engine.complete(["the cat"], SamplingParams(max_new_tokens=2))[0].text == " the the"
+    assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2)) == ["the the"]  # chat: stripped
+
+
+def test_a_tokenizers_own_template_is_used_when_none_is_saved(base_dir, tokenizer, tmp_path):
+    """serve, chat and predict share one resolution: a model folder with no saved lmforge template and
+    no known family name uses the tokenizer's own chat_template (not a guessed chatml); --template wins."""
+    import shutil
+
+    from lmforge.inference.server import load_served
+
+    folder = tmp_path / "my-model"
+    shutil.copytree(base_dir, folder)
+    assert not (folder / "lmforge_template.txt").exists()
+    own = tokenizer.__class__.from_pretrained(str(folder))
+    own.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    own.save_pretrained(str(folder))
+    engine = Engine.load(str(folder))
+    assert engine.template.name == "tokenizer"
+    prompt = engine.prompt_text(Conversation(turns=[("hi", "")]))
+    ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids  # one special token, not 7 pieces
+    assert load_served(str(folder), {}).engine.template.name == "tokenizer"
+    assert load_served(str(folder), {}, template="llama3").engine.template.name == "llama3"
+    plain = tmp_path / "plain-model"
+    shutil.copytree(base_dir, plain)
+    assert Engine.load(str(plain)).template.name == "chatml"  # no template anywhere: chatml

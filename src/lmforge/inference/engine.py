@@ -295,9 +295,10 @@ class Engine:
             return self._run(self._source_inputs(prompts), params or SamplingParams())
         self.tokenizer.padding_side = "left"
         inputs = dict(self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True))
-        return self._run(inputs, params or SamplingParams())
+        return self._run(inputs, params or SamplingParams(), raw=True)
 
-    def _run(self, inputs: dict, params: SamplingParams) -> list[Generation]:
+    def _run(self, inputs: dict, params: SamplingParams, raw: bool = False) -> list[Generation]:
+        """Generations; a chat answer is stripped, a raw continuation (`raw`) keeps its spaces."""
         if params.seed is not None:
             torch.manual_seed(params.seed)
         batch = {k: v.to(self.device) for k, v in inputs.items()}
@@ -311,7 +312,7 @@ class Engine:
             text = self.tokenizer.decode(row[:length], skip_special_tokens=True)
             text, stopped = cut_at_stop(text, params.stop)
             finish = "stop" if ended.any() or stopped or length < params.max_new_tokens else "length"
-            results.append(Generation(text.strip(), int(mask.sum()), length, finish))
+            results.append(Generation(text if raw else text.strip(), int(mask.sum()), length, finish))
         return results
 
     def stream(

@@ -484,15 +484,22 @@ async def _stream_chat(
 
 
 def load_served(
-    model: str, adapters: dict[str, str], name: str | None = None, image_root: Path | None = None
+    model: str,
+    adapters: dict[str, str],
+    name: str | None = None,
+    image_root: Path | None = None,
+    template: str | None = None,
 ) -> Served:
-    """The base model with every adapter loaded over it under its own name."""
+    """The base model with every adapter loaded over it under its own name.
+
+    The template resolves as in `chat` and `predict` (`Engine.load`, `pick_template`): `template`
+    when given, else the first one saved with an adapter, then the model's own resolution."""
     from peft import PeftModel
 
     from lmforge.models.loading import saved_template_name
 
     paths = list(adapters.values())
-    template = next((t for t in map(saved_template_name, paths) if t), None)
+    template = template or next((t for t in map(saved_template_name, paths) if t), None)
     engine = Engine.load(model, template=template)
     for index, (adapter_name, path) in enumerate(adapters.items()):
         if index == 0:
