@@ -439,3 +439,58 @@ def test_sampling_fields_reach_the_engine_params():
     params = request.params(256)
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.9, 5, 1.3)
     assert (params.max_new_tokens, params.stop, params.seed) == (12, ("x",), 3)
+
+
+def test_streamed_text_equals_plain_text_with_multi_token_stops(client):
+    """A partial stop match is held back until resolved: nothing of a stop string leaks into a stream,
+    and a held-back tail that never completes a stop string is still sent."""
+    ask = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}], "temperature": 0}
+    full = client.chat.completions.create(**ask, max_tokens=16).choices[0].message.content
+    assert len(full) > 6
+    stops = [full[2:6], full[1:3], full[3:5] + "\x01never", full[-2:] + "\x01", "\x01absent"]
+    for stop in stops:
+        plain = client.chat.completions.create(**ask, max_tokens=16, stop=[stop]).choices[0].message.content
+        chunks = client.chat.completions.create(**ask, max_tokens=16, stop=[stop], stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed == plain, stop
+
+
+def test_stop_safe_length_holds_back_only_a_possible_stop_start():
+    from lmforge.inference.engine import stop_safe_length
+
+    assert stop_safe_length("par '*", ("'*'par",)) == 4  # "'*" may begin the stop: held
+    assert stop_safe_length("par '", ("'*'par",)) == 4
+    assert stop_safe_length("par x", ("'*'par",)) == 5
+    assert stop_safe_length("ab", ("bc", "abx")) == 0  # the longest possible start wins
+    assert stop_safe_length("abc", ()) == 3
+
+
+def test_a_stop_string_split_across_streamed_pieces_never_leaks(tokenizer):
+    """The reported case: pieces "par", " '", "*", "'", "par" with stop "'*'par" streamed
+    "par '*'"; the plain answer is "par " and the stream now sends exactly that."""
+    import asyncio
+    import queue
+    from types import SimpleNamespace
+
+    from lmforge.inference.engine import cut_at_stop
+    from lmforge.inference.server import ChatRequest, _Job, _stream_chat
+
+    pieces = ["par", " '", "*", "'", "par", " more"]
+    stop = ("'*'par",)
+    engine = SimpleNamespace(tokenizer=tokenizer, prompt_text=lambda conversation: "hello")
+    served = SimpleNamespace(engine=engine)
+    request = ChatRequest(model="tiny", messages=[{"role": "user", "content": "hello"}], stop=list(stop))
+    params = SamplingParams(max_new_tokens=16, stop=stop)
+    conversation = Conversation(turns=[("hello", "")])
+
+    async def collect(chunks: list[str]) -> str:
+        job = _Job("tiny", conversation, [], params, sink=queue.Queue())
+        for piece in chunks:
+            job.sink.put(piece)
+        job.sink.put(None)
+        events = [e async for e in _stream_chat(served, request, conversation, job, params, 0, "x", "show")]
+        deltas = [json.loads(e[6:])["choices"] for e in events if e.startswith("data: {")]
+        return "".join(c[0]["delta"].get("content") or "" for c in deltas if c)
+
+    assert asyncio.run(collect(pieces)) == cut_at_stop("".join(pieces), stop)[0] == "par "
+    assert asyncio.run(collect(["par '*", "x"])) == "par '*x"  # a false start is sent once resolved

@@ -78,6 +78,18 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(positions)], True) if positions else (text, False)
 
 
+def stop_safe_length(text: str, stop: tuple[str, ...]) -> int:
+    """How much of `text` can be sent while streaming: all but a tail that could still begin a stop
+    string (sent later, or never when the stop string completes), so streamed == plain text."""
+    held = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), held, -1):
+            if text.endswith(s[:k]):
+                held = k
+                break
+    return len(text) - held
+
+
 class _Cancelled(StoppingCriteria):
     def __init__(self, event: threading.Event) -> None:
         self.event = event
@@ -117,7 +129,13 @@ class _RowsStreamer(BaseStreamer):
                 self.sent[row] = text
 
     def end(self) -> None:
-        for sink in self.sinks:
+        """Each row's held-back tail (a byte sequence that never became a character is sent as the
+        plain answer decodes it), then its end marker."""
+        for row, sink in enumerate(self.sinks):
+            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            if len(text) > len(self.sent[row]):
+                sink.put(text[len(self.sent[row]) :])
+                self.sent[row] = text
             sink.put(None)
 
 

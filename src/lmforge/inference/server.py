@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
-from lmforge.inference.engine import Engine, SamplingParams
+from lmforge.inference.engine import Engine, SamplingParams, cut_at_stop, stop_safe_length
 from lmforge.inference.reasoning import MODES, ReasoningStream, prompt_opens_reasoning, split_reasoning
 
 
@@ -454,19 +454,19 @@ async def _stream_chat(
             yield chunk({"content": answer})
 
     yield chunk({"role": "assistant", "content": ""})
-    text = ""
+    text, sent = "", 0  # a tail that may begin a stop string is held back until resolved
     try:
         async for piece in pieces():
             text += piece
-            cut = next((text.find(s) for s in params.stop if s and s in text), -1)
-            if cut >= 0:
-                for event in deltas(piece[: max(0, len(piece) - (len(text) - cut))]):
-                    yield event
+            text, stopped = cut_at_stop(text, params.stop)
+            safe = len(text) if stopped else stop_safe_length(text, params.stop)
+            for event in deltas(text[sent:safe]):
+                yield event
+            sent = safe
+            if stopped:
                 cancel.set()
                 break
-            for event in deltas(piece):
-                yield event
-        for event in deltas("", last=True):
+        for event in deltas(text[sent:], last=True):
             yield event
     finally:
         cancel.set()
