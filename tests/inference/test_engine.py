@@ -10,6 +10,18 @@ from lmforge.inference.engine import Engine, SamplingParams
 PROMPTS = [Conversation(turns=[("add 3 and 4", "")]), Conversation(turns=[("the cat sat on a mat and", "")])]
 
 
+def bias_head(engine: Engine, token_id: int, value: float = 5.0) -> torch.nn.Linear:
+    """Replace the LM head by one that always prefers `token_id` (returned, to bias further)."""
+    lm_head = engine.model.lm_head
+    biased = torch.nn.Linear(lm_head.in_features, lm_head.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.zero_()
+        biased.bias.zero_()
+        biased.bias[token_id] = value
+    engine.model.lm_head = biased
+    return biased
+
+
 def test_batched_equals_one_by_one_and_stream(base_dir):
     engine = Engine.load(str(base_dir), template="chatml")
     params = SamplingParams(max_new_tokens=6)
@@ -24,13 +36,7 @@ def test_generation_stops_at_template_stop_token(base_dir, tokenizer):
     engine = Engine.load(str(base_dir), template="chatml")
     stop_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     word_id = tokenizer.convert_tokens_to_ids("cat")
-    lm_head = engine.model.lm_head
-    biased = torch.nn.Linear(lm_head.in_features, lm_head.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.zero_()
-        biased.bias.zero_()
-        biased.bias[word_id] = 5.0
-    engine.model.lm_head = biased
+    biased = bias_head(engine, word_id)
     assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=3)) == ["catcatcat"]
     with torch.no_grad():
         biased.bias[stop_id] = 10.0  # now the stop token wins at once
@@ -79,13 +85,7 @@ def test_completion_keeps_the_continuations_leading_space(base_dir, tokenizer):
     """`/v1/completions` returns raw text: a continuation starting with a space keeps it."""
     engine = Engine.load(str(base_dir), template="chatml")
     space_the = tokenizer.convert_tokens_to_ids("Ġthe")
-    lm_head = engine.model.lm_head
-    biased = torch.nn.Linear(lm_head.in_features, lm_head.out_features, bias=True)
-    with torch.no_grad():
-        biased.weight.zero_()
-        biased.bias.zero_()
-        biased.bias[space_the] = 5.0
-    engine.model.lm_head = biased
+    bias_head(engine, space_the)
     assert engine.complete(["the cat"], SamplingParams(max_new_tokens=2))[0].text == " the the"
     assert engine.generate(PROMPTS[:1], SamplingParams(max_new_tokens=2)) == ["the the"]  # chat: stripped
 
