@@ -8,12 +8,13 @@ own encoding of the whole rendered text (and, for `data.template: tokenizer`, wi
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 
 from conftest import corpus
-from lmforge.data.templates import TEMPLATES, Conversation, get_template
+from lmforge.data.templates import TEMPLATES, Conversation, get_template, split_encoding
 from lmforge.data.tokenize import IGNORE, encode_conversation
 from tokenizer_families import FAMILIES, build_family
 
@@ -99,8 +100,7 @@ def test_generation_prompt_ids_are_the_training_prefix(family, name):
 
 @pytest.mark.parametrize("official", OFFICIAL)
 def test_tokenizer_template_equals_apply_chat_template(family, official):
-    tok = family.__class__.__new__(family.__class__)
-    tok.__dict__.update(family.__dict__)
+    tok = copy.deepcopy(family)
     tok.chat_template = (FIXTURES / f"{official}.jinja").read_text(encoding="utf-8")
     conversation = CONVERSATIONS[1]
     own = get_template("tokenizer")
@@ -130,3 +130,24 @@ def test_llama2_trims_message_whitespace(tokenizer):
         eos_token="</s>",
     )
     assert text == official
+
+
+class NoOffsets:
+    """A tokenizer that cannot give character offsets, as a slow (Python) tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, text, **kwargs):
+        if kwargs.get("return_offsets_mapping"):
+            raise NotImplementedError("return_offset_mapping is not available")
+        return self.tokenizer(text, **kwargs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_tokenizer_without_offsets_is_split_by_prefix_agreement(family, name):
+    template = get_template(name)
+    segments = template.segments(CONVERSATIONS[1], family)
+    slow = split_encoding(segments, NoOffsets(family))
+    assert [i for p, r in slow for i in p + r] == whole_ids(family, template.render(CONVERSATIONS[1], family))
+    assert slow == split_encoding(segments, family)

@@ -3,7 +3,8 @@
 Each template is written out by hand from the model's published chat format, because
 training needs what a Jinja `chat_template` cannot give: the boundary between the
 prompt (masked from the loss) and the response (learned, including its end-of-turn
-token). `render` and `encode` build a conversation segment by segment; `jinja()` emits
+token). `render` builds a conversation segment by segment and `encode` splits the whole
+text's encoding at those segments (`split_encoding`); `jinja()` emits
 the equivalent Jinja template, saved with every model lmforge writes so other tools
 (vLLM, transformers `apply_chat_template`) format prompts identically. A test checks,
 for every template, that both agree token for token.
@@ -119,10 +120,9 @@ class ChatTemplate:
     ) -> list[tuple[str, str]]:
         """(prompt text, response text) per turn; joined they are the full conversation."""
         system = conversation.system if conversation.system is not None else self.default_system
-        turns = conversation.turns
         pairs: list[tuple[str, str]] = []
-        last = len(turns) - 1
-        for i, (user, assistant) in enumerate(turns):
+        last = len(conversation.turns) - 1
+        for i, (user, assistant) in enumerate(conversation.turns):
             prompt = ""
             if i == 0:
                 prompt += self._fill(self.prefix, tokenizer)
