@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import openai
 import pytest
-import uvicorn
 
-from helpers import sft_config
+from helpers import http, serving, sft_config
 from lmforge.config import validate_config
 from lmforge.data.templates import Conversation
-from lmforge.inference.engine import Engine, SamplingParams
+from lmforge.inference.engine import Engine, SamplingParams, StreamEnd
 from lmforge.inference.server import create_app, load_served
 from lmforge.methods import sft
 
@@ -35,40 +31,13 @@ def adapters(tmp_path_factory, base_dir, alpaca_file):
 @pytest.fixture(scope="module")
 def server(base_dir, adapters):
     served = load_served(str(base_dir), adapters, name="tiny")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = uvicorn.Config(create_app(served, KEY, 16), host="127.0.0.1", port=port, log_level="error")
-    running = uvicorn.Server(config)
-    thread = threading.Thread(target=running.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if running.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    running.should_exit = True
-    thread.join(timeout=10)
+    with serving(create_app(served, KEY, 16)) as url:
+        yield url
 
 
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0)
-
-
-def http(method: str, url: str, body: bytes | dict | None = None, key: str | None = KEY) -> tuple[int, str]:
-    """(status, text) of a raw request (no client library between the test and the server)."""
-    data = json.dumps(body).encode() if isinstance(body, dict) else body
-    request = urllib.request.Request(
-        url, data=data, method=method, headers={"Content-Type": "application/json"}
-    )
-    if key is not None:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
 
 
 def direct(base_dir, adapter, prompt, max_new_tokens=16):
@@ -167,7 +136,32 @@ def test_requests_without_the_key_get_401(server):
         ({"model": "tiny", "messages": []}, 400, "messages"),
         ({"model": "tiny", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "must follow a user"),
         ({"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "n"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+            400,
+            "needs logprobs",
+        ),
+        (
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hi"}],
+                "logprobs": True,
+                "top_logprobs": 21,
+            },
+            400,
+            "top_logprobs",
+        ),
+        (
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hi"}],
+                "logprobs": True,
+                "stream": True,
+            },
+            400,
+            "not streamed",
+        ),
         (
             {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 9},
             400,
@@ -269,7 +263,7 @@ def test_reasoning_traces_are_separated_hidden_or_shown(base_dir, monkeypatch, m
         for sink in sinks:
             for i in range(0, len(raw), 3):
                 sink.put(raw[i : i + 3])
-            sink.put(None)
+            sink.put(StreamEnd(12, True))
 
     monkeypatch.setattr(served.engine, "stream_rows", rows)
     body = {"model": "r1", "messages": [{"role": "user", "content": "add 2 and 3"}]}
@@ -412,7 +406,7 @@ def test_a_cancelled_row_of_a_batched_stream_stops_while_the_others_go_on(base_d
 
     def drain(sink) -> str:
         pieces = []
-        while (piece := sink.get(timeout=5)) is not None:
+        while isinstance(piece := sink.get(timeout=5), str):
             pieces.append(piece)
         return "".join(pieces)
 
@@ -472,7 +466,7 @@ def test_a_stop_string_split_across_streamed_pieces_never_leaks(tokenizer):
     import queue
     from types import SimpleNamespace
 
-    from lmforge.inference.engine import cut_at_stop
+    from lmforge.inference.engine import StreamEnd, cut_at_stop
     from lmforge.inference.server import ChatRequest, _Job, _stream_chat
 
     pieces = ["par", " '", "*", "'", "par", " more"]
@@ -486,8 +480,8 @@ def test_a_stop_string_split_across_streamed_pieces_never_leaks(tokenizer):
     async def collect(chunks: list[str]) -> str:
         job = _Job("tiny", conversation, [], params, sink=queue.Queue())
         for piece in chunks:
-            job.sink.put(piece)
-        job.sink.put(None)
+            job.sink.put((0, piece))
+        job.sink.put((0, StreamEnd(len(chunks), False)))
         events = [e async for e in _stream_chat(served, request, conversation, job, params, 0, "x", "show")]
         deltas = [json.loads(e[6:])["choices"] for e in events if e.startswith("data: {")]
         return "".join(c[0]["delta"].get("content") or "" for c in deltas if c)

@@ -12,7 +12,7 @@ right-padded, and the decoder writes the answer until EOS.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +56,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()  # stop strings: generation ends at the first, which is cut off
     cache: str = "dynamic"  # KV cache: dynamic (grows as it goes) or static (preallocated, for torch.compile)
+    n: int = 1  # answers per prompt (sampled apart; greedy ones are equal)
+    logprobs: int | None = None  # None: none; k: each answer token's log-probability and the k likeliest
 
     def __post_init__(self) -> None:
         if self.cache not in ("dynamic", "static"):
@@ -63,13 +65,79 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (None for a prompt's first token, which nothing
+    before it predicts) and the likeliest tokens at its position, likeliest first. These are the
+    model's own probabilities, before temperature, top-p or a repetition penalty."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Generation:
-    """One answer with its token counts and why it ended ("stop" or "length")."""
+    """One answer with its token counts and why it ended ("stop" or "length"); `token_ids` are every
+    generated token (the one that ended the answer too), `logprobs` one per token when asked for."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """A streamed row's end marker: how many tokens it generated (the one that ended it too) and
+    whether a stop token ended it."""
+
+    tokens: int
+    stop_token: bool
+
+
+_CONTEXT = 8  # tokens of left context that decoding one more token needs (decoders are local)
+
+
+def decode_after(tokenizer: PreTrainedTokenizerBase, context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text `ids` add after `context`. Decoding `ids` alone would drop a SentencePiece token's
+    leading space (the decoder strips it at the start of a text); decoding a few context tokens
+    before them and cutting their text off keeps it."""
+    tail = list(context[-_CONTEXT:])
+    before = tokenizer.decode(tail, skip_special_tokens=True)
+    whole = tokenizer.decode(tail + list(ids), skip_special_tokens=True)
+    if whole.startswith(before):
+        return whole[len(before) :]
+    return tokenizer.decode(list(ids), skip_special_tokens=True)  # the context ends inside a character
+
+
+def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
+    """Each token's piece of `decode(ids)`; the pieces join to exactly that text (a character split
+    over several byte tokens falls to the token that completes it)."""
+    ids = list(ids)
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    pieces = [decode_after(tokenizer, ids[:i], ids[i : i + 1]) for i in range(len(ids))]
+    if "".join(pieces) == full:
+        return pieces
+    offsets = [0]
+    for i in range(1, len(ids)):  # exact and slower: where each prefix's text stops agreeing
+        prefix = tokenizer.decode(ids[:i], skip_special_tokens=True)
+        agree = next((k for k, (a, b) in enumerate(zip(prefix, full, strict=False)) if a != b), None)
+        offsets.append(max(offsets[-1], min(len(prefix), len(full)) if agree is None else agree))
+    offsets.append(len(full))
+    return [full[offsets[i] : offsets[i + 1]] for i in range(len(ids))]
+
+
+def _token_logprobs(logprobs: torch.Tensor, ids: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """(positions, vocab) log-probabilities and the token at each position -> TokenLogprobs."""
+    chosen = logprobs.gather(1, ids[:, None])[:, 0].tolist()
+    best = logprobs.topk(top, dim=-1) if top else None
+    out = []
+    for k, (token, value) in enumerate(zip(ids.tolist(), chosen, strict=True)):
+        alternatives = zip(best.indices[k].tolist(), best.values[k].tolist(), strict=True) if best else ()
+        out.append(TokenLogprob(token, value, tuple(alternatives)))
+    return out
 
 
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -101,10 +169,20 @@ class _Cancelled(StoppingCriteria):
 
 
 class _RowsStreamer(BaseStreamer):
-    """Streams each row of a batched generate into its own queue (text pieces, then None)."""
+    """Streams each row of a batched generate into its own queue (text pieces, then a `StreamEnd`).
+    A row ends at a stop token, or at the pad token generate fills a finished row with."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, sinks: list, stop_ids: list[int]) -> None:
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        sinks: list,
+        stop_ids: list[int],
+        contexts: list[list[int]] | None = None,
+    ) -> None:
         self.tokenizer, self.sinks, self.stop_ids = tokenizer, sinks, set(stop_ids)
+        self.pad_id = tokenizer.pad_token_id
+        self.stop_token = [False] * len(sinks)
+        self.contexts = contexts  # raw continuations: each row's prompt, for `decode_after`
         self.tokens: list[list[int]] = [[] for _ in sinks]
         self.sent = [""] * len(sinks)
         self.done = [False] * len(sinks)
@@ -117,11 +195,12 @@ class _RowsStreamer(BaseStreamer):
         for row, token in enumerate(value.reshape(len(self.sinks), -1)[:, -1].tolist()):
             if self.done[row]:
                 continue
-            if token in self.stop_ids:
+            if token in self.stop_ids or token == self.pad_id:
                 self.done[row] = True
+                self.stop_token[row] = token in self.stop_ids
                 continue
             self.tokens[row].append(token)
-            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            text = self._text(row)
             if text.endswith("\ufffd"):
                 continue  # half of a multi-byte character: wait for the rest
             if len(text) > len(self.sent[row]):
@@ -132,11 +211,16 @@ class _RowsStreamer(BaseStreamer):
         """Each row's held-back tail (a byte sequence that never became a character is sent as the
         plain answer decodes it), then its end marker."""
         for row, sink in enumerate(self.sinks):
-            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            text = self._text(row)
             if len(text) > len(self.sent[row]):
                 sink.put(text[len(self.sent[row]) :])
                 self.sent[row] = text
-            sink.put(None)
+            sink.put(StreamEnd(len(self.tokens[row]) + self.stop_token[row], self.stop_token[row]))
+
+    def _text(self, row: int) -> str:
+        if self.contexts is None:
+            return self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        return decode_after(self.tokenizer, self.contexts[row], self.tokens[row])
 
 
 class _RowsCancelled(StoppingCriteria):
@@ -296,42 +380,111 @@ class Engine:
         batch_size: int = 16,
         images: list[list[Path]] | None = None,
     ) -> list[Generation]:
-        """`generate`, with each answer's token counts and finish reason."""
+        """`generate`, with each answer's token counts and finish reason (`params.n` answers per
+        conversation, one after another)."""
         params = params or SamplingParams()
         out: list[Generation] = []
         for start in range(0, len(conversations), batch_size):
-            chunk = conversations[start : start + batch_size]
-            chunk_images = images[start : start + batch_size] if images else None
+            chunk = _repeat(conversations[start : start + batch_size], params.n)
+            chunk_images = _repeat(images[start : start + batch_size], params.n) if images else None
             out += self._run(self._inputs(chunk, chunk_images), params)
         return out
 
+    def prompt_ids(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
+        """Raw prompts as token ids: a text is tokenized as the model reads text (its BOS first, if
+        it has one); token ids are taken as they are, each checked against the vocabulary."""
+        vocab = self.model.get_input_embeddings().num_embeddings
+        rows = []
+        for index, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                rows.append(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+                continue
+            row = list(prompt)
+            bad = next((t for t in row if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise ValueError(f"prompt {index}: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+            if not row:
+                raise ValueError(f"prompt {index} has no tokens")
+            rows.append(row)
+        return rows
+
+    def _left_padded(self, rows: list[list[int]]) -> dict:
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return {
+            "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+        }
+
     @torch.inference_mode()
-    def complete(self, prompts: list[str], params: SamplingParams | None = None) -> list[Generation]:
-        """Continue raw text (no chat template), as OpenAI's completions endpoint does (an
-        encoder-decoder model answers the text instead)."""
+    def complete(
+        self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams | None = None
+    ) -> list[Generation]:
+        """Continue raw text or token ids (no chat template), as OpenAI's completions endpoint does
+        (`params.n` continuations per prompt, one after another). The continuation is the text its
+        tokens add after the prompt, leading space included. An encoder-decoder model answers the
+        text instead."""
+        params = params or SamplingParams()
         if self.seq2seq:
-            return self._run(self._source_inputs(prompts), params or SamplingParams())
-        self.tokenizer.padding_side = "left"
-        inputs = dict(self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True))
-        return self._run(inputs, params or SamplingParams(), raw=True)
+            texts = [p if isinstance(p, str) else self.tokenizer.decode(list(p)) for p in prompts]
+            return self._run(self._source_inputs(_repeat(texts, params.n)), params)
+        return self._run(self._left_padded(_repeat(self.prompt_ids(prompts), params.n)), params, raw=True)
 
     def _run(self, inputs: dict, params: SamplingParams, raw: bool = False) -> list[Generation]:
         """Generations; a chat answer is stripped, a raw continuation (`raw`) keeps its spaces."""
         if params.seed is not None:
             torch.manual_seed(params.seed)
         batch = {k: v.to(self.device) for k, v in inputs.items()}
-        out = self.model.generate(**batch, **self._generate_kwargs(params))
+        kwargs = self._generate_kwargs(params)
+        if params.logprobs is not None:
+            kwargs.update(return_dict_in_generate=True, output_logits=True)
+        out = self.model.generate(**batch, **kwargs)
+        sequences = out.sequences if params.logprobs is not None else out
         # A decoder-only model returns prompt + answer; an encoder-decoder its decoder start + answer.
         width = 1 if self.seq2seq else batch["input_ids"].shape[1]
         results = []
-        for row, mask in zip(out[:, width:], batch["attention_mask"], strict=True):
-            ended = torch.isin(row, torch.tensor(self.stop_ids, device=row.device))
-            length = int(ended.int().argmax()) + 1 if ended.any() else len(row)
-            text = self.tokenizer.decode(row[:length], skip_special_tokens=True)
+        for index, (row, mask) in enumerate(zip(sequences[:, width:], batch["attention_mask"], strict=True)):
+            length, ended = self._answer_length(row.tolist())
+            ids = row[:length].tolist()
+            if raw:
+                text = decode_after(self.tokenizer, batch["input_ids"][index][mask.bool()].tolist(), ids)
+            else:
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
             text, stopped = cut_at_stop(text, params.stop)
-            finish = "stop" if ended.any() or stopped or length < params.max_new_tokens else "length"
-            results.append(Generation(text if raw else text.strip(), int(mask.sum()), length, finish))
+            finish = "stop" if ended or stopped or length < params.max_new_tokens else "length"
+            logprobs = None
+            if params.logprobs is not None:
+                steps = torch.stack([out.logits[step][index] for step in range(length)]).float()
+                logprobs = tuple(_token_logprobs(steps.log_softmax(-1), row[:length], params.logprobs))
+            text = text if raw else text.strip()
+            results.append(Generation(text, int(mask.sum()), length, finish, tuple(ids), logprobs))
         return results
+
+    def _answer_length(self, row: list[int]) -> tuple[int, bool]:
+        """(tokens of a generated row that are its answer, whether a stop token ended it): up to and
+        with the first stop token, or up to the pad token generate fills a row with once it ends
+        (a stop string, or another row still running)."""
+        for position, token in enumerate(row):
+            if token in self.stop_ids:
+                return position + 1, True
+            if token == self.tokenizer.pad_token_id:
+                return position, False
+        return len(row), False
+
+    @torch.inference_mode()
+    def score(self, rows: list[list[int]], top: int = 0) -> list[list[TokenLogprob]]:
+        """Each prompt token's log-probability given the tokens before it, and the `top` likeliest
+        tokens at its position (the first token has none: nothing predicts it). One row at a time,
+        so no padding moves a position."""
+        if self.seq2seq:
+            raise ValueError("prompt log-probabilities need a decoder-only model")
+        out = []
+        for row in rows:
+            ids = torch.tensor([row], device=self.device)
+            logits = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+            logprobs = logits[0, :-1].float().log_softmax(-1)
+            out.append([TokenLogprob(row[0], None), *_token_logprobs(logprobs, ids[0, 1:], top)])
+        return out
 
     def stream(
         self,
@@ -368,7 +521,6 @@ class Engine:
             cancel.set()
             thread.join()
 
-    @torch.inference_mode()
     def stream_rows(
         self,
         conversations: list[Conversation],
@@ -377,12 +529,29 @@ class Engine:
         cancels: list[threading.Event],
         images: list[list[Path]] | None = None,
     ) -> None:
-        """One batched generate whose rows stream into their own queues (text pieces, then None).
+        """One batched generate whose rows stream into their own queues (text pieces, then a
+        `StreamEnd`).
         A row whose event is set stops at its next token (a disconnected client)."""
+        inputs = self._inputs(conversations, images)
+        self._stream_batch(inputs, params, _RowsStreamer(self.tokenizer, sinks, self.stop_ids), cancels)
+
+    def stream_prompts(
+        self, rows: list[list[int]], params: SamplingParams, sinks: list, cancels: list[threading.Event]
+    ) -> None:
+        """`stream_rows` for raw token prompts: each row streams its continuation as `complete`
+        returns it (the text after the prompt, leading space included)."""
+        if self.seq2seq:
+            raise ValueError("streamed completions need a decoder-only model")
+        streamer = _RowsStreamer(self.tokenizer, sinks, self.stop_ids, contexts=rows)
+        self._stream_batch(self._left_padded(rows), params, streamer, cancels)
+
+    @torch.inference_mode()
+    def _stream_batch(
+        self, inputs: dict, params: SamplingParams, streamer: _RowsStreamer, cancels: list[threading.Event]
+    ) -> None:
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        batch = {k: v.to(self.device) for k, v in self._inputs(conversations, images).items()}
-        streamer = _RowsStreamer(self.tokenizer, sinks, self.stop_ids)
+        batch = {k: v.to(self.device) for k, v in inputs.items()}
         try:
             self.model.generate(
                 **batch,
@@ -396,3 +565,8 @@ class Engine:
 
     def chat(self, history: list[tuple[str, str]], message: str, system: str | None = None) -> str:
         return self.generate([Conversation(turns=[*history, (message, "")], system=system)])[0]
+
+
+def _repeat(items: list, n: int) -> list:
+    """Each item n times in a row (n answers per prompt)."""
+    return [item for item in items for _ in range(n)]

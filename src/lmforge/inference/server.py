@@ -1,14 +1,17 @@
 """`lmforge serve`: an OpenAI-compatible HTTP API over the generation engine.
 
-Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` (streamed as server-sent
-events or not), `POST /v1/completions`. A request's `model` picks what answers: the base model's
+Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`
+(each streamed as server-sent events or not; `n` answers; log-probabilities; completions also take
+token-id prompts and `echo`, which with `max_tokens: 0` scores a prompt, as lm-evaluation-harness
+asks). A request's `model` picks what answers: the base model's
 name, or one of the LoRA adapters loaded over it (`--adapter name=path`, several at once, one copy
 of the base in memory). Every `/v1` request needs `Authorization: Bearer <key>`; a missing or wrong
 key gets 401. A malformed request gets a 4xx with OpenAI's error body, never a traceback.
 
 Requests queue for the one model. Chat requests that arrive together (within 10 ms, for the same
 model and sampling settings, streamed or not) are answered in one batched generate, up to 8 at a
-time; each streamed request's row streams on its own. Completions run one at a time. A streaming
+time; each streamed request's row streams on its own (a request with a `seed` is answered alone,
+so its answer depends on the seed only). Completions run one at a time. A streaming
 client that disconnects stops its row at the next token. Binds 127.0.0.1 unless
 told otherwise; no CORS headers are sent (browsers on other origins cannot call it).
 """
@@ -25,7 +28,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -39,8 +42,23 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
-from lmforge.inference.engine import Engine, SamplingParams, cut_at_stop, stop_safe_length
+from lmforge.inference.engine import (
+    Engine,
+    Generation,
+    SamplingParams,
+    StreamEnd,
+    TokenLogprob,
+    cut_at_stop,
+    decode_after,
+    stop_safe_length,
+    token_pieces,
+)
 from lmforge.inference.reasoning import MODES, ReasoningStream, prompt_opens_reasoning, split_reasoning
+
+MAX_N = 8  # answers per prompt
+MAX_ANSWERS = 64  # answers per request (prompts x n)
+MAX_TOP_LOGPROBS = 20  # chat: the likeliest tokens per position (OpenAI's limit)
+MAX_COMPLETION_LOGPROBS = 5  # completions: the same (OpenAI's limit)
 
 
 class APIError(Exception):
@@ -78,13 +96,15 @@ class SamplingFields(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: int = Field(1, ge=1, le=MAX_N, description="answers per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    def params(self, default_max: int) -> SamplingParams:
+    def params(self, default_max: int, logprobs: int | None = None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         return SamplingParams(
+            n=self.n,
+            logprobs=logprobs,
             max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max,
             temperature=self.temperature,
             top_p=self.top_p,
@@ -97,10 +117,21 @@ class SamplingFields(BaseModel):
 
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, description="0 with echo: score the prompt only")
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """One prompt or many, as a list: texts or token-id lists."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]  # type: ignore[list-item]
+        return self.prompt  # type: ignore[return-value]
 
 
 class Served:
@@ -148,8 +179,27 @@ class _Job:
     images: list[Path]
     params: SamplingParams
     future: Future = field(default_factory=Future)
-    sink: queue.Queue | None = None  # a streamed request's text pieces (then None)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    sink: queue.Queue | None = (
+        None  # a streamed request's (choice, text piece) pairs; (choice, None) ends one
+    )
+    cancels: list[threading.Event] = field(default_factory=list)  # one per choice: its row stops
+
+    def __post_init__(self) -> None:
+        self.cancels = self.cancels or [threading.Event() for _ in range(self.params.n)]
+
+    def cancel(self) -> None:
+        for event in self.cancels:
+            event.set()
+
+
+class _ChoiceSink:
+    """One choice's end of its request's queue: what its row streams arrives tagged with its index."""
+
+    def __init__(self, sink: queue.Queue, index: int) -> None:
+        self.sink, self.index = sink, index
+
+    def put(self, piece: str | None) -> None:
+        self.sink.put((self.index, piece))
 
 
 class Batcher:
@@ -187,21 +237,23 @@ class Batcher:
                     batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            groups: dict[tuple[str, SamplingParams, bool], list[_Job]] = {}
-            for job in batch:
-                groups.setdefault((job.model, job.params, job.sink is not None), []).append(job)
-            for (model, params, streamed), jobs in groups.items():
+            groups: dict[tuple, list[_Job]] = {}
+            for job in batch:  # a seeded request alone: its sampled rows depend on its seed only
+                alone = id(job) if job.params.seed is not None else None
+                groups.setdefault((job.model, job.params, job.sink is not None, alone), []).append(job)
+            for (model, params, streamed, _), jobs in groups.items():
                 (self._stream if streamed else self._answer)(model, params, jobs)
 
     def _stream(self, model: str, params: SamplingParams, jobs: list[_Job]) -> None:
-        images = [job.images for job in jobs] if any(job.images for job in jobs) else None
+        n = params.n
+        images = [job.images for job in jobs for _ in range(n)] if any(job.images for job in jobs) else None
         try:
             with self.served.lock, self.served.selected(model):
                 self.served.engine.stream_rows(
-                    [job.conversation for job in jobs],
+                    [job.conversation for job in jobs for _ in range(n)],
                     params,
-                    [job.sink for job in jobs],
-                    [job.cancel for job in jobs],
+                    [_ChoiceSink(job.sink, index) for job in jobs for index in range(n)],
+                    [event for job in jobs for event in job.cancels],
                     images,
                 )
             self.batches += 1
@@ -221,8 +273,8 @@ class Batcher:
             for job in jobs:
                 job.future.set_exception(error)
             return
-        for job, result in zip(jobs, results, strict=True):
-            job.future.set_result(result)
+        for k, job in enumerate(jobs):  # each request's n answers
+            job.future.set_result(results[k * params.n : (k + 1) * params.n])
 
 
 def conversation_of(messages: list[Message], served: Served) -> tuple[Conversation, list[Path]]:
@@ -350,7 +402,11 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(request: ChatRequest):
         conversation, images = conversation_of(request.messages, served)
-        params = request.params(default_max_tokens)
+        if request.top_logprobs is not None and not request.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if request.stream and request.logprobs:
+            raise APIError(400, "logprobs are not streamed; ask without stream", param="logprobs")
+        params = request.params(default_max_tokens, (request.top_logprobs or 0) if request.logprobs else None)
         created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         served.check(request.model)
         if request.stream:
@@ -361,51 +417,244 @@ def create_app(
             )
 
         try:
-            result = await asyncio.wrap_future(batcher.submit(request.model, conversation, images, params))
+            results = await asyncio.wrap_future(batcher.submit(request.model, conversation, images, params))
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
-        message: dict[str, Any] = {"role": "assistant", "content": result.text}
-        if reasoning != "show":
-            opened = prompt_opens_reasoning(served.engine.prompt_text(conversation))
-            trace, message["content"] = split_reasoning(result.text, opened)
-            if trace is not None and reasoning == "separate":
-                message["reasoning_content"] = trace
+        opened = prompt_opens_reasoning(served.engine.prompt_text(conversation))
+        choices = []
+        for index, result in enumerate(results):
+            message: dict[str, Any] = {"role": "assistant", "content": result.text}
+            if reasoning != "show":
+                trace, message["content"] = split_reasoning(result.text, opened)
+                if trace is not None and reasoning == "separate":
+                    message["reasoning_content"] = trace
+            logprobs = _chat_logprobs(served.engine, result) if request.logprobs else None
+            choices.append(
+                {
+                    "index": index,
+                    "message": message,
+                    "finish_reason": result.finish_reason,
+                    "logprobs": logprobs,
+                }
+            )
         return {
             "id": ident,
             "object": "chat.completion",
             "created": created,
             "model": request.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": result.finish_reason}],
-            "usage": _usage(result.prompt_tokens, result.completion_tokens),
+            "choices": choices,
+            "usage": _usage(results[0].prompt_tokens, sum(r.completion_tokens for r in results)),
         }
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):
-        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        served.check(request.model)
+        prompts = request.prompts()
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
+        if len(prompts) * request.n > MAX_ANSWERS:
+            raise APIError(
+                400, f"{len(prompts)} prompts x n={request.n}: at most {MAX_ANSWERS} answers", param="n"
+            )
+        if request.max_tokens == 0 and not request.echo:
+            raise APIError(
+                400, "max_tokens 0 answers nothing; with echo it scores the prompt", param="max_tokens"
+            )
+        if request.stream and request.logprobs is not None:
+            raise APIError(400, "logprobs are not streamed; ask without stream", param="logprobs")
+        try:
+            rows = served.engine.prompt_ids(prompts)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
+        params = request.params(default_max_tokens, request.logprobs)
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
-            raise APIError(400, "streaming is available on /v1/chat/completions", param="stream")
-        params = request.params(default_max_tokens if request.max_tokens is None else request.max_tokens)
+            sink: queue.Queue = queue.Queue()
+            cancels = [threading.Event() for _ in range(len(rows) * params.n)]
+            _start_completion_stream(served, request.model, rows, params, sink, cancels)
+            events = _stream_completion(served, request, rows, sink, cancels, params, created, ident)
+            return StreamingResponse(events, media_type="text/event-stream")
+        scored = request.echo and request.logprobs is not None
 
-        def work():
+        def work() -> tuple[list[Generation], list[list[TokenLogprob]] | None]:
             with served.lock, served.selected(request.model):
-                return served.engine.complete(prompts, params)
+                if request.max_tokens == 0:  # a prompt scored, nothing generated
+                    answers = [
+                        Generation("", len(r), 0, "length", (), ()) for r in rows for _ in range(params.n)
+                    ]
+                else:
+                    answers = served.engine.complete(rows, params)
+                return answers, served.engine.score(rows, params.logprobs or 0) if scored else None
 
-        results = await run_in_threadpool(work)
+        try:
+            answers, prompt_scores = await run_in_threadpool(work)
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        choices = []
+        for index, answer in enumerate(answers):
+            row = rows[index // params.n]
+            prompt_text = (
+                served.engine.tokenizer.decode(row, skip_special_tokens=True) if request.echo else ""
+            )
+            choice = {
+                "index": index,
+                "text": prompt_text + answer.text,
+                "finish_reason": answer.finish_reason,
+            }
+            choice["logprobs"] = None
+            if request.logprobs is not None:
+                echoed = prompt_scores[index // params.n] if prompt_scores is not None else None
+                choice["logprobs"] = _completion_logprobs(served.engine, row, answer, echoed, choice["text"])
+            choices.append(choice)
         return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
+            "id": ident,
             "object": "text_completion",
-            "created": int(time.time()),
+            "created": created,
             "model": request.model,
-            "choices": [
-                {"index": i, "text": r.text, "finish_reason": r.finish_reason, "logprobs": None}
-                for i, r in enumerate(results)
-            ],
-            "usage": _usage(sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)),
+            "choices": choices,
+            "usage": _usage(sum(len(r) for r in rows), sum(a.completion_tokens for a in answers)),
         }
 
     return app
+
+
+def _completion_logprobs(
+    engine: Engine, row: list[int], answer: Generation, echoed: list[TokenLogprob] | None, text: str
+) -> dict:
+    """OpenAI's completions `logprobs`: per token (the prompt's first when echoed) its text, its
+    log-probability, the likeliest tokens at its position and where it starts in the choice's text."""
+    tokenizer = engine.tokenizer
+    sequence = row + list(answer.token_ids)
+    pieces = token_pieces(tokenizer, sequence)
+    entries = [*(echoed or []), *(answer.logprobs or ())]
+    first = 0 if echoed is not None else len(row)
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for position, entry in zip(range(first, len(sequence)), entries, strict=True):
+        piece = pieces[position]
+        out["tokens"].append(piece)
+        out["token_logprobs"].append(entry.logprob)
+        out["text_offset"].append(min(offset, len(text)))
+        offset += len(piece)
+        if entry.logprob is None:
+            out["top_logprobs"].append(None)
+            continue
+        top: dict[str, float] = {}
+        for token, value in entry.top:  # likeliest first: two tokens of one text keep the likelier
+            top.setdefault(decode_after(tokenizer, sequence[:position], [token]), value)
+        top.setdefault(piece, entry.logprob)
+        out["top_logprobs"].append(top)
+    return out
+
+
+def _chat_logprobs(engine: Engine, answer: Generation) -> dict:
+    """OpenAI's chat `logprobs`: each answer token (the token that ended it left out) with its text,
+    bytes, log-probability and the likeliest tokens at its position."""
+    ids, entries = list(answer.token_ids), list(answer.logprobs or ())
+    if ids and ids[-1] in engine.stop_ids:
+        ids, entries = ids[:-1], entries[:-1]
+    tokenizer = engine.tokenizer
+
+    def item(text: str, value: float) -> dict:
+        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+    content = []
+    for position, (piece, entry) in enumerate(zip(token_pieces(tokenizer, ids), entries, strict=True)):
+        top = [item(decode_after(tokenizer, ids[:position], [token]), value) for token, value in entry.top]
+        content.append({**item(piece, entry.logprob), "top_logprobs": top})
+    return {"content": content, "refusal": None}
+
+
+def _start_completion_stream(
+    served: Served,
+    model: str,
+    rows: list[list[int]],
+    params: SamplingParams,
+    sink: queue.Queue,
+    cancels: list[threading.Event],
+) -> None:
+    """Generate a streamed completion in a thread of its own (completions run one at a time)."""
+    answers = [row for row in rows for _ in range(params.n)]
+
+    def work() -> None:
+        try:
+            with served.lock, served.selected(model):
+                sinks = [_ChoiceSink(sink, index) for index in range(len(answers))]
+                served.engine.stream_prompts(answers, params, sinks, cancels)
+        except Exception as error:
+            sink.put(error)
+
+    threading.Thread(target=work, daemon=True, name="lmforge-completion").start()
+
+
+async def _choice_texts(
+    sink: queue.Queue, cancels: list[threading.Event], params: SamplingParams
+) -> AsyncIterator[tuple[int, str, tuple[int, str] | None]]:
+    """(choice, new text, (tokens, finish reason) once the choice has ended, else None) as a
+    streamed request's rows generate. Each choice is cut at its first stop string, and a tail that
+    may begin one is held back until resolved, so a choice's pieces join to its plain answer, and
+    its token count and finish reason are the plain answer's."""
+    texts, sent = [""] * len(cancels), [0] * len(cancels)
+    cut = [False] * len(cancels)  # met a stop string: nothing more is sent
+    running = set(range(len(cancels)))
+    while running:
+        item = await run_in_threadpool(sink.get)
+        if isinstance(item, Exception):
+            raise item
+        index, piece = item
+        if isinstance(piece, StreamEnd):  # the row ended: what was held back is the answer's end
+            running.discard(index)
+            stopped = cut[index] or piece.stop_token or piece.tokens < params.max_new_tokens
+            yield index, texts[index][sent[index] :], (piece.tokens, "stop" if stopped else "length")
+            sent[index] = len(texts[index])
+            continue
+        if cut[index]:
+            continue
+        text, cut[index] = cut_at_stop(texts[index] + piece, params.stop)
+        safe = len(text) if cut[index] else stop_safe_length(text, params.stop)
+        texts[index], new, sent[index] = text, text[sent[index] : safe], safe
+        if cut[index]:
+            cancels[index].set()  # generate's own stop-string check ends the row at this token
+        yield index, new, None
+
+
+async def _stream_completion(
+    served: Served,
+    request: CompletionRequest,
+    rows: list[list[int]],
+    sink: queue.Queue,
+    cancels: list[threading.Event],
+    params: SamplingParams,
+    created: int,
+    ident: str,
+):
+    """Server-sent events of a streamed completion: text chunks per choice (the prompt first with
+    echo), a finish chunk per choice, the usage if asked for, [DONE]."""
+    base = {"id": ident, "object": "text_completion", "created": created, "model": request.model}
+    tokenizer = served.engine.tokenizer
+
+    def chunk(index: int, text: str, finish: str | None = None) -> str:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        return f"data: {json.dumps({**base, 'choices': [choice]})}\n\n"
+
+    completion_tokens = 0
+    try:
+        if request.echo:
+            for index in range(len(cancels)):
+                yield chunk(index, tokenizer.decode(rows[index // params.n], skip_special_tokens=True))
+        async for index, piece, end in _choice_texts(sink, cancels, params):
+            if piece:
+                yield chunk(index, piece)
+            if end is not None:
+                completion_tokens += end[0]
+                yield chunk(index, "", end[1])
+    finally:
+        for event in cancels:
+            event.set()
+    if request.stream_options and request.stream_options.include_usage:
+        usage = _usage(sum(len(r) for r in rows), completion_tokens)
+        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
+    yield "data: [DONE]\n\n"
 
 
 async def _stream_chat(
@@ -418,67 +667,50 @@ async def _stream_chat(
     ident,
     reasoning: str = "separate",
 ):
-    """Server-sent events: a role chunk, content chunks, a final chunk, [DONE]. A disconnect closes
-    this generator, which stops this request's row of the batched generation."""
+    """Server-sent events: a role chunk per choice, content chunks, a finish chunk per choice, the
+    usage if asked for, [DONE]. A disconnect closes this generator, which stops this request's rows
+    of the batched generation."""
     base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": request.model}
 
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+        body = {**base, "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}
         return f"data: {json.dumps(body)}\n\n"
 
-    cancel = job.cancel
+    opened = prompt_opens_reasoning(served.engine.prompt_text(conversation))
+    routers = [ReasoningStream(opened=opened) for _ in job.cancels]
 
-    async def pieces():
-        while True:
-            piece = await run_in_threadpool(job.sink.get)
-            if piece is None:
-                return
-            if isinstance(piece, Exception):
-                raise piece
-            yield piece
-
-    router = ReasoningStream(opened=prompt_opens_reasoning(served.engine.prompt_text(conversation)))
-
-    def deltas(piece: str, last: bool = False) -> Iterator[str]:
+    def deltas(index: int, piece: str, last: bool) -> Iterator[str]:
         if reasoning == "show":
             if piece:
-                yield chunk({"content": piece})
+                yield chunk(index, {"content": piece})
             return
-        trace, answer = router.feed(piece)
+        trace, answer = routers[index].feed(piece)
         if last:
-            held_trace, held_answer = router.flush()
+            held_trace, held_answer = routers[index].flush()
             trace, answer = trace + held_trace, answer + held_answer
         if trace and reasoning == "separate":
-            yield chunk({"reasoning_content": trace})
+            yield chunk(index, {"reasoning_content": trace})
         if answer:
-            yield chunk({"content": answer})
+            yield chunk(index, {"content": answer})
 
-    yield chunk({"role": "assistant", "content": ""})
-    text, sent = "", 0  # a tail that may begin a stop string is held back until resolved
-    try:
-        async for piece in pieces():
-            text += piece
-            text, stopped = cut_at_stop(text, params.stop)
-            safe = len(text) if stopped else stop_safe_length(text, params.stop)
-            for event in deltas(text[sent:safe]):
-                yield event
-            sent = safe
-            if stopped:
-                cancel.set()
-                break
-        for event in deltas(text[sent:], last=True):
-            yield event
-    finally:
-        cancel.set()
     tokenizer = served.engine.tokenizer
-    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    finish = "length" if tokens >= params.max_new_tokens else "stop"
-    yield chunk({}, finish)
+    completion_tokens = 0
+    try:
+        for index in range(len(job.cancels)):
+            yield chunk(index, {"role": "assistant", "content": ""})
+        async for index, piece, end in _choice_texts(job.sink, job.cancels, params):
+            for event in deltas(index, piece, last=end is not None):
+                yield event
+            if end is not None:
+                completion_tokens += end[0]
+                yield chunk(index, {}, end[1])
+    finally:
+        job.cancel()
     if request.stream_options and request.stream_options.include_usage:
         prompt = len(
             tokenizer(served.engine.prompt_text(conversation), add_special_tokens=False)["input_ids"]
         )
-        body: dict[str, Any] = {**base, "choices": [], "usage": _usage(prompt, tokens)}
+        body: dict[str, Any] = {**base, "choices": [], "usage": _usage(prompt, completion_tokens)}
         yield f"data: {json.dumps(body)}\n\n"
     yield "data: [DONE]\n\n"
 
