@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+import pytest
 import torch
 
+from conftest import corpus
 from lmforge.data.templates import Conversation, get_template
-from lmforge.inference.engine import Engine, SamplingParams
+from lmforge.inference.engine import Engine, SamplingParams, decode_after, token_pieces
+from lmforge.models.tiny import build_tiny_llama
+from tokenizer_families import FAMILIES, build_family
 
 PROMPTS = [Conversation(turns=[("add 3 and 4", "")]), Conversation(turns=[("the cat sat on a mat and", "")])]
 
@@ -113,3 +119,66 @@ def test_a_tokenizers_own_template_is_used_when_none_is_saved(base_dir, tokenize
     plain = tmp_path / "plain-model"
     shutil.copytree(base_dir, plain)
     assert Engine.load(str(plain)).template.name == "chatml"  # no template anywhere: chatml
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_engine(request):
+    """A tiny random Llama over each tokenizer family (byte-level BPE, SentencePiece BPE legacy and
+    not, Unigram)."""
+    tokenizer = build_family(request.param, corpus())
+    return Engine(
+        build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2),
+        tokenizer,
+        get_template("chatml"),
+    )
+
+
+def test_a_continuation_keeps_its_leading_space_on_every_tokenizer_family(family_engine):
+    """Decoding the answer's tokens alone drops a SentencePiece token's leading `▁`: "the cat" went on
+    "the the" instead of " the the". The continuation is the text its tokens add after the prompt."""
+    tokenizer = family_engine.tokenizer
+    vocabulary = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    word = next(i for i, t in enumerate(vocabulary) if re.fullmatch("[▁Ġ][a-z]{2,}", t or ""))  # " the"
+    bias_head(family_engine, word)
+    prompt = tokenizer("the cat", add_special_tokens=True)["input_ids"]
+    answer = family_engine.complete(["the cat"], SamplingParams(max_new_tokens=2))[0]
+    assert list(answer.token_ids) == [word, word]
+    whole = tokenizer.decode(prompt + [word, word], skip_special_tokens=True)
+    assert answer.text == whole[len(tokenizer.decode(prompt, skip_special_tokens=True)) :]
+    assert answer.text.startswith(" ") and answer.text.count(" ") == 2
+    assert [g.text for g in family_engine.complete([prompt], SamplingParams(max_new_tokens=2))] == [
+        answer.text
+    ]
+
+
+@pytest.mark.parametrize("text", ["the cat sat", "  two  spaces\nand a line", "héllo wörld 世界 🙂 ok"])
+def test_token_pieces_join_to_the_decoded_text_on_every_family(family_engine, text):
+    tokenizer = family_engine.tokenizer
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    pieces = token_pieces(tokenizer, ids)
+    assert len(pieces) == len(ids) and "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    after = decode_after(tokenizer, ids[:2], ids[2:])  # a character cut at the context's end is after's
+    before = tokenizer.decode(ids[:2], skip_special_tokens=True).rstrip("\ufffd")
+    assert before + after == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_logprobs_of_a_generation_are_the_models_scores_of_its_tokens(base_dir):
+    """`Generation.logprobs` (read off generate's logits) equal `score` (one forward pass over
+    prompt + answer), and greedy tokens are each position's likeliest."""
+    engine = Engine.load(str(base_dir), template="chatml")
+    prompt = engine.prompt_ids(["the cat"])[0]
+    answer = engine.complete([prompt], SamplingParams(max_new_tokens=6, logprobs=2))[0]
+    scored = engine.score([prompt + list(answer.token_ids)], top=2)[0][len(prompt) :]
+    assert [t.token for t in answer.logprobs] == list(answer.token_ids) == [t.token for t in scored]
+    assert [t.logprob for t in answer.logprobs] == pytest.approx([t.logprob for t in scored], abs=1e-4)
+    assert all(t.top[0] == (t.token, t.logprob) and len(t.top) == 2 for t in answer.logprobs)
+
+
+def test_n_answers_per_prompt_follow_one_another(base_dir):
+    engine = Engine.load(str(base_dir), template="chatml")
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=0, n=3)
+    answers = engine.complete(["the cat", "a dog"], params)
+    assert len(answers) == 6 and answers == engine.complete(["the cat", "a dog"], params)
+    assert len({a.text for a in answers[:3]}) > 1
+    chats = engine.generate_detailed(PROMPTS[:2], params)
+    assert len(chats) == 6 and chats == engine.generate_detailed(PROMPTS[:2], params)

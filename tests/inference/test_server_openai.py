@@ -13,6 +13,7 @@ import torch
 
 from helpers import http, serving
 from lmforge.evaluation.perplexity import score_windows
+from lmforge.inference.engine import SamplingParams
 from lmforge.inference.server import create_app, load_served
 
 KEY = "test-key"
@@ -236,3 +237,85 @@ def test_bad_completion_requests_get_4xx_with_a_message(server, body, message):
     status, text = http("POST", f"{server}/v1/completions", {"model": "tiny", **body}, key=KEY)
     assert 400 <= status < 500, text
     assert message in json.loads(text)["error"]["message"] and "Traceback" not in text
+
+
+QUESTIONS = [
+    {"question": "the cat sat on the", "choices": [" mat", " dog", " the"], "answer": 0},
+    {"question": "add 2 and 3:", "choices": [" 5", " 6"], "answer": 0},
+    {"question": "a dog ran", "choices": [" away", " home", " and the cat"], "answer": 1},
+]
+
+
+def harness_tasks(folder, data) -> None:
+    """Two lm-evaluation-harness tasks over a local JSONL file: one loglikelihood (multiple choice),
+    one generate_until."""
+    data_file = folder / "questions.jsonl"
+    data_file.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    common = (
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data_file}\n  cache_dir: {folder / 'cache'}\n"
+        "test_split: test\n"
+        'doc_to_text: "{{question}}"\n'
+    )
+    (folder / "choice.yaml").write_text(
+        "task: lmforge_choice\noutput_type: multiple_choice\n" + common + 'doc_to_choice: "{{choices}}"\n'
+        "doc_to_target: answer\nmetric_list:\n  - metric: acc\n"
+    )
+    (folder / "until.yaml").write_text(
+        "task: lmforge_until\noutput_type: generate_until\n"
+        + common
+        + 'doc_to_target: "{{choices[answer]}}"\n'
+        'generation_kwargs:\n  until: ["\\n", "."]\n  max_gen_toks: 6\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n"
+    )
+
+
+def test_lm_evaluation_harness_local_completions_runs_against_serve(
+    server, served, base_dir, tmp_path, monkeypatch
+):
+    """lm-evaluation-harness's `local-completions` model (token-id prompts, echo + logprobs for
+    loglikelihoods, stop strings for generate_until) against `lmforge serve`: its loglikelihoods equal
+    lmforge's own perplexity scorer on the same tokens, its generations equal `Engine.complete`."""
+    import lm_eval  # a dev dependency (lm-eval[api])
+    from lm_eval.tasks import TaskManager
+
+    harness_tasks(tmp_path, QUESTIONS)
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    model_args = {
+        "model": "tiny",
+        "base_url": f"{server}/v1/completions",
+        "tokenizer": str(base_dir),
+        "tokenizer_backend": "huggingface",
+        "tokenized_requests": True,
+        "max_retries": 1,
+        "max_length": 256,
+    }
+    output = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args=model_args,
+        tasks=["lmforge_choice", "lmforge_until"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+    )
+    engine, tokenizer = served.engine, served.engine.tokenizer
+    scored = 0
+    for sample in output["samples"]["lmforge_choice"]:
+        for (context, continuation), [(loglikelihood, _)] in zip(
+            sample["arguments"], sample["resps"], strict=True
+        ):
+            whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+            context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+            labels = [-100] * len(context_ids) + whole[len(context_ids) :]
+            nll, count = score_windows(engine.model, [(whole, labels)], pad_id=0)
+            assert count == len(whole) - len(context_ids)
+            assert loglikelihood == pytest.approx(-nll, abs=1e-4), (context, continuation)
+            scored += 1
+    assert scored == sum(len(q["choices"]) for q in QUESTIONS)
+    assert 0 <= output["results"]["lmforge_choice"]["acc,none"] <= 1
+    generations = output["samples"]["lmforge_until"]
+    assert len(generations) == len(QUESTIONS)
+    for sample in generations:
+        context, kwargs = sample["arguments"][0]
+        prompt = tokenizer(context, add_special_tokens=False)["input_ids"]
+        params = SamplingParams(max_new_tokens=6, stop=tuple(kwargs["until"]))
+        assert sample["resps"][0][0] == engine.complete([prompt], params)[0].text

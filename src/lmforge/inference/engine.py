@@ -103,13 +103,16 @@ _CONTEXT = 8  # tokens of left context that decoding one more token needs (decod
 def decode_after(tokenizer: PreTrainedTokenizerBase, context: Sequence[int], ids: Sequence[int]) -> str:
     """The text `ids` add after `context`. Decoding `ids` alone would drop a SentencePiece token's
     leading space (the decoder strips it at the start of a text); decoding a few context tokens
-    before them and cutting their text off keeps it."""
+    before them and cutting their text off keeps it. A character split between the context and
+    `ids` belongs to `ids` (as in `token_pieces`)."""
     tail = list(context[-_CONTEXT:])
     before = tokenizer.decode(tail, skip_special_tokens=True)
     whole = tokenizer.decode(tail + list(ids), skip_special_tokens=True)
+    while before and not whole.startswith(before) and before.endswith("\ufffd"):
+        before = before[:-1]  # the context ends inside a character: `ids` complete it
     if whole.startswith(before):
         return whole[len(before) :]
-    return tokenizer.decode(list(ids), skip_special_tokens=True)  # the context ends inside a character
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
 
 
 def token_pieces(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:

@@ -120,6 +120,13 @@ class ChatRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
+    def check(self) -> None:
+        """The combinations a field's own bounds cannot say."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if self.stream and self.logprobs:
+            raise APIError(400, "logprobs are not streamed; ask without stream", param="logprobs")
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -132,6 +139,20 @@ class CompletionRequest(SamplingFields):
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
             return [self.prompt]  # type: ignore[list-item]
         return self.prompt  # type: ignore[return-value]
+
+    def check(self) -> None:
+        """The limits and combinations a field's own bounds cannot say."""
+        prompts = len(self.prompts())
+        if not prompts:
+            raise APIError(400, "prompt is empty", param="prompt")
+        if prompts * self.n > MAX_ANSWERS:
+            raise APIError(400, f"{prompts} prompts x n={self.n}: at most {MAX_ANSWERS} answers", param="n")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(
+                400, "max_tokens 0 answers nothing; with echo it scores the prompt", param="max_tokens"
+            )
+        if self.stream and self.logprobs is not None:
+            raise APIError(400, "logprobs are not streamed; ask without stream", param="logprobs")
 
 
 class Served:
@@ -402,10 +423,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(request: ChatRequest):
         conversation, images = conversation_of(request.messages, served)
-        if request.top_logprobs is not None and not request.logprobs:
-            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        if request.stream and request.logprobs:
-            raise APIError(400, "logprobs are not streamed; ask without stream", param="logprobs")
+        request.check()
         params = request.params(default_max_tokens, (request.top_logprobs or 0) if request.logprobs else None)
         created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         served.check(request.model)
@@ -449,21 +467,9 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest):
         served.check(request.model)
-        prompts = request.prompts()
-        if not prompts:
-            raise APIError(400, "prompt is empty", param="prompt")
-        if len(prompts) * request.n > MAX_ANSWERS:
-            raise APIError(
-                400, f"{len(prompts)} prompts x n={request.n}: at most {MAX_ANSWERS} answers", param="n"
-            )
-        if request.max_tokens == 0 and not request.echo:
-            raise APIError(
-                400, "max_tokens 0 answers nothing; with echo it scores the prompt", param="max_tokens"
-            )
-        if request.stream and request.logprobs is not None:
-            raise APIError(400, "logprobs are not streamed; ask without stream", param="logprobs")
+        request.check()
         try:
-            rows = served.engine.prompt_ids(prompts)
+            rows = served.engine.prompt_ids(request.prompts())
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt") from None
         params = request.params(default_max_tokens, request.logprobs)
@@ -474,38 +480,33 @@ def create_app(
             _start_completion_stream(served, request.model, rows, params, sink, cancels)
             events = _stream_completion(served, request, rows, sink, cancels, params, created, ident)
             return StreamingResponse(events, media_type="text/event-stream")
-        scored = request.echo and request.logprobs is not None
 
         def work() -> tuple[list[Generation], list[list[TokenLogprob]] | None]:
             with served.lock, served.selected(request.model):
                 if request.max_tokens == 0:  # a prompt scored, nothing generated
                     answers = [
-                        Generation("", len(r), 0, "length", (), ()) for r in rows for _ in range(params.n)
+                        Generation("", len(r), 0, "length", (), ()) for r in rows for _ in range(request.n)
                     ]
                 else:
                     answers = served.engine.complete(rows, params)
-                return answers, served.engine.score(rows, params.logprobs or 0) if scored else None
+                scored = request.echo and request.logprobs is not None
+                return answers, served.engine.score(rows, request.logprobs or 0) if scored else None
 
         try:
             answers, prompt_scores = await run_in_threadpool(work)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
-        choices = []
-        for index, answer in enumerate(answers):
-            row = rows[index // params.n]
-            prompt_text = (
-                served.engine.tokenizer.decode(row, skip_special_tokens=True) if request.echo else ""
+        choices = [
+            _completion_choice(
+                served.engine,
+                request,
+                index,
+                rows[index // request.n],
+                answer,
+                prompt_scores[index // request.n] if prompt_scores else None,
             )
-            choice = {
-                "index": index,
-                "text": prompt_text + answer.text,
-                "finish_reason": answer.finish_reason,
-            }
-            choice["logprobs"] = None
-            if request.logprobs is not None:
-                echoed = prompt_scores[index // params.n] if prompt_scores is not None else None
-                choice["logprobs"] = _completion_logprobs(served.engine, row, answer, echoed, choice["text"])
-            choices.append(choice)
+            for index, answer in enumerate(answers)
+        ]
         return {
             "id": ident,
             "object": "text_completion",
@@ -516,6 +517,22 @@ def create_app(
         }
 
     return app
+
+
+def _completion_choice(
+    engine: Engine,
+    request: CompletionRequest,
+    index: int,
+    row: list[int],
+    answer: Generation,
+    echoed: list[TokenLogprob] | None,
+) -> dict:
+    """One completions choice: the answer (after the prompt, with echo), its logprobs if asked."""
+    prompt = engine.tokenizer.decode(row, skip_special_tokens=True) if request.echo else ""
+    choice: dict[str, Any] = {"index": index, "text": prompt + answer.text, "logprobs": None}
+    if request.logprobs is not None:
+        choice["logprobs"] = _completion_logprobs(engine, row, answer, echoed, choice["text"])
+    return {**choice, "finish_reason": answer.finish_reason}
 
 
 def _completion_logprobs(
