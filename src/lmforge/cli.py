@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lmforge.config import ConfigError, RunConfig, dump_config, iter_keys, load_config
+from lmforge import methods
+from lmforge.config import ConfigError, dump_config, iter_keys, load_config
 
 app = typer.Typer(
     help="lmforge: fine-tune, align, merge, evaluate and serve language models from YAML configs.",
@@ -51,20 +52,6 @@ def _fail(exc: BaseException, traceback: bool) -> None:
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError, RuntimeError)
 
 
-# The driver module of each method (imported when used: the CLI starts without torch).
-DRIVERS = {"orpo": "dpo", "simpo": "dpo"}  # the rest run lmforge.methods.<method name>
-
-
-def run_stage(config: RunConfig):
-    import importlib
-
-    from lmforge.models.hardware import apply_hardware
-
-    config = apply_hardware(config)  # hardware: auto fills in device, dtype, 4-bit, optimizer
-    name = config.method.name
-    return importlib.import_module(f"lmforge.methods.{DRIVERS.get(name, name)}").run(config)
-
-
 @app.command()
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config of the stage.")],
@@ -74,7 +61,7 @@ def train(
     """Run one training stage (sft, pretrain, dpo, orpo, simpo, kto, reward, grpo, ppo) from a YAML config."""
     try:
         cfg = load_config(config, overrides or [])
-        result = run_stage(cfg)
+        result = methods.run(cfg)
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return

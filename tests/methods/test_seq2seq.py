@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq
 from typer.testing import CliRunner
 
+from lmforge import methods
 from lmforge.adapters.build import target_modules
 from lmforge.cli import app
 from lmforge.config import validate_config
@@ -24,7 +25,6 @@ from lmforge.data.templates import Conversation
 from lmforge.data.tokenize import seq2seq_source, tokenize_seq2seq
 from lmforge.evaluation.runner import evaluate
 from lmforge.inference.engine import Engine, SamplingParams
-from lmforge.methods import sft
 from lmforge.models.tiny import build_tiny_marian, build_tiny_t5, save_tiny
 
 BUILDERS = {"t5": build_tiny_t5, "marian": build_tiny_marian}
@@ -97,7 +97,7 @@ def test_lora_trains_only_the_adapter_and_the_saved_adapter_reproduces_the_model
     base = load_file(base_dir / "model.safetensors")
     config = seq2seq_config(base_dir, copy_files["train"], tmp_path / "run", max_steps=12)
     config["data"]["eval_path"] = str(copy_files["eval8"])
-    result = sft.run(validate_config(config), quiet=True)
+    result = methods.run(validate_config(config), quiet=True)
 
     seen = losses(result.output_dir)
     assert seen[12] < seen[1]
@@ -146,7 +146,7 @@ def test_batch_times_accumulation_is_equivalent(tmp_path, seq2seq_dirs, copy_fil
             seq2seq_dirs["t5"], copy_files["train"], tmp_path / f"b{batch_size}", max_steps=2,
             batch_size=batch_size, grad_accum=grad_accum, lr=1e-2,
         )  # fmt: skip
-        result = sft.run(validate_config(config), quiet=True)
+        result = methods.run(validate_config(config), quiet=True)
         saved.append((load_file(result.artifact / "adapter_model.safetensors"), result.train_loss))
     (a, loss_a), (b, loss_b) = saved
     assert loss_a == pytest.approx(loss_b, rel=1e-5)
@@ -160,7 +160,7 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, seq2se
             seq2seq_dirs["marian"], copy_files["train"], output_dir, max_steps=4, batch_size=4,
             save_steps=2, save_total_limit=None, resume=resume,
         )  # fmt: skip
-        return sft.run(validate_config(config), quiet=True)
+        return methods.run(validate_config(config), quiet=True)
 
     run(tmp_path / "full")
     (tmp_path / "killed").mkdir()
@@ -198,7 +198,7 @@ def copy_run(tmp_path_factory, seq2seq_dirs, copy_files):
         seq2seq_dirs["t5"], copy_files["train"], out, adapter="none", max_steps=400, batch_size=32, lr=2e-3
     )
     config["train"]["logging_steps"] = 50
-    return sft.run(validate_config(config), quiet=True)
+    return methods.run(validate_config(config), quiet=True)
 
 
 def test_full_finetuning_learns_to_copy_held_out_strings(seq2seq_dirs, copy_files, copy_run):
@@ -247,7 +247,7 @@ def test_qlora_on_a_4bit_t5(tmp_path, seq2seq_dirs, copy_files):
     pytest.importorskip("bitsandbytes")
     config = seq2seq_config(seq2seq_dirs["t5"], copy_files["train"], tmp_path / "run", max_steps=3)
     config["model"]["quantization"] = "4bit"
-    result = sft.run(validate_config(config), quiet=True)
+    result = methods.run(validate_config(config), quiet=True)
     assert torch.isfinite(torch.tensor(result.train_loss))
     adapter = load_file(result.artifact / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
@@ -266,7 +266,7 @@ def test_seq2seq_refuses_packing_and_multi_turn_records(tmp_path, seq2seq_dirs):
     chats.write_text(json.dumps([{"messages": turns}]))
     config = seq2seq_config(seq2seq_dirs["t5"], chats, tmp_path / "run", max_steps=1)
     with pytest.raises(DataError, match=r"chats.json: record 0: has 2 turns.*single-turn records"):
-        sft.run(validate_config(config), quiet=True)
+        methods.run(validate_config(config), quiet=True)
     config["data"]["packing"] = True
     with pytest.raises(ValueError, match="set data.packing: false"):
-        sft.run(validate_config(config), quiet=True)
+        methods.run(validate_config(config), quiet=True)

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import corpus
+from lmforge import methods
 from lmforge.config import validate_config
 from lmforge.data.files import DataError
 from lmforge.data.formats import Example
 from lmforge.data.multimodal import VisionProcessor, encode_multimodal
 from lmforge.data.shapes import COLOURS, write_shapes_task
 from lmforge.data.templates import get_template
-from lmforge.methods import sft
 from lmforge.models.tiny import build_tiny_qwen2_vl, build_tiny_tokenizer, save_tiny_vlm
 
 
@@ -50,7 +50,7 @@ PART_OF = {"vision": ".visual.blocks.", "projector": ".visual.merger.", "languag
     ids="+".join,
 )
 def test_each_choice_of_parts_trains_only_those_parts(tmp_path, vlm_dir, shapes_file, parts):
-    result = sft.run(validate_config(vision_config(vlm_dir, shapes_file, tmp_path, parts)), quiet=True)
+    result = methods.run(validate_config(vision_config(vlm_dir, shapes_file, tmp_path, parts)), quiet=True)
     weights = load_file(result.artifact / "adapter_model.safetensors")
     touched = {part for part, marker in PART_OF.items() if any(marker in k for k in weights)}
     assert touched == set(parts), "LoRA sits on exactly the chosen parts"
@@ -66,7 +66,9 @@ def test_frozen_parts_stay_bit_identical(tmp_path, vlm_dir, shapes_file):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
-    result = sft.run(validate_config(vision_config(vlm_dir, shapes_file, tmp_path, ["vision"])), quiet=True)
+    result = methods.run(
+        validate_config(vision_config(vlm_dir, shapes_file, tmp_path, ["vision"])), quiet=True
+    )
     base = AutoModelForImageTextToText.from_pretrained(vlm_dir)
     original = {k: v.clone() for k, v in base.state_dict().items()}
     model = PeftModel.from_pretrained(base, result.artifact).merge_and_unload()
@@ -128,7 +130,7 @@ def test_bad_images_are_named(tmp_path, vlm_dir, shapes_file, record, message):
     raw = vision_config(vlm_dir, data, tmp_path / "out")
     raw["data"]["max_length"] = record.get("max_length", 64)
     with pytest.raises((DataError, ValueError), match=message):
-        sft.run(validate_config(raw), quiet=True)
+        methods.run(validate_config(raw), quiet=True)
 
 
 def test_engine_and_chat_answer_about_an_image(tmp_path, vlm_dir, shapes_file, base_dir):
@@ -140,7 +142,7 @@ def test_engine_and_chat_answer_about_an_image(tmp_path, vlm_dir, shapes_file, b
     from lmforge.data.templates import Conversation
     from lmforge.inference.engine import Engine, SamplingParams
 
-    result = sft.run(validate_config(vision_config(vlm_dir, shapes_file, tmp_path / "sft")), quiet=True)
+    result = methods.run(validate_config(vision_config(vlm_dir, shapes_file, tmp_path / "sft")), quiet=True)
     engine = Engine.load(str(vlm_dir), adapter=str(result.artifact))
     assert engine.vision is not None and engine.template.name == "qwen2-vl"
     for name, colour in (("red", (220, 30, 30)), ("blue", (30, 60, 220))):
@@ -206,10 +208,9 @@ def dpo_config(vlm_dir, data, out, method=None, adapter=None, **train) -> dict:
 def test_vision_dpo_starts_at_its_formula_and_trains_the_adapter(tmp_path, vlm_dir, method, start):
     pairs = shape_pairs(tmp_path / "folder" / "pairs.json", tmp_path / "folder", 16, 0)
     frozen = load_file(vlm_dir / "model.safetensors")
-    from lmforge.methods import dpo
 
     raw = dpo_config(vlm_dir, pairs, tmp_path / "out", method, warmup_ratio=0.0)
-    out = dpo.run(validate_config(raw), quiet=True)
+    out = methods.run(validate_config(raw), quiet=True)
     rows = [json.loads(line) for line in (out.output_dir / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if r.get("step") == 1 and "loss" in r)
     assert first["loss"] == pytest.approx(start, rel=1e-4), "a new adapter is its own reference"
@@ -235,20 +236,20 @@ def test_vision_dpo_from_an_sft_adapter_takes_it_as_the_reference(
 ):
     import math
 
-    from lmforge.methods import dpo, dpo_vision
+    from lmforge.methods import dpo_vision
 
     sft_raw = vision_config(vlm_dir, shapes_file, tmp_path / "sft", ["vision", "language"], max_steps=10)
     sft_raw["data"]["max_length"] = 128
-    adapter = sft.run(validate_config(sft_raw), quiet=True).artifact
+    adapter = methods.run(validate_config(sft_raw), quiet=True).artifact
     pairs = shape_pairs(tmp_path / "folder" / "pairs.json", tmp_path / "folder", 8, 1)
     raw = dpo_config(vlm_dir, pairs, tmp_path / "dpo", adapter={"path": str(adapter)}, max_steps=1)
-    out = dpo.run(validate_config(raw), quiet=True)
+    out = methods.run(validate_config(raw), quiet=True)
     rows = [json.loads(line) for line in (out.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
     # The check has teeth: against the bare base (the pitfall) the first loss is not log 2.
     monkeypatch.setattr(dpo_vision, "keep_reference_copy", lambda model: None)
     raw["train"]["output_dir"] = str(tmp_path / "pitfall")
-    pitfall = dpo.run(validate_config(raw), quiet=True)
+    pitfall = methods.run(validate_config(raw), quiet=True)
     rows = [json.loads(line) for line in (pitfall.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert abs(rows[0]["loss"] - math.log(2)) > 1e-3
 
@@ -262,20 +263,18 @@ def test_vision_dpo_from_an_sft_adapter_takes_it_as_the_reference(
     ],
 )
 def test_vision_preference_combinations_are_refused(tmp_path, vlm_dir, method, message):
-    from lmforge.methods import dpo, kto
-
     pairs = shape_pairs(tmp_path / "folder" / "pairs.json", tmp_path / "folder", 4, 0)
     raw = dpo_config(vlm_dir, pairs, tmp_path / "out")
     raw["method"] = method
     with pytest.raises(ValueError, match=message):
-        (kto if method["name"] == "kto" else dpo).run(validate_config(raw), quiet=True)
+        methods.run(validate_config(raw), quiet=True)
 
 
 def test_qlora_base_trains_vision_lora(tmp_path, vlm_dir, shapes_file):
     pytest.importorskip("bitsandbytes")
     raw = vision_config(vlm_dir, shapes_file, tmp_path, ["vision", "language"], max_steps=2)
     raw["model"]["quantization"] = "4bit"
-    result = sft.run(validate_config(raw), quiet=True)
+    result = methods.run(validate_config(raw), quiet=True)
     weights = load_file(result.artifact / "adapter_model.safetensors")
     assert any(".language_model." in k for k in weights) and any(".visual." in k for k in weights)
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
@@ -310,7 +309,7 @@ def test_qwen2_5_vl_trains_and_answers_with_the_same_code(tmp_path, shapes_file)
         folder, shapes_file, tmp_path / "out", ["vision", "projector", "language"], max_steps=2
     )
     raw["data"]["max_length"] = 128
-    result = sft.run(validate_config(raw), quiet=True)
+    result = methods.run(validate_config(raw), quiet=True)
     weights = load_file(result.artifact / "adapter_model.safetensors")
     assert {part for part, marker in PART_OF.items() if any(marker in k for k in weights)} == set(PART_OF)
     engine = Engine.load(str(folder), adapter=str(result.artifact))
@@ -343,7 +342,7 @@ def test_llamafactory_multimodal_dataset_trains_as_it_is(tmp_path, vlm_dir, shap
     (tmp_path / "dataset_info.json").write_text(json.dumps(info))
     raw = vision_config(vlm_dir, "mllm_demo", tmp_path / "out", max_steps=2)
     raw["data"].update(dataset_dir=str(tmp_path), max_length=128)
-    result = sft.run(validate_config(raw), quiet=True)
+    result = methods.run(validate_config(raw), quiet=True)
     assert result.steps == 2 and (result.artifact / "adapter_model.safetensors").is_file()
 
 

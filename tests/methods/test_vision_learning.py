@@ -18,12 +18,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import corpus
+from lmforge import methods
 from lmforge.config import validate_config
 from lmforge.data.shapes import COLOURS, SHAPES, write_shapes_task
 from lmforge.data.templates import Conversation
 from lmforge.export.merge import merge_adapter
 from lmforge.inference.engine import Engine, SamplingParams
-from lmforge.methods import sft
 from lmforge.models.tiny import build_tiny_qwen2_vl, build_tiny_tokenizer, save_tiny_vlm
 
 # Two threads each; in the group of the other 2-thread learning tests so they never run at once
@@ -73,7 +73,7 @@ def speaker(tmp_path_factory):
     vlm = save_tiny_vlm(build_tiny_qwen2_vl(tokenizer), tokenizer, work / "vlm")
     train = write_shapes_task(work / "train", 240, seed=0)
     held = write_shapes_task(work / "held", 60, seed=1)
-    speaks = sft.run(validate_config(stage(vlm, train, work / "a", ["language"], 60)), quiet=True)
+    speaks = methods.run(validate_config(stage(vlm, train, work / "a", ["language"], 60)), quiet=True)
     return merge_adapter(str(vlm), speaks.artifact, work / "speaks"), train, held
 
 
@@ -81,7 +81,7 @@ def test_vision_lora_raises_held_out_image_accuracy(tmp_path, speaker):
     torch.set_num_threads(2)
     base, train, held = speaker
     before = accuracy(base, None, held)
-    seeing = sft.run(validate_config(stage(base, train, tmp_path / "b", ["vision"], 200)), quiet=True)
+    seeing = methods.run(validate_config(stage(base, train, tmp_path / "b", ["vision"], 200)), quiet=True)
     assert all(".visual.blocks." in k for k in load_file(seeing.artifact / "adapter_model.safetensors"))
     after = accuracy(base, seeing.artifact, held)
     print(f"held-out colour accuracy: {before:.2f} -> {after:.2f} after Vision-LoRA (language model frozen)")
@@ -120,8 +120,6 @@ def held_out_preference(model_dir, adapter, pairs_path) -> float:
 def test_image_text_dpo_moves_the_preference_margin(tmp_path, speaker):
     import random
 
-    from lmforge.methods import dpo
-
     torch.set_num_threads(2)
     base, train, held = speaker
     rng = random.Random(0)
@@ -145,7 +143,7 @@ def test_image_text_dpo_moves_the_preference_margin(tmp_path, speaker):
     raw["method"] = {"name": "dpo", "beta": 0.1}
     raw["train"]["lr"] = 5e-3
     raw["data"]["eval_path"] = str(held_pairs)
-    result = dpo.run(validate_config(raw), quiet=True)
+    result = methods.run(validate_config(raw), quiet=True)
     before = held_out_preference(base, None, held_pairs)
     after = held_out_preference(base, result.artifact, held_pairs)
     margin, implicit = result.metrics["eval_rewards/margins"], result.metrics["eval_rewards/accuracies"]

@@ -22,7 +22,7 @@ from trl import DPOConfig, DPOTrainer
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
-from lmforge.models.loading import is_vision_language, load_tokenizer
+from lmforge.models.loading import load_tokenizer
 from lmforge.training import trl_experimental
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
@@ -108,10 +108,6 @@ def build_trainer(config: RunConfig, model, tokenizer, hardware, train_ds, eval_
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
     check(config)
-    if is_vision_language(config.model):
-        from lmforge.methods import dpo_vision
-
-        return dpo_vision.run(config, quiet)
     output_dir = Path(config.train.output_dir)
     write_resolved_config(config, output_dir)
 

@@ -33,6 +33,7 @@ from lmforge.data.loader import load_examples
 from lmforge.data.multimodal import VisionCollator, VisionProcessor, encode_multimodal
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.losses.dpo import answer_logps, answer_tokens, dpo_loss
+from lmforge.methods import dpo
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
@@ -44,6 +45,8 @@ console = Console(stderr=True)
 
 
 def check(config: RunConfig) -> None:
+    """Image-text DPO's own combinations (on top of dpo.check), before anything is loaded."""
+    dpo.check(config)
     method = config.method
     if method.name != "dpo":
         raise ValueError(

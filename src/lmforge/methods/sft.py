@@ -16,7 +16,7 @@ from rich.console import Console
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
 from lmforge.data.tokenize import TokenizeStats, iter_tokenized, pack, tokenize_examples
-from lmforge.models.loading import is_encoder_decoder, is_vision_language, load_tokenizer
+from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import write_resolved_config
 from lmforge.training.stage import (
     StageResult,
@@ -80,14 +80,6 @@ def _report(stats: TokenizeStats, max_length: int, label: str) -> None:
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
     check(config)
-    if is_vision_language(config.model):
-        from lmforge.methods import sft_vision
-
-        return sft_vision.run(config, quiet)
-    if is_encoder_decoder(config.model):
-        from lmforge.methods import sft_seq2seq
-
-        return sft_seq2seq.run(config, quiet)
     output_dir = Path(config.train.output_dir)
     write_resolved_config(config, output_dir)
 

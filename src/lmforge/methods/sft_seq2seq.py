@@ -41,6 +41,7 @@ from lmforge.data.templates import get_template
 from lmforge.data.tokenize import IGNORE, tokenize_seq2seq
 from lmforge.evaluation.metrics import argmax_logits, label_accuracy
 from lmforge.losses.ce import summed_cross_entropy
+from lmforge.methods import sft
 from lmforge.models.loading import count_parameters, load_seq2seq_lm, load_tokenizer
 from lmforge.training.artifacts import write_resolved_config
 from lmforge.training.stage import StageResult, optimizer_steps, pissa_init_dir, train_and_save
@@ -56,6 +57,7 @@ CARD_NOTE = (
 
 def check(config: RunConfig) -> None:
     """Seq2seq SFT's own combinations (on top of sft.check), before anything is loaded."""
+    sft.check(config)
     if config.data.packing:
         raise ValueError(
             "data.packing joins examples into one decoder-only row; an encoder-decoder model reads each "

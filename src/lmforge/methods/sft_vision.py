@@ -24,6 +24,7 @@ from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.multimodal import VisionCollator, VisionProcessor, encode_multimodal
 from lmforge.data.tokenize import TokenizeStats
+from lmforge.methods import sft
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.artifacts import write_resolved_config
 from lmforge.training.stage import (
@@ -39,6 +40,8 @@ console = Console(stderr=True)
 
 
 def check(config: RunConfig) -> None:
+    """Image-text SFT's own combinations (on top of sft.check), before anything is loaded."""
+    sft.check(config)
     if config.data.packing or config.data.streaming:
         raise ValueError(
             "image-text SFT reads whole examples with their images: turn off data.packing and data.streaming"

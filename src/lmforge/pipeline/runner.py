@@ -342,14 +342,14 @@ def execute(spec: PipelineSpec, step: Step, manifest: dict, quiet: bool) -> dict
     stage, folder = step.stage, spec.output_dir / step.stage.name
     upstream = Output(**manifest["stages"][stage.source]["output"]) if stage.source else None
     if stage.kind in TRAINING:
-        from lmforge.cli import run_stage
+        from lmforge import methods
         from lmforge.config.loader import validate_config
         from lmforge.training.checkpoints import resolve_resume
 
         raw = dict(step.resolved)
         raw["train"] = {**raw["train"], "resume": "auto" if step.action == "resume" else "none"}
         resumed_from = resolve_resume(folder, "auto") if step.action == "resume" else None
-        result = run_stage(validate_config(raw, stage.where))
+        result = methods.run(validate_config(raw, stage.where))
         metrics = {"train_loss": result.train_loss, "steps": result.steps, **result.metrics}
         return {**metrics, "resumed_from": Path(resumed_from).name} if resumed_from else metrics
     if stage.kind == "merge":
