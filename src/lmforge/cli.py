@@ -265,11 +265,13 @@ def lab_build(
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Build a model with random weights from an architecture YAML, in Hugging Face format."""
+    from lmforge.data.templates import get_template
     from lmforge.lab.build import build, model_info
     from lmforge.lab.spec import load_arch
+    from lmforge.models.loading import arch_tokenizer
 
     try:
-        path = build(load_arch(arch), out)
+        path = build(load_arch(arch), out, arch_tokenizer(arch), get_template("chatml"))
         info = model_info(path)
     except USER_ERRORS as exc:
         _fail(exc, traceback)
@@ -287,9 +289,10 @@ def lab_info(
 ) -> None:
     """Parameters per component and forward FLOPs per token of a lab model."""
     from lmforge.lab.build import model_info
+    from lmforge.models.loading import arch_tokenizer
 
     try:
-        info = model_info(source, context)
+        info = model_info(source, context, arch_tokenizer(source) if Path(source).is_file() else None)
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return

@@ -12,9 +12,7 @@ tests to scripted stdin.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,9 +24,11 @@ from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
 
+from lmforge.artifacts import write_atomic
 from lmforge.config.adapter import PRESETS, AdapterConfig
+from lmforge.config.base import closest
 from lmforge.config.data import DataConfig, DatasetSource, Format
-from lmforge.config.loader import ConfigError, closest
+from lmforge.config.loader import ConfigError
 from lmforge.config.method import DEFAULT_BETA, ONLINE, PREFERENCE, MethodConfig
 from lmforge.config.optim import CUDA_ONLY, OPTIMIZER_ARGS, optimizer_args
 from lmforge.config.rl import BUILTIN_REWARDS, RewardSpec
@@ -1075,19 +1075,6 @@ def arch_header(path: Path, pipeline: Path) -> list[str]:
         "",
         f"Written by `lmforge wizard`; pre-trained by {pipeline} (`lmforge run {pipeline}`).",
     ]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write beside `path`, then rename: no reader ever sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def summary(p: Prompter, written: Written) -> None:

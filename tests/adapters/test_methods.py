@@ -187,7 +187,7 @@ def test_adapters_command_prints_the_table(base_dir):
 def test_pissa_starts_at_the_base_function_and_saves_a_lora_of_the_original_base(
     tmp_path, base_dir, alpaca_file
 ):
-    from lmforge.training.artifacts import save_artifact
+    from lmforge.artifacts import save_artifact
 
     batch = {"input_ids": torch.tensor([[5, 17, 42, 99, 3, 8]])}
     with torch.no_grad():

@@ -21,6 +21,7 @@ from lmforge.adapters.moe_dora import (
     _Batch,
     load_balancing_loss,
 )
+from lmforge.artifacts import save_artifact
 from lmforge.config import validate_config
 from lmforge.data.loader import load_examples
 from lmforge.data.templates import Conversation, get_template
@@ -29,7 +30,6 @@ from lmforge.export.merge import MergeError, merge_adapter
 from lmforge.inference.engine import Engine, SamplingParams
 from lmforge.methods import sft
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.artifacts import save_artifact
 from lmforge.training.callbacks import COMPLETE_MARKER
 from lmforge.training.stage import load_model_for_training
 from lmforge.training.trainer import build_trainer

@@ -15,7 +15,7 @@ from helpers import addition_records, sft_config
 from lmforge.cli import app
 from lmforge.config import validate_config
 from lmforge.config.model import ModelConfig
-from lmforge.data.templates import Conversation
+from lmforge.data.templates import Conversation, get_template
 from lmforge.export.merge import merge_adapter
 from lmforge.inference.engine import Engine, SamplingParams
 from lmforge.lab.build import build, build_model
@@ -37,7 +37,7 @@ def lab_dir(tmp_path_factory, tokenizer):
         norm="layernorm",
         activation="gelu",
     )
-    return build(spec, tmp_path_factory.mktemp("lab") / "model", tokenizer=tokenizer)
+    return build(spec, tmp_path_factory.mktemp("lab") / "model", tokenizer, get_template("chatml"))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lmforge.data.templates import get_template
 from lmforge.lab import LabConfig, LabForCausalLM
 from lmforge.lab.build import build, build_model, count_parameters, flops_per_token
 from lmforge.lab.modeling import alibi_slopes
@@ -209,7 +210,7 @@ def test_parameter_counts_and_flops_match_the_model(tokenizer):
 
 def test_build_writes_a_complete_model_folder(tokenizer, tmp_path):
     spec = spec_for("alibi", kv=2)
-    out = build(spec, tmp_path / "lab", tokenizer=tokenizer)
+    out = build(spec, tmp_path / "lab", tokenizer, get_template("chatml"))
     assert {"config.json", "model.safetensors", "tokenizer.json", "lab_arch.yaml", "README.md"} <= {
         p.name for p in out.iterdir()
     }

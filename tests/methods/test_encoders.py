@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import WORDS, corpus
 from lmforge.adapters.build import attach_adapter
+from lmforge.artifacts import save_artifact
 from lmforge.config import validate_config
 from lmforge.config.adapter import AdapterConfig
 from lmforge.config.model import ModelConfig
@@ -25,7 +26,6 @@ from lmforge.losses.ce import summed_cross_entropy
 from lmforge.methods import classify, mlm
 from lmforge.models.loading import load_classifier, load_masked_lm
 from lmforge.models.tiny import build_tiny_bert, build_tiny_encoder_tokenizer, save_tiny
-from lmforge.training.artifacts import save_artifact
 
 
 @pytest.fixture(scope="module")

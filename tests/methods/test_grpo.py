@@ -17,9 +17,9 @@ from helpers import sft_config
 from lmforge.config import validate_config
 from lmforge.config.rl import RewardSpec
 from lmforge.methods import grpo
+from lmforge.methods.rewards import RewardError, build_rewards
 from lmforge.models.loading import TEMPLATE_FILE
 from lmforge.models.tiny import build_tiny_llama, build_tiny_tokenizer
-from lmforge.training.rewards import RewardError, build_rewards
 
 USER_MODULE = '''
 def digits(prompts, completions, **fields):

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from helpers import sft_config
 from lmforge.config import validate_config
 from lmforge.methods import ppo, sft
-from lmforge.training.rewards import RewardError
+from lmforge.methods.rewards import RewardError
 
 
 def ppo_config(base_dir, data, out, ppo_options=None, adapter=None, rewards=None, **train) -> dict:

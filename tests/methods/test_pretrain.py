@@ -114,7 +114,8 @@ def test_collator_restarts_positions_and_masks_each_documents_first_label():
 def test_packed_block_loss_equals_separate_documents(lab_setup):
     """With boundaries, a block's loss is the token-weighted mean of its documents' own losses:
     no document sees the one before it."""
-    from lmforge.lab.build import arch_tokenizer, new_model
+    from lmforge.lab.build import new_model
+    from lmforge.models.loading import arch_tokenizer
 
     tokenizer = arch_tokenizer(lab_setup["arch"])
     model = new_model(lab_setup["arch"], tokenizer, "sdpa")
@@ -294,7 +295,8 @@ def test_streamed_mixed_pretraining_runs_its_steps(lab_setup, tmp_path):
 
 
 def test_pretraining_a_lab_model_lowers_heldout_perplexity_then_sft_lora_works(lab_setup, tmp_path):
-    from lmforge.lab.build import arch_tokenizer, new_model
+    from lmforge.lab.build import new_model
+    from lmforge.models.loading import arch_tokenizer
 
     tokenizer = arch_tokenizer(lab_setup["arch"])
     heldout = json.loads((lab_setup["root"] / "heldout.json").read_text())

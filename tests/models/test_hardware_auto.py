@@ -12,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from helpers import sft_config
+from lmforge.artifacts import write_resolved_config
 from lmforge.cli import app
 from lmforge.config import RunConfig
 from lmforge.config.loader import validate_config
@@ -24,7 +25,6 @@ from lmforge.models.hardware import (
     count_checkpoint_parameters,
     probe_hardware,
 )
-from lmforge.training.artifacts import write_resolved_config
 
 LLAMA_7B = 6_738_415_616
 T4 = HardwareProbe(

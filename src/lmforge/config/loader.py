@@ -7,7 +7,6 @@ key ("did you mean").
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import UnionType
@@ -16,6 +15,7 @@ from typing import Annotated, Any, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from lmforge.config.base import closest
 from lmforge.config.data import DataConfig
 from lmforge.config.eval import EvalConfig
 from lmforge.config.root import RunConfig
@@ -63,12 +63,6 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
-
-
-def closest(word: str, known: Sequence[str]) -> str | None:
-    """The known name a typo most likely meant (None when nothing is close): for "did you mean"."""
-    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.5)
-    return close[0] if close else None
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

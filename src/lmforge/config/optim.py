@@ -137,7 +137,7 @@ def optimizer_args(name: str, args: dict[str, Any]) -> Section:
     known = list(model.model_fields)
     for key in args:
         if key not in known:
-            from lmforge.config.loader import closest
+            from lmforge.config.base import closest
 
             hint = closest(key, known)
             did_you_mean = f" (did you mean `{hint}`?)" if hint else ""

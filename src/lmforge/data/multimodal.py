@@ -62,7 +62,7 @@ class VisionProcessor:
     ) -> VisionProcessor:
         from transformers import AutoImageProcessor
 
-        from lmforge.models.loading import model_location
+        from lmforge.models.location import model_location
 
         limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
         processor = AutoImageProcessor.from_pretrained(model_location(model_path), **limits)

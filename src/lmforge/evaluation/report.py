@@ -12,11 +12,17 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
 
 from lmforge.config.eval import EvalConfig
 
 HIGHER, LOWER, NEUTRAL = "higher", "lower", "neutral"
+
+
+def slug(name: str) -> str:
+    """A folder name for a model or task name: never empty, never `..` (stays inside output_dir)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
 
 def headline(kind: str, metrics: dict) -> list[tuple[str, float | None, str]]:
@@ -92,7 +98,6 @@ def task_table(config: EvalConfig, results: dict, task) -> tuple[list[str], list
 
 
 def suite_rows(out: Path, models: list[str], task_name: str) -> dict[str, list[dict]]:
-    from lmforge.evaluation.runner import slug
 
     rows = {}
     for model in models:
@@ -172,7 +177,7 @@ def plot_task(results: dict, task, path: Path) -> Path | None:
 
 
 def write_report(config: EvalConfig, results: dict, out: Path) -> tuple[Path, Path]:
-    from lmforge.evaluation.runner import slug, write_atomic
+    from lmforge.artifacts import write_atomic
 
     models = list(results)
     md = ["# lmforge evaluation report", ""]

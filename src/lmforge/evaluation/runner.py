@@ -18,8 +18,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -28,10 +26,12 @@ from typing import Any
 
 from rich.console import Console
 
+from lmforge.artifacts import versions, write_atomic
 from lmforge.config.data import DatasetSource
 from lmforge.config.eval import EvalConfig, EvalModel, GenerationTask
 from lmforge.config.loader import load_eval_config
 from lmforge.data.formats import Example
+from lmforge.evaluation.report import slug
 
 console = Console(stderr=True)
 GENERATING = ("generation", "reasoning", "multimodal", "suite")  # tasks that read `generation:` settings
@@ -44,18 +44,6 @@ class EvalResults:
 
     def metric(self, model: str, task: str, key: str) -> Any:
         return self.results[model][task][key]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def slug(name: str) -> str:
-    """A folder name for a model or task name: never empty, never `..` (stays inside output_dir)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
 
 
 def read_task_data(source: DatasetSource, dataset_dir: str, limit: int | None, task=None) -> list[Example]:
@@ -332,7 +320,6 @@ def _load(model: EvalModel, quiet: bool):
 
 def _write_results(config: EvalConfig, results: dict, seconds: dict, out: Path) -> None:
     from lmforge.evaluation.report import write_report
-    from lmforge.training.artifacts import versions
 
     summary = {
         "config": config.model_dump(mode="json"),

@@ -102,7 +102,7 @@ from typing import Any
 
 import yaml
 
-from lmforge.config.loader import closest
+from lmforge.config.base import closest
 from lmforge.data.synthetic import INSTRUCTION as SORT_PROMPT
 from lmforge.data.synthetic import PRETRAIN_LINE, make_task_split
 from lmforge.evaluation.answers import extract_answer, matches, normalize, strip_reasoning

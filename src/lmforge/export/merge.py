@@ -22,6 +22,7 @@ from rich.console import Console
 from transformers import AutoConfig
 
 from lmforge.adapters.moe_dora import is_moe_dora_folder
+from lmforge.artifacts import save_artifact
 from lmforge.config.model import ModelConfig
 from lmforge.data.templates import pick_template
 from lmforge.models.loading import (
@@ -32,7 +33,6 @@ from lmforge.models.loading import (
     model_location,
     saved_template_name,
 )
-from lmforge.training.artifacts import save_artifact
 
 console = Console(stderr=True)
 

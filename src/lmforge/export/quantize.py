@@ -28,11 +28,12 @@ from rich.console import Console
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from lmforge.adapters.moe_dora import is_moe_dora_folder
+from lmforge.artifacts import atomic_folder, versions
 from lmforge.data.formats import Example
 from lmforge.data.templates import AnyTemplate, pick_template
 from lmforge.models.hardware import DTYPES
-from lmforge.models.loading import TEMPLATE_FILE, model_location, quiet_library_bars, saved_template_name
-from lmforge.training.artifacts import atomic_folder, versions
+from lmforge.models.loading import TEMPLATE_FILE, quiet_library_bars, saved_template_name
+from lmforge.models.location import model_location
 
 console = Console(stderr=True)
 

@@ -123,7 +123,8 @@ class VllmEngine:
 
         from lmforge.data.templates import pick_template
         from lmforge.inference.engine import stop_token_ids
-        from lmforge.models.loading import model_location, saved_template_name
+        from lmforge.models.loading import saved_template_name
+        from lmforge.models.location import model_location
 
         self.llm = LLM(model=model_location(model), enable_lora=adapter is not None)
         self.tokenizer = self.llm.get_tokenizer()

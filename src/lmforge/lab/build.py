@@ -65,14 +65,6 @@ def build_model(spec: ArchSpec, tokenizer: PreTrainedTokenizerBase) -> LabForCau
     return model.eval()
 
 
-def arch_tokenizer(arch: str | Path) -> PreTrainedTokenizerBase:
-    """The tokenizer an architecture YAML names."""
-    from lmforge.config.model import ModelConfig
-    from lmforge.models.loading import load_tokenizer
-
-    return load_tokenizer(ModelConfig(name_or_path=load_arch(arch).tokenizer))
-
-
 def new_model(arch: str | Path, tokenizer: PreTrainedTokenizerBase, attention: str) -> LabForCausalLM:
     """A freshly built model of the architecture YAML `arch`, in float32 (mixed precision keeps
     float32 master weights, which pre-training from scratch needs), with `attention` (SDPA for
@@ -85,18 +77,15 @@ def new_model(arch: str | Path, tokenizer: PreTrainedTokenizerBase, attention: s
     return model
 
 
-def build(spec: ArchSpec, out: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
-    """Build the model of `spec` and save it (safetensors, tokenizer, spec, card) to `out`, atomically."""
-    from lmforge.config.model import ModelConfig
-    from lmforge.data.templates import get_template
-    from lmforge.models.loading import load_tokenizer
-    from lmforge.training.artifacts import atomic_folder, save_artifact
+def build(spec: ArchSpec, out: Path, tokenizer: PreTrainedTokenizerBase, template) -> Path:
+    """Build the model of `spec` and save it (safetensors, `tokenizer`, the chat `template`, spec,
+    card) to `out`, atomically."""
+    from lmforge.artifacts import atomic_folder, save_artifact
 
-    tokenizer = tokenizer or load_tokenizer(ModelConfig(name_or_path=spec.tokenizer))
     model = build_model(spec, tokenizer)
     card = "\n## Architecture (lmforge lab)\n\n" + describe(spec, count_parameters(model)) + "\n"
     with atomic_folder(Path(out)) as tmp:
-        save_artifact(model, tokenizer, get_template("chatml"), tmp / "model", "model", card_extra=card)
+        save_artifact(model, tokenizer, template, tmp / "model", "model", card_extra=card)
         for item in (tmp / "model").iterdir():
             item.rename(tmp / item.name)
         (tmp / "model").rmdir()
@@ -177,16 +166,19 @@ class ModelInfo:
         return sum(c.parameters for c in self.counts)
 
 
-def model_info(source: str | Path, context: int | None = None) -> ModelInfo:
+def model_info(
+    source: str | Path, context: int | None = None, tokenizer: PreTrainedTokenizerBase | None = None
+) -> ModelInfo:
     """Parameters per component and FLOPs per token of a built lab model folder, or of an
-    architecture YAML (built in memory, on the meta device: nothing is allocated)."""
+    architecture YAML with its `tokenizer` (built in memory, on the meta device: nothing is
+    allocated)."""
     from transformers import AutoConfig
 
     source = Path(source)
     if source.is_file():
-        spec = load_arch(source)
-        tokenizer = arch_tokenizer(source)
-        config = lab_config(spec, tokenizer)
+        if tokenizer is None:
+            raise ValueError(f"{source}: an architecture YAML needs its tokenizer to count the embeddings")
+        config = lab_config(load_arch(source), tokenizer)
     elif (source / "config.json").is_file():
         config = AutoConfig.from_pretrained(source)
         if not isinstance(config, LabConfig):

@@ -167,7 +167,7 @@ def load_arch(path: str | Path) -> ArchSpec:
 
 def arch_error(exc: ValidationError) -> str:
     """One line for the first problem, with a did-you-mean for an unknown key."""
-    from lmforge.config.loader import closest
+    from lmforge.config.base import closest
 
     error = exc.errors()[0]
     where = ".".join(str(part) for part in error["loc"])

@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from lmforge.adapters.build import attach_adapter
+from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.files import DataError
 from lmforge.data.formats import Example, class_label
@@ -39,7 +40,6 @@ from lmforge.data.tokenize import tokenize_classification
 from lmforge.evaluation.metrics import argmax_logits, label_accuracy
 from lmforge.losses.ce import summed_cross_entropy
 from lmforge.models.loading import auto_config, count_parameters, load_classifier, load_tokenizer
-from lmforge.training.artifacts import write_resolved_config
 from lmforge.training.stage import StageResult, optimizer_steps, pissa_init_dir, train_and_save
 from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
 

@@ -25,6 +25,7 @@ import torch
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.config.method import DistillOptions
 from lmforge.config.model import ModelConfig
@@ -32,8 +33,8 @@ from lmforge.data.loader import load_eval, load_examples
 from lmforge.data.templates import Conversation
 from lmforge.data.tokenize import tokenize_examples
 from lmforge.losses.kd import distillation_loss
-from lmforge.models.loading import load_causal_lm, load_tokenizer, model_location
-from lmforge.training.artifacts import write_resolved_config
+from lmforge.models.loading import load_causal_lm, load_tokenizer
+from lmforge.models.location import model_location
 from lmforge.training.stage import (
     StageResult,
     load_model_for_training,
@@ -139,7 +140,7 @@ class DistillTrainer(ForgeTrainer):
 def teacher_answers(config: RunConfig, out: Path, quiet: bool) -> Path:
     """Sequence-level KD: the teacher's greedy answers to every training prompt, as a messages
     file (written atomically); reused when it is already complete."""
-    from lmforge.evaluation.runner import write_atomic
+    from lmforge.artifacts import write_atomic
     from lmforge.inference.engine import Engine, SamplingParams
 
     path = out / ANSWERS_FILE

@@ -19,12 +19,12 @@ from rich.console import Console
 from transformers import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
+from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.loading import load_tokenizer
 from lmforge.training import trl_experimental
-from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import MoeAuxLoss, final_adapter, pair_dataset, policy_model, use_template
 from lmforge.training.stage import StageResult, optimizer_steps, resolve_template

@@ -28,6 +28,7 @@ from datasets import Dataset
 from rich.console import Console
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
+from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.multimodal import VisionCollator, VisionProcessor, encode_multimodal
@@ -35,7 +36,6 @@ from lmforge.data.tokenize import TokenizeStats
 from lmforge.losses.dpo import answer_logps, answer_tokens, dpo_loss
 from lmforge.methods import dpo
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import final_adapter, keep_reference_copy, reference
 from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template

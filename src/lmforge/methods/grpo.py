@@ -2,7 +2,7 @@
 
 For every prompt, `sampling.num_generations` completions are sampled with the KV cache on; each is
 scored by the weighted sum of `method.rewards` (built-ins, user functions, reward models; see
-`training/rewards.py`); its advantage is its reward minus its group's mean, divided by the group's
+`methods/rewards.py`); its advantage is its reward minus its group's mean, divided by the group's
 std (`grpo.scale_rewards`). The update is PPO's clipped surrogate (`grpo.epsilon`, DAPO's
 `epsilon_high`), `grpo.num_iterations` times per batch of completions, aggregated over tokens
 as `grpo.loss_type` says.
@@ -29,16 +29,16 @@ from rich.console import Console
 from transformers import PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.formats import Example
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.inference.engine import stop_token_ids
+from lmforge.methods.rewards import RewardSource, build_rewards, write_samples
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import MoeAuxLoss, final_adapter, policy_model, prompt_messages, use_template
-from lmforge.training.rewards import RewardSource, build_rewards, write_samples
 from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
 from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
 

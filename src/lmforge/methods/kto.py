@@ -18,11 +18,11 @@ from rich.console import Console
 from transformers import PrinterCallback
 from trl import KTOConfig, KTOTrainer
 
+from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.loading import is_vision_language, load_tokenizer
-from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import (
     MoeAuxLoss,

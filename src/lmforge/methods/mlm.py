@@ -36,6 +36,7 @@ from transformers import (
 )
 
 from lmforge.adapters.build import attach_adapter
+from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
 from lmforge.data.templates import get_template
@@ -50,7 +51,6 @@ from lmforge.models.loading import (
     load_tokenizer,
     model_type,
 )
-from lmforge.training.artifacts import write_resolved_config
 from lmforge.training.stage import StageResult, optimizer_steps, pissa_init_dir, train_and_save
 from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
 

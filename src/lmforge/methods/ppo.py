@@ -47,17 +47,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import get_scheduler
 
+from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.inference.engine import stop_token_ids
 from lmforge.losses import ppo as losses
+from lmforge.methods.rewards import build_rewards, weighted_total, write_samples
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.callbacks import mark_complete, plot_loss
 from lmforge.training.checkpoints import complete_checkpoints, resolve_resume
 from lmforge.training.preference import final_adapter, keep_reference_copy, reference
-from lmforge.training.rewards import build_rewards, weighted_total, write_samples
 from lmforge.training.stage import StageResult, load_model_for_training, resolve_template
 from lmforge.training.trainer import schedule_arguments
 

@@ -15,13 +15,12 @@ from pathlib import Path
 from datasets import Dataset, IterableDataset
 from rich.console import Console
 
+from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
 from lmforge.data.templates import get_template
 from lmforge.data.tokenize import TokenizeStats, text_blocks, text_documents, tokenize_texts
-from lmforge.lab.build import arch_tokenizer
-from lmforge.models.loading import load_tokenizer
-from lmforge.training.artifacts import write_resolved_config
+from lmforge.models.loading import arch_tokenizer, load_tokenizer
 from lmforge.training.stage import (
     StageResult,
     load_model_for_training,

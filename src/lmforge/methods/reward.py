@@ -20,11 +20,11 @@ from rich.console import Console
 from transformers import PrinterCallback
 from trl import RewardConfig, RewardTrainer
 
+from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.artifacts import save_artifact, write_resolved_config
 from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import pair_dataset, use_template
 from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template

@@ -13,11 +13,11 @@ from pathlib import Path
 from datasets import IterableDataset
 from rich.console import Console
 
+from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
 from lmforge.data.tokenize import TokenizeStats, iter_tokenized, pack, tokenize_examples
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.artifacts import write_resolved_config
 from lmforge.training.stage import (
     StageResult,
     load_model_for_training,

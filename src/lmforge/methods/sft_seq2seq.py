@@ -33,6 +33,7 @@ from transformers import (
 )
 
 from lmforge.adapters.build import attach_adapter
+from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.files import DataError
 from lmforge.data.formats import Example
@@ -43,7 +44,6 @@ from lmforge.evaluation.metrics import argmax_logits, label_accuracy
 from lmforge.losses.ce import summed_cross_entropy
 from lmforge.methods import sft
 from lmforge.models.loading import count_parameters, load_seq2seq_lm, load_tokenizer
-from lmforge.training.artifacts import write_resolved_config
 from lmforge.training.stage import StageResult, optimizer_steps, pissa_init_dir, train_and_save
 from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
 

@@ -20,13 +20,13 @@ from pathlib import Path
 from datasets import Dataset
 from rich.console import Console
 
+from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.multimodal import VisionCollator, VisionProcessor, encode_multimodal
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.methods import sft
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.artifacts import write_resolved_config
 from lmforge.training.stage import (
     StageResult,
     load_model_for_training,

@@ -11,7 +11,6 @@ defaults are kept; only `auto`/`none`/the default optimizer are decided (see doc
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,7 +184,7 @@ def count_checkpoint_parameters(config: ModelConfig) -> int | None:
         return total
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from lmforge.models.loading import model_location
+    from lmforge.models.location import model_location
 
     try:
         model_config = AutoConfig.from_pretrained(
@@ -463,12 +462,3 @@ def apply_hardware(config: RunConfig) -> RunConfig:
     for decision in decisions:
         console.print(f"[bold]hardware auto[/]: {escape(decision.describe())}", soft_wrap=True)
     return resolved.with_hardware_report(hardware_report(probe, decisions))
-
-
-def write_hardware_report(report: dict[str, Any], output_dir: Path) -> Path:
-    """hardware.json in `output_dir`, written atomically."""
-    path = output_dir / "hardware.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path

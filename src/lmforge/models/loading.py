@@ -29,25 +29,12 @@ from transformers import (
 )
 
 import lmforge.lab  # noqa: F401  (registers lab models with the Auto classes)
+from lmforge.artifacts import TEMPLATE_FILE
 from lmforge.config.model import ModelConfig
 from lmforge.models.hardware import Hardware, choose_hardware
+from lmforge.models.location import model_location
 
 console = Console(stderr=True)
-
-TEMPLATE_FILE = "lmforge_template.txt"  # the lmforge template name saved beside a model
-
-
-def model_location(name_or_path: str) -> str:
-    """A local folder, or a hub id; a path-like name that does not exist is one clear error
-    (instead of the hub client's complaint about repo id syntax)."""
-    if Path(name_or_path).expanduser().exists():
-        return str(Path(name_or_path).expanduser())
-    if name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path:
-        raise OSError(
-            f"model folder {name_or_path} does not exist; check model.name_or_path (a local folder, "
-            "or a hub id like Qwen/Qwen2.5-0.5B-Instruct)"
-        )
-    return name_or_path
 
 
 def auto_config(config: ModelConfig) -> PretrainedConfig:
@@ -290,3 +277,10 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if param.requires_grad:
             trainable += n
     return trainable, total
+
+
+def arch_tokenizer(arch: str | Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a lab architecture YAML names."""
+    from lmforge.lab.spec import load_arch
+
+    return load_tokenizer(ModelConfig(name_or_path=load_arch(arch).tokenizer))

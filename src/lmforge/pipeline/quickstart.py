@@ -23,6 +23,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from lmforge.artifacts import write_atomic
 from lmforge.data.synthetic import (
     QUICKSTART_SIZES,
     TaskExample,
@@ -34,7 +35,6 @@ from lmforge.data.synthetic import (
     tokenizer_corpus,
 )
 from lmforge.data.templates import Conversation
-from lmforge.evaluation.runner import write_atomic
 from lmforge.inference.engine import Engine, SamplingParams
 from lmforge.models.loading import quiet_library_bars
 from lmforge.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny

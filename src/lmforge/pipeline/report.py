@@ -8,8 +8,8 @@ import html
 import json
 from pathlib import Path
 
+from lmforge.artifacts import write_atomic
 from lmforge.evaluation.report import fmt, html_table, md_table, task_table
-from lmforge.evaluation.runner import write_atomic
 from lmforge.pipeline.spec import TRAINING, PipelineSpec
 
 

@@ -28,8 +28,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from lmforge.artifacts import write_atomic
 from lmforge.config.loader import ConfigError, validate_eval_config
-from lmforge.evaluation.runner import fingerprint, write_atomic
+from lmforge.evaluation.runner import fingerprint
 from lmforge.pipeline.spec import (
     TRAINING,
     ExportOptions,
@@ -264,7 +265,7 @@ def run_pipeline(
     quiet: bool = False,
 ) -> dict:
     """Run (or plan) the pipeline; returns the manifest."""
-    from lmforge.training.artifacts import versions
+    from lmforge.artifacts import versions
 
     manifest = load_manifest(spec)
     steps = plan(spec, manifest, start, only)

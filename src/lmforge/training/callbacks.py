@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from lmforge.artifacts import write_atomic
 from lmforge.config.train import TrainConfig
 
 COMPLETE_MARKER = "LMFORGE_COMPLETE"
@@ -35,9 +36,7 @@ class NonFiniteError(RuntimeError):
 
 def mark_complete(checkpoint: Path, step: int) -> None:
     """Written last, atomically: a checkpoint without it was interrupted mid-save."""
-    tmp = checkpoint / f".{COMPLETE_MARKER}.tmp"
-    tmp.write_text(json.dumps({"step": step, "time": time.time()}), encoding="utf-8")
-    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+    write_atomic(checkpoint / COMPLETE_MARKER, json.dumps({"step": step, "time": time.time()}))
 
 
 class CompleteCheckpointCallback(TrainerCallback):

@@ -10,12 +10,12 @@ from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
 from lmforge.adapters.build import attach_adapter
+from lmforge.artifacts import save_artifact
 from lmforge.config import RunConfig
 from lmforge.data.templates import AnyTemplate, pick_template
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.hardware import Hardware, choose_hardware
 from lmforge.models.loading import count_parameters, load_causal_lm, saved_template_name
-from lmforge.training.artifacts import save_artifact
 from lmforge.training.checkpoints import resolve_resume
 
 console = Console(stderr=True)

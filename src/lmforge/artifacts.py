@@ -1,25 +1,32 @@
-"""What a stage leaves behind: the resolved config, the final model or adapter, a model card.
+"""Artifact writing, for every part of lmforge: atomic files and folders, package versions, the
+resolved config, the final model or adapter with its model card.
 
-Every final artifact is written to a temporary folder and renamed into place, so a run
-that dies mid-save never leaves an `adapter/` or `model/` that looks complete.
+Everything is written to a temporary path beside its destination and renamed into place, so a run
+that dies mid-write never leaves a file, an `adapter/` or a `model/` that looks complete. This
+module sits low: it imports only `config` (a template is anything with `name`, `stop_token` and
+`jinja`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING
 
 from lmforge.config import RunConfig, dump_config
-from lmforge.data.templates import AnyTemplate
-from lmforge.models.hardware import write_hardware_report
-from lmforge.models.loading import TEMPLATE_FILE
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from lmforge.data.templates import AnyTemplate
+
+TEMPLATE_FILE = "lmforge_template.txt"  # the lmforge template name saved beside a model
 PACKAGES = ("lmforge", "torch", "transformers", "trl", "peft", "datasets", "accelerate")
 
 
@@ -39,11 +46,9 @@ def write_resolved_config(config: RunConfig, output_dir: Path) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     header = "# resolved by lmforge — " + ", ".join(f"{k} {v}" for k, v in versions().items())
     path = output_dir / "config.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(header + "\n" + dump_config(config), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, header + "\n" + dump_config(config))
     if config.hardware_report is not None:
-        write_hardware_report(config.hardware_report, output_dir)
+        write_atomic(output_dir / "hardware.json", json.dumps(config.hardware_report, indent=2) + "\n")
     return path
 
 
@@ -143,3 +148,17 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         os.replace(tmp, dest)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` beside `path`, then rename: no reader ever sees half a file (a failure removes
+    the temporary file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
