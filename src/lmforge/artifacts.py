@@ -150,15 +150,23 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
         os.replace(tmp, dest)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` beside `path`, then rename: no reader ever sees half a file (a failure removes
-    the temporary file)."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` (`.NAME.*.tmp`) to write any way; renamed to `path` when the
+    block completes, removed when it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    temporary = Path(name)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` beside `path`, then rename: no reader ever sees half a file."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")

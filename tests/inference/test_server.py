@@ -12,7 +12,7 @@ import pytest
 from helpers import http, serving, sft_config
 from lmforge.config import validate_config
 from lmforge.data.templates import Conversation
-from lmforge.inference.engine import Engine, SamplingParams, StreamEnd
+from lmforge.inference.engine import Engine, SamplingParams, StreamEnd, cut_at_stop
 from lmforge.inference.server import create_app, load_served
 from lmforge.methods import sft
 
@@ -466,7 +466,6 @@ def test_a_stop_string_split_across_streamed_pieces_never_leaks(tokenizer):
     import queue
     from types import SimpleNamespace
 
-    from lmforge.inference.engine import StreamEnd, cut_at_stop
     from lmforge.inference.server import ChatRequest, _Job, _stream_chat
 
     pieces = ["par", " '", "*", "'", "par", " more"]

@@ -40,6 +40,7 @@ from rich.console import Console
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
+from lmforge.artifacts import write_atomic
 from lmforge.data.templates import ChatTemplate, get_template
 from lmforge.models.loading import saved_template_name
 
@@ -665,7 +666,5 @@ def write_modelfile(gguf_path: Path, model_dir: Path, out: Path | None = None) -
     lines += [
         f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" for stop in dict.fromkeys(stops) if stop
     ]
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    write_atomic(out, "\n".join(lines) + "\n")
     return out
