@@ -240,7 +240,8 @@ def test_rl_config_errors_name_the_key_and_the_fix(tmp_path, base_dir, alpaca_fi
 def test_grpo_resumes_from_its_latest_complete_checkpoint(tmp_path, base_dir, alpaca_file):
     import shutil
 
-    raw = grpo_config(base_dir, alpaca_file, tmp_path / "full", [{"builtin": "exact_answer"}])
+    rewards = [{"builtin": "length", "target_tokens": 4}, {"builtin": "regex", "pattern": r"\d"}]  # they vary
+    raw = grpo_config(base_dir, alpaca_file, tmp_path / "full", rewards)
     raw["train"]["save_steps"] = 1
     full = grpo.run(validate_config(raw), quiet=True)
     assert (full.output_dir / "checkpoint-1" / "LMFORGE_COMPLETE").is_file()
@@ -250,3 +251,14 @@ def test_grpo_resumes_from_its_latest_complete_checkpoint(tmp_path, base_dir, al
     resumed = grpo.run(validate_config(raw), quiet=True)
     steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
     assert resumed.steps == 2 and 1 not in steps and 2 in steps, "only step 2 ran after resuming"
+    # the resumed run equals the uninterrupted one: same step-2 loss, same final adapter
+    from safetensors.torch import load_file
+
+    def step_2(folder):
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return next(r["loss"] for r in rows if r.get("step") == 2 and "loss" in r)
+
+    assert step_2(resumed_dir) == pytest.approx(step_2(full.output_dir), abs=1e-6)
+    whole, again = (load_file(run.artifact / "adapter_model.safetensors") for run in (full, resumed))
+    assert whole.keys() == again.keys() and any(v.abs().sum() > 0 for k, v in whole.items() if "lora_B" in k)
+    assert all(torch.allclose(whole[k], again[k], atol=1e-6) for k in whole)
