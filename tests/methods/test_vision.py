@@ -343,7 +343,20 @@ def test_llamafactory_multimodal_dataset_trains_as_it_is(tmp_path, vlm_dir, shap
     raw = vision_config(vlm_dir, "mllm_demo", tmp_path / "out", max_steps=2)
     raw["data"].update(dataset_dir=str(tmp_path), max_length=128)
     result = methods.run(validate_config(raw), quiet=True)
-    assert result.steps == 2 and (result.artifact / "adapter_model.safetensors").is_file()
+    # the entry trains exactly as the file itself does: same losses, same adapter
+    direct = vision_config(vlm_dir, tmp_path / "mllm.json", tmp_path / "direct", max_steps=2)
+    direct["data"]["max_length"] = 128
+    itself = methods.run(validate_config(direct), quiet=True)
+
+    def losses(run):
+        rows = (run.output_dir / "metrics.jsonl").read_text().splitlines()
+        return [r["loss"] for r in map(json.loads, rows) if "loss" in r and "step" in r]
+
+    assert result.steps == 2 and len(losses(result)) == 2 and losses(result) == pytest.approx(losses(itself))
+    weights = load_file(result.artifact / "adapter_model.safetensors")
+    same = load_file(itself.artifact / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+    assert all(torch.allclose(weights[k], same[k], atol=1e-6) for k in weights)
 
 
 def test_data_check_counts_image_tokens_and_reports_cut_images(tmp_path, vlm_dir, shapes_file):
