@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from helpers import http, serving
+from lmforge.data.templates import Conversation
 from lmforge.evaluation.perplexity import score_windows
 from lmforge.inference.engine import SamplingParams
 from lmforge.inference.server import create_app, load_served
@@ -205,15 +206,11 @@ def test_chat_logprobs(client, served):
     # the same generation through /v1/completions (the chat prompt's token ids) reports the same
     # numbers; the completions test checks those against the model itself
     engine = served.engine
-    prompt = engine.tokenizer(engine.prompt_text(_conversation()), add_special_tokens=False)["input_ids"]
+    prompt = engine.tokenizer(
+        engine.prompt_text(Conversation(turns=[(ASK[0]["content"], "")])), add_special_tokens=False
+    )["input_ids"]
     raw = client.completions.create(model="tiny", prompt=[prompt], max_tokens=8, temperature=0, logprobs=2)
     assert [t.logprob for t in content] == raw.choices[0].logprobs.token_logprobs[: len(content)]
-
-
-def _conversation():
-    from lmforge.data.templates import Conversation
-
-    return Conversation(turns=[(ASK[0]["content"], "")])
 
 
 @pytest.mark.parametrize(

@@ -331,13 +331,10 @@ class Engine:
                 pixels.append(values)
                 grids.append(grid)
             rows.append(ids)
-        width = max(len(r) for r in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        padded = self._left_padded(rows)
+        input_ids, mask = padded["input_ids"], padded["attention_mask"]
         return {
-            "input_ids": input_ids,
-            "attention_mask": mask,
+            **padded,
             "mm_token_type_ids": (input_ids == self.vision.image_token_id).long() * mask,
             "pixel_values": torch.cat(pixels),
             "image_grid_thw": torch.cat(grids),

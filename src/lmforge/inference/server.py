@@ -200,9 +200,7 @@ class _Job:
     images: list[Path]
     params: SamplingParams
     future: Future = field(default_factory=Future)
-    sink: queue.Queue | None = (
-        None  # a streamed request's (choice, text piece) pairs; (choice, None) ends one
-    )
+    sink: queue.Queue | None = None  # streamed: (choice, text piece or StreamEnd) pairs
     cancels: list[threading.Event] = field(default_factory=list)  # one per choice: its row stops
 
     def __post_init__(self) -> None:
@@ -219,7 +217,7 @@ class _ChoiceSink:
     def __init__(self, sink: queue.Queue, index: int) -> None:
         self.sink, self.index = sink, index
 
-    def put(self, piece: str | None) -> None:
+    def put(self, piece: str | StreamEnd) -> None:
         self.sink.put((self.index, piece))
 
 
