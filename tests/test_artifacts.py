@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import stat
+
 import pytest
 
 from lmforge.artifacts import atomic_file, atomic_folder, write_atomic
@@ -25,6 +27,14 @@ def test_a_writer_gets_a_temporary_beside_the_destination(tmp_path):
         assert temporary.parent == tmp_path and temporary.name.endswith(".tmp") and not path.exists()
         temporary.write_bytes(b"png")
     assert path.read_bytes() == b"png"
+
+
+def test_an_atomic_file_gets_the_mode_a_plain_write_gives(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    atomic = tmp_path / "atomic.txt"
+    write_atomic(atomic, "x")
+    assert stat.S_IMODE(atomic.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
 
 
 def test_a_failed_folder_leaves_the_old_folder(tmp_path):

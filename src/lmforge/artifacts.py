@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
@@ -155,9 +155,10 @@ def atomic_file(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` (`.NAME.*.tmp`) to write any way; renamed to `path` when the
     block completes, removed when it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    temporary = Path(name)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    # Created as open() creates a file (0o666 less the umask; mkstemp's would be 0o600), since the
+    # renamed file is the user's to share.
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield temporary
         os.replace(temporary, path)

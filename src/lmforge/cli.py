@@ -480,7 +480,7 @@ def eval_(
         return
     out = Console()
     for task in cfg.tasks:
-        header, rows = task_table(cfg, result.results, task)
+        header, rows = task_table(result.results, task)
         table = Table(*header, title=f"{task.name} ({task.kind})")
         for row in rows:
             table.add_row(*row)

@@ -115,7 +115,9 @@ def test_switching_optimizer_drops_the_other_optimizers_options(tmp_path):
 
 
 def test_muon_original_scaling_needs_an_adamw_lr():
-    with pytest.raises(Exception, match="set adamw_lr"):
+    with pytest.raises(
+        ConfigError, match=r"adjust_lr_fn original .* far too high for the AdamW part: set adamw_lr"
+    ):
         validate_config(
             {**MINIMAL, "train": {"optimizer": "muon", "optimizer_args": {"adjust_lr_fn": "original"}}}
         )

@@ -446,6 +446,19 @@ def test_failure_mid_write_leaves_no_file(tmp_path, base_dir, monkeypatch):
     assert len(calls) == 5 and list(tmp_path.iterdir()) == []
 
 
+def test_failed_reexport_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, base_dir, monkeypatch):
+    path = export_gguf(base_dir, tmp_path / "m.gguf", "f16")
+    before = path.read_bytes()
+
+    def failing(data, qtype):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(quants, "quantize", failing)  # fails at the first tensor, after the header
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_gguf(base_dir, path, "f16")
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.gguf"]
+
+
 def test_modelfile_for_chatml(tmp_path, base_dir):
     model_dir = shutil.copytree(base_dir, tmp_path / "model")
     (model_dir / TEMPLATE_FILE).write_text("chatml\n")

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import sft_config
-from lmforge.config import validate_config
+from lmforge.config import ConfigError, validate_config
 from lmforge.methods import distill
 
 
@@ -73,7 +73,7 @@ def test_different_tokenizers_are_refused_with_the_way_out(tmp_path, base_dir, a
     raw = distill_config(base_dir, other, alpaca_file, tmp_path / "run")
     with pytest.raises(ValueError, match="different tokenizers.*sequence_level: true"):
         distill.run(validate_config(raw), quiet=True)
-    with pytest.raises(Exception, match="needs method.distill with a teacher"):
+    with pytest.raises(ConfigError, match=r"method.name distill needs method.distill with a teacher"):
         validate_config({**raw, "method": {"name": "distill"}})
     missing = distill_config(base_dir, tmp_path / "nowhere", alpaca_file, tmp_path / "run2")
     with pytest.raises(OSError, match="does not exist"):

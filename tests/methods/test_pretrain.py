@@ -12,7 +12,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, get_scheduler
 
-from lmforge.config import validate_config
+from lmforge.config import ConfigError, validate_config
 from lmforge.config.train import TrainConfig
 from lmforge.data.synthetic import pretrain_corpus, tokenizer_corpus
 from lmforge.data.tokenize import IGNORE, PackedRowsCollator, text_blocks
@@ -179,7 +179,7 @@ def test_bad_combinations_are_named(changes, message):
     }
     for section, values in changes.items():
         config[section] = values if section == "model" else {**config.get(section, {}), **values}
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(ConfigError, match=message):
         validate_config(config)
 
 

@@ -49,7 +49,9 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_config(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` laid over `base`, section by section (neither is changed); a new `optimizer`
+    drops the old one's `optimizer_args` unless `update` gives its own."""
     out = dict(base)
     if (
         update.get("optimizer", base.get("optimizer")) != base.get("optimizer")
@@ -59,7 +61,7 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
         out.pop("optimizer_args", None)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_config(out[key], value)
         else:
             out[key] = value
     return out
@@ -105,7 +107,9 @@ def _key_parts(loc: Sequence[str | int], root: type[BaseModel]) -> list[str]:
     return parts
 
 
-def _describe(error: Any, source: str, root: type[BaseModel] = RunConfig) -> str:
+def describe_error(error: Any, source: str, root: type[BaseModel] = RunConfig) -> str:
+    """One pydantic error (an item of `ValidationError.errors()`) against the `root` schema as a
+    message naming `source` and the key as the user wrote it; an unknown key gets a "did you mean"."""
     loc = _key_parts(error["loc"], root)
     key = ".".join(loc) if loc else "(top level)"
     if error["type"] == "extra_forbidden":
@@ -131,7 +135,7 @@ def validate_config(raw: dict[str, Any], source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(e, source) for e in exc.errors()]
+        problems = [describe_error(e, source) for e in exc.errors()]
         raise ConfigError("\n".join(problems)) from None
 
 
@@ -151,7 +155,7 @@ def load_data_config(path: str, overrides: Sequence[str] = ()) -> DataConfig:
     try:
         return DataConfig.model_validate({**section, "path": path})
     except ValidationError as exc:
-        problems = [_describe({**e, "loc": ("data", *e["loc"])}, "command line") for e in exc.errors()]
+        problems = [describe_error({**e, "loc": ("data", *e["loc"])}, "command line") for e in exc.errors()]
         raise ConfigError("\n".join(problems)) from None
 
 
@@ -159,12 +163,12 @@ def validate_eval_config(raw: dict[str, Any], source: str = "eval config") -> Ev
     try:
         return EvalConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError("\n".join(_describe(e, source, EvalConfig) for e in exc.errors())) from None
+        raise ConfigError("\n".join(describe_error(e, source, EvalConfig) for e in exc.errors())) from None
 
 
 def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
     """An `lmforge eval` config from YAML, with `a.b=c` overrides (e.g. output_dir=runs/x)."""
-    raw = _merge(load_yaml(path), parse_overrides(overrides))
+    raw = merge_config(load_yaml(path), parse_overrides(overrides))
     return validate_eval_config(raw, source=str(path))
 
 
@@ -187,7 +191,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
     """Read YAML, apply overrides, validate. Relative data/output paths stay relative to the CWD."""
-    raw = _merge(load_yaml(path), parse_overrides(overrides))
+    raw = merge_config(load_yaml(path), parse_overrides(overrides))
     return validate_config(raw, source=str(path))
 
 

@@ -421,9 +421,7 @@ def _implicit_prompt(
     return Example(**{**example.__dict__, "rejected": rejected[-1][1]})
 
 
-def _text_record(
-    record: dict[str, Any], columns: Columns, tags: Tags | None, where: str, root: Path | None
-) -> Example:
+def _text_record(record: dict[str, Any], columns: Columns, where: str) -> Example:
     key = columns.prompt or "text"
     pair_key = columns.query or "text_pair"
     pair = record.get(pair_key)
@@ -462,12 +460,11 @@ def prompt_as_text(record: dict[str, Any], columns: Columns, where: str) -> Exam
     return Example(text=text, where=where)
 
 
-LAYOUTS = {
+CHAT_LAYOUTS = {  # records read as conversations: role tags and image paths apply
     "alpaca": _alpaca,
     "sharegpt": _sharegpt,
     "messages": _sharegpt,
     "prompt": _prompt_style,
-    "text": _text_record,
 }
 
 
@@ -483,9 +480,11 @@ def to_example(
     columns = columns or Columns()
     if fmt == "auto":
         fmt = detect_format(record, where, columns)
+    if fmt == "text":
+        return _text_record(record, columns, where)
     if fmt == "messages" and tags is None:
         tags = OPENAI_TAGS
-    return LAYOUTS[fmt](record, columns, tags, where, root)
+    return CHAT_LAYOUTS[fmt](record, columns, tags, where, root)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
-"""A synthetic image task with checkable answers: one coloured shape on a white canvas.
+"""Test fixture: a synthetic image task with checkable answers, one coloured shape on a white
+canvas. Not part of the user-facing API; only the tests use it (`tests/conftest.py`'s shapes data
+and the vision-language tests in `tests/methods/` and `tests/pipeline/`).
 
 Each image shows a circle, square or triangle in red, green, blue or yellow, at a random place
 and size. Questions ask for its colour or its shape, and the answer is one word. Written as

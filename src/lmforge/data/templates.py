@@ -157,7 +157,12 @@ class ChatTemplate:
         return split_encoding(self.segments(conversation, tokenizer), tokenizer)
 
     def jinja(self, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-        """An equivalent Jinja chat template (messages with system/user/assistant roles)."""
+        """An equivalent Jinja chat template (messages with system/user/assistant roles).
+
+        `tokenizer` is not read here: the template names `bos_token`/`eos_token`, which the
+        tokenizer fills in when it renders. It is taken so that code holding either kind of
+        template (`AnyTemplate`) calls `jinja(tokenizer)` alike; `TokenizerTemplate.jinja` needs it.
+        """
 
         def lit(pattern: str, content_expr: str) -> str:
             out = []

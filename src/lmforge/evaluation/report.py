@@ -80,7 +80,7 @@ def _delta(value: float | None, before: float | None, better: str) -> str:
     return f" ({sign}{fmt(abs(value - before))}{mark})"
 
 
-def task_table(config: EvalConfig, results: dict, task) -> tuple[list[str], list[list[str]]]:
+def task_table(results: dict, task) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per headline metric, one column per model (with its change)."""
     models = [m for m in results if task.name in results[m]]
     lines = {m: headline(task.kind, results[m][task.name]) for m in models}
@@ -187,7 +187,7 @@ def write_report(config: EvalConfig, results: dict, out: Path) -> tuple[Path, Pa
     page += ["<h2>Models (in stage order)</h2>", html_table(["model", "path", "adapter"], described)]
     md.append("Each cell shows the change against the model to its left (▲ better, ▼ worse).\n")
     for task in config.tasks:
-        header, rows = task_table(config, results, task)
+        header, rows = task_table(results, task)
         md += [f"## {task.name} ({task.kind})", "", md_table(header, rows), ""]
         page += [f"<h2>{html.escape(task.name)} ({task.kind})</h2>", html_table(header, rows)]
         plot = plot_task(results, task, out / "plots" / f"{slug(task.name)}.png")

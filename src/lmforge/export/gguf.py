@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from rich.console import Console
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
-from lmforge.artifacts import write_atomic
+from lmforge.artifacts import atomic_file, write_atomic
 from lmforge.data.templates import ChatTemplate, get_template
 from lmforge.models.loading import saved_template_name
 
@@ -520,36 +519,36 @@ def export_gguf(model_dir: str | Path, out: str | Path, out_type: str = "f16", q
     if not quiet:
         console.print(f"exporting {model_dir} ({hp.arch}, {len(plan)} tensors) to {out} as {out_type}")
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, hp.arch)
-    try:
-        _add_hparams(writer, hp, name, out_type)
-        _add_tokenizer(writer, model_dir, hp, quiet)
-        sizes = {}
-        for tensor in plan:
-            block, type_size = gguf.GGML_QUANT_SIZES[tensor.qtype]
-            sizes[tensor.name] = math.prod(tensor.shape) // block * type_size
-            if tensor.qtype in (Q.F32, Q.F16):
-                dtype = np.float32 if tensor.qtype == Q.F32 else np.float16
-                writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(dtype), sizes[tensor.name])
-            else:
-                byte_shape = gguf.quant_shape_to_byte_shape(tensor.shape, tensor.qtype)
-                writer.add_tensor_info(
-                    tensor.name, byte_shape, np.dtype(np.uint8), sizes[tensor.name], raw_dtype=tensor.qtype
-                )
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for tensor in plan:  # one tensor in memory at a time, in the order of the header
-            data = _tensor_data(tensor, weights, hp)
-            assert data.nbytes == sizes[tensor.name], tensor.name
-            writer.write_tensor_data(data)
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as tmp:  # a failure anywhere below leaves no file at `out`
+        writer = gguf.GGUFWriter(tmp, hp.arch)
+        try:
+            _add_hparams(writer, hp, name, out_type)
+            _add_tokenizer(writer, model_dir, hp, quiet)
+            sizes = {}
+            for tensor in plan:
+                block, type_size = gguf.GGML_QUANT_SIZES[tensor.qtype]
+                sizes[tensor.name] = math.prod(tensor.shape) // block * type_size
+                if tensor.qtype in (Q.F32, Q.F16):
+                    dtype = np.float32 if tensor.qtype == Q.F32 else np.float16
+                    writer.add_tensor_info(tensor.name, tensor.shape, np.dtype(dtype), sizes[tensor.name])
+                else:
+                    byte_shape = gguf.quant_shape_to_byte_shape(tensor.shape, tensor.qtype)
+                    writer.add_tensor_info(
+                        tensor.name,
+                        byte_shape,
+                        np.dtype(np.uint8),
+                        sizes[tensor.name],
+                        raw_dtype=tensor.qtype,
+                    )
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for tensor in plan:  # one tensor in memory at a time, in the order of the header
+                data = _tensor_data(tensor, weights, hp)
+                assert data.nbytes == sizes[tensor.name], tensor.name
+                writer.write_tensor_data(data)
+        finally:
+            writer.close()
     if not quiet:
         console.print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")
     return out

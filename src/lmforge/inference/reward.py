@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
+from lmforge.artifacts import write_atomic
 from lmforge.config.model import ModelConfig
 from lmforge.data.templates import AnyTemplate, Conversation, pick_template
 from lmforge.models.loading import (
@@ -110,9 +111,7 @@ def score_command(
             record.update(rejected=example.rejected, rejected_score=next(rejected))
         records.append(record)
     if out is not None:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        tmp.replace(out)
+        write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
     mean = sum(scores) / len(scores)
     lines = [f"{len(records)} records scored, mean reward {mean:.4f}"]
     if pairs:

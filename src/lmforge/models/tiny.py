@@ -1,4 +1,10 @@
-"""Tiny models and tokenizers built offline, for the quickstart, tests and examples.
+"""Test and demo fixtures: tiny random models and tokenizers built offline. Not part of the
+user-facing API: no run config reaches it, and its names change as the tests need.
+
+What uses it: `lmforge quickstart` (`pipeline/quickstart.py`: `build_tiny_tokenizer`,
+`build_tiny_llama`, `save_tiny`) and the test suite (`tests/conftest.py`,
+`tests/tokenizer_families.py` and the tests of methods, export and inference), which builds
+every other model here.
 
 Nothing here touches a network: the tokenizer is a byte-level BPE trained with
 `tokenizers` on text the caller provides, and the model is a randomly initialised

@@ -13,7 +13,7 @@ from lmforge.evaluation.report import fmt, html_table, md_table, task_table
 from lmforge.pipeline.spec import TRAINING, PipelineSpec
 
 
-def loss_curves(spec: PipelineSpec, manifest: dict) -> dict[str, tuple[list[int], list[float]]]:
+def loss_curves(spec: PipelineSpec) -> dict[str, tuple[list[int], list[float]]]:
     curves = {}
     for stage in spec.stages:
         path = spec.output_dir / stage.name / "metrics.jsonl"
@@ -77,7 +77,7 @@ def write_pipeline_report(spec: PipelineSpec, manifest: dict) -> tuple[Path, Pat
         )
     md = [f"# Pipeline {spec.name}", "", md_table(header, rows), ""]
     page = [f"<h1>Pipeline {html.escape(spec.name)}</h1>", html_table(header, rows)]
-    plot = plot_losses(loss_curves(spec, manifest), spec.output_dir / "plots" / "losses.png")
+    plot = plot_losses(loss_curves(spec), spec.output_dir / "plots" / "losses.png")
     if plot is not None:
         md += ["## Loss curves", "", "![losses](plots/losses.png)", ""]
         data = base64.b64encode(plot.read_bytes()).decode()
@@ -90,7 +90,7 @@ def write_pipeline_report(spec: PipelineSpec, manifest: dict) -> tuple[Path, Pat
         md += [f"## {stage.name} (eval)", ""]
         page.append(f"<h2>{html.escape(stage.name)} (eval)</h2>")
         for task in config.tasks:
-            head, table = task_table(config, record["metrics"], task)
+            head, table = task_table(record["metrics"], task)
             md += [f"### {task.name}", "", md_table(head, table), ""]
             page += [f"<h3>{html.escape(task.name)}</h3>", html_table(head, table)]
         md.append(f"Full report: {stage.name}/report.html\n")

@@ -38,10 +38,10 @@ from pydantic import Field, ValidationError
 from lmforge.config.base import Section
 from lmforge.config.loader import (
     ConfigError,
-    _describe,
-    _merge,
     closest,
+    describe_error,
     load_yaml,
+    merge_config,
     validate_config,
     validate_eval_config,
 )
@@ -215,7 +215,7 @@ def parse_pipeline(raw: dict[str, Any], source: str = "pipeline") -> PipelineSpe
         )
     spec = PipelineSpec(name, output_dir, shared, stages, source, raw)
     for stage in stages:
-        _check_body(spec, stage)
+        _check_body(stage)
     _check_flow(spec)
     return spec
 
@@ -251,7 +251,7 @@ def _cycle(start: str, stages: list[StageSpec]) -> list[str]:
     return []
 
 
-def _check_body(spec: PipelineSpec, stage: StageSpec) -> None:
+def _check_body(stage: StageSpec) -> None:
     if stage.kind in TRAINING:
         bad = set(stage.body) - set(RUN_SECTIONS)
         if bad:
@@ -275,7 +275,7 @@ def _check_body(spec: PipelineSpec, stage: StageSpec) -> None:
         OPTIONS[stage.kind].model_validate(stage.body)
     except ValidationError as exc:
         raise ConfigError(
-            "\n".join(_describe(e, stage.where, OPTIONS[stage.kind]) for e in exc.errors())
+            "\n".join(describe_error(e, stage.where, OPTIONS[stage.kind]) for e in exc.errors())
         ) from None
 
 
@@ -318,8 +318,8 @@ def planned_output(spec: PipelineSpec, stage: StageSpec, upstream: Output | None
 
 def training_config(spec: PipelineSpec, stage: StageSpec, upstream: Output | None):
     """The stage's RunConfig: shared sections, then the stage's, then what `from` hands over."""
-    raw = _merge(spec.shared, stage.body)
-    raw = _merge(
+    raw = merge_config(spec.shared, stage.body)
+    raw = merge_config(
         raw, {"method": {"name": stage.kind}, "train": {"output_dir": str(spec.output_dir / stage.name)}}
     )
     if upstream is not None:
@@ -331,14 +331,16 @@ def training_config(spec: PipelineSpec, stage: StageSpec, upstream: Output | Non
                     f"trains a {method} adapter; add a merge stage between them (kind: merge) and take "
                     "`from` it, or use the same adapter method"
                 )
-            raw = _merge(raw, {"model": {"name_or_path": upstream.base}, "adapter": {"path": upstream.path}})
+            raw = merge_config(
+                raw, {"model": {"name_or_path": upstream.base}, "adapter": {"path": upstream.path}}
+            )
         elif upstream.kind == "model":
             if upstream.quantized:
                 raise ConfigError(
                     f"{stage.where}: `{stage.source}` is a quantized checkpoint; train from the 16-bit model "
                     "it was made from (QLoRA quantizes on load: model.quantization: nf4)"
                 )
-            raw = _merge(raw, {"model": {"name_or_path": upstream.path}})
+            raw = merge_config(raw, {"model": {"name_or_path": upstream.path}})
         else:
             raise ConfigError(
                 f"{stage.where}: `{stage.source}` makes a {upstream.kind}, not a model to train"
@@ -365,7 +367,7 @@ def _check_flow(spec: PipelineSpec) -> None:
                     f"{stage.where}: `{stage.source}` trains a MoE-DoRA adapter, which cannot be merged "
                     "(per-token routing has no single weight); use it as base + adapter (chat, serve, eval)"
                 )
-            if _quantized_base(spec, upstream, outputs):
+            if _quantized_base(upstream, outputs):
                 raise ConfigError(
                     f"{stage.where}: the adapter's base is a quantized stage; merge into a 16-bit base"
                 )
@@ -401,5 +403,5 @@ def _check_flow(spec: PipelineSpec) -> None:
         outputs[stage.name] = planned_output(spec, stage, upstream)
 
 
-def _quantized_base(spec: PipelineSpec, adapter: Output, outputs: dict[str, Output]) -> bool:
+def _quantized_base(adapter: Output, outputs: dict[str, Output]) -> bool:
     return any(o.kind == "model" and o.quantized and o.path == adapter.base for o in outputs.values())
