@@ -79,11 +79,11 @@ def test_method_on_a_4bit_base(tmp_path, base_dir, alpaca_file, method):
     raw = sft_config(base_dir, alpaca_file, tmp_path / method, max_steps=2, lr=LR[method])
     raw["adapter"] = {**raw["adapter"], "method": method}
     raw["model"]["quantization"] = "4bit"
-    config = validate_config(raw)
-    if method not in QUANTIZED_OK:
+    if method not in QUANTIZED_OK:  # refused by the config, before any model loads
         with pytest.raises(ValueError, match="cannot train on a quantized base"):
-            load_model_for_training(config, quiet=True, total_steps=2)
+            validate_config(raw)
         return
+    config = validate_config(raw)
     model, hardware = load_model_for_training(config, quiet=True, total_steps=2)
     tokenizer = load_tokenizer(config.model)
     train, _ = tokenize_examples(
@@ -161,11 +161,12 @@ def test_adapter_table_counts_match_real_adapters(base_dir):
     )
     for method in METHODS:
         model = AutoModelForCausalLM.from_pretrained(base_dir)
-        method_config = config.model_copy(update={"method": method})
-        if "error" in rows[method]:  # ia3 cannot be limited to layers: the table says why
+        if "error" in rows[method]:  # ia3 cannot be limited to layers: the config and the table say why
+            assert "cannot be limited to some layers" in rows[method]["error"]
             with pytest.raises(ValueError, match="cannot be limited to some layers"):
-                peft_config(method_config, model, total_steps=100)
+                AdapterConfig.model_validate({**config.model_dump(), "method": method})
             continue
+        method_config = config.model_copy(update={"method": method})
         wrapped = get_peft_model(model, peft_config(method_config, model, total_steps=100))
         real = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
         assert rows[method]["trainable"] == real, method

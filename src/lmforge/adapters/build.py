@@ -24,11 +24,12 @@ from peft import (
     get_peft_model,
     prepare_model_for_kbit_training,
 )
+from pydantic import ValidationError
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lmforge.adapters.moe_dora import MoeDoraModel, MoeDoraSettings, is_moe_dora_folder
-from lmforge.config.adapter import AdapterConfig
+from lmforge.config.adapter import QUANTIZED_OK, AdapterConfig
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -100,9 +101,6 @@ HEADS = (
     "qa_outputs",
 )
 MINIMAL = ("q_proj", "v_proj", "query", "value", "q", "v", "query_proj", "value_proj", "q_lin", "v_lin")
-# Which methods train on a bitsandbytes-quantized base (tested on CPU). FourierFT has no
-# quantized layer in peft; peft 0.21's 4-bit VeRA layer mixes dtypes and fails.
-QUANTIZED_OK = {"lora", "dora", "adalora", "moe_dora", "ia3", "oft", "vision_lora"}
 # MoE-DoRA routes per token: its update depends on the input and cannot be merged.
 MERGEABLE = {"lora", "dora", "adalora", "fourierft", "vera", "ia3", "oft", "vision_lora"}
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")
@@ -330,12 +328,7 @@ def peft_config(
         )
     if config.method == "vera":
         return VeraConfig(**common, r=config.r, vera_dropout=config.dropout, save_projection=True)
-    if config.method == "ia3":
-        if layers is not None:
-            raise ValueError(
-                "adapter.method ia3 cannot be limited to some layers (peft's IA3 has no "
-                "layers_to_transform); use adapter.layers: all"
-            )
+    if config.method == "ia3":  # adapter.layers is all (checked in AdapterConfig)
         feedforward = [t for t in targets if t in FFN + FFN_ALT]
         return IA3Config(target_modules=targets, feedforward_modules=feedforward, task_type=task_type)
     if config.method == "oft":
@@ -442,9 +435,12 @@ def adapter_table(
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
         total = sum(p.numel() for p in model.parameters())
-        adalora = config.adalora.model_copy(update={"init_r": max(config.adalora.init_r, config.r)})
-        method_config = config.model_copy(update={"method": method, "path": None, "adalora": adalora})
+        adalora = {**config.adalora.model_dump(), "init_r": max(config.adalora.init_r, config.r)}
         try:
+            # Validated: a combination AdapterConfig refuses (ia3 on some layers) is the row's error.
+            method_config = AdapterConfig.model_validate(
+                {**config.model_dump(), "method": method, "path": None, "adalora": adalora}
+            )
             if method == "fourierft":
                 # n_frequency coefficients per adapted matrix; building it would draw a random
                 # permutation of every weight matrix (minutes for a 7B model) just to count.
@@ -459,6 +455,9 @@ def adapter_table(
                     for n, p in wrapped.named_parameters()
                     if p.requires_grad and "ranknum" not in n  # AdaLoRA's rank counter, not trained
                 )
+        except ValidationError as exc:
+            rows.append({"method": method, "error": exc.errors()[0]["msg"].removeprefix("Value error, ")})
+            continue
         except ValueError as exc:
             rows.append({"method": method, "error": str(exc)})
             continue
@@ -472,3 +471,11 @@ def adapter_table(
             }
         )
     return rows
+
+
+def final_adapter(model):
+    """The trained adapter alone: the frozen reference copy ("ref") is not part of the result."""
+    if not isinstance(model, MoeDoraModel) and "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+    return model

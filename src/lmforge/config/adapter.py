@@ -12,6 +12,9 @@ from lmforge.config.base import Section
 PRESETS = ("minimal", "attention_only", "ffn_only", "all", "custom")
 METHODS = ("lora", "dora", "adalora", "moe_dora", "fourierft", "vera", "ia3", "oft", "vision_lora", "none")
 LAYERS = re.compile(r"^(?:(top|last):(\d+)|(\d+)-(\d+)|all|auto)$")
+# Which methods train on a bitsandbytes-quantized base (tested on CPU). FourierFT has no
+# quantized layer in peft; peft 0.21's 4-bit VeRA layer mixes dtypes and fails.
+QUANTIZED_OK = ("lora", "dora", "adalora", "moe_dora", "ia3", "oft", "vision_lora")
 
 
 class AdaLoraOptions(Section):
@@ -107,6 +110,11 @@ class AdapterConfig(Section):
             raise ValueError(
                 f"adapter.layers `{self.layers}` is not understood: use all, top:8, last:4, 0-11 or a "
                 "list such as [28, 29, 30, 31]"
+            )
+        if self.method == "ia3" and self.layers not in ("auto", "all"):
+            raise ValueError(
+                "adapter.method ia3 cannot be limited to some layers (peft's IA3 has no "
+                "layers_to_transform); use adapter.layers: all"
             )
         lora_family = ("lora", "dora", "adalora", "moe_dora")
         if self.use_rslora and self.method not in lora_family:

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from lmforge.config.adapter import AdapterConfig
+from lmforge.config.adapter import QUANTIZED_OK, AdapterConfig
 from lmforge.config.base import Section
 from lmforge.config.data import DataConfig
 from lmforge.config.method import MethodConfig
@@ -74,6 +74,10 @@ class RunConfig(Section):
                 f"model.quantization is {self.model.quantization} but adapter.method is none: "
                 "a quantized base cannot be trained directly; use adapter.method: lora (QLoRA)"
             )
+        if self.model.quantization != "none":
+            self._quantized_base()
+        if self.adapter.method == "adalora":
+            self._adalora()
         if self.adapter.loraplus_lr_ratio is not None and self.train.optimizer not in (
             "adamw",
             "adamw_torch",
@@ -88,3 +92,29 @@ class RunConfig(Section):
                 f"method.name sft or pretrain, not {self.method.name}"
             )
         return self
+
+    def _quantized_base(self) -> None:
+        if self.adapter.init == "pissa":
+            raise ValueError(
+                "adapter.init pissa on a quantized base would re-quantize the residual weights; "
+                "use model.quantization: none or adapter.init: default"
+            )
+        if self.adapter.method not in QUANTIZED_OK:
+            raise ValueError(
+                f"adapter.method {self.adapter.method} cannot train on a quantized base (peft has no 4/8-bit "
+                f"layer for it); use model.quantization: none or one of {', '.join(QUANTIZED_OK)}"
+            )
+
+    def _adalora(self) -> None:
+        steps, options = self.train.max_steps, self.adapter.adalora
+        if steps > 0 and options.tinit >= steps - options.tfinal:
+            raise ValueError(
+                f"adapter.adalora: tinit ({options.tinit}) + tfinal ({options.tfinal}) leave no steps of "
+                f"rank allocation in train.max_steps={steps}; lower them"
+            )
+        if self.adapter.path and self.method.name in ("dpo", "orpo", "simpo", "kto", "grpo", "ppo"):
+            raise ValueError(
+                f"{self.method.name} cannot continue an AdaLoRA adapter (adapter.path): its frozen reference "
+                "copy would be a second trainable AdaLoRA adapter, which peft refuses. Merge it first "
+                "(lmforge merge) and train a new adapter on the merged model."
+            )

@@ -17,20 +17,14 @@ classes -> classifier + adapter -> trainer -> train (resuming when asked) -> sav
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from transformers import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     DataCollatorWithPadding,
-    PrinterCallback,
     Trainer,
     TrainingArguments,
-    set_seed,
 )
 
-from lmforge.adapters.build import attach_adapter
-from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.files import DataError
 from lmforge.data.formats import Example, class_label
@@ -39,9 +33,15 @@ from lmforge.data.templates import get_template
 from lmforge.data.tokenize import tokenize_classification
 from lmforge.evaluation.metrics import argmax_logits, label_accuracy
 from lmforge.losses.ce import summed_cross_entropy
-from lmforge.models.loading import auto_config, count_parameters, load_classifier, load_tokenizer
-from lmforge.training.stage import StageResult, optimizer_steps, pissa_init_dir, train_and_save
-from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
+from lmforge.models.loading import auto_config, load_tokenizer
+from lmforge.training.stage import (
+    StageResult,
+    begin_stage,
+    load_model_for_training,
+    optimizer_steps,
+    train_and_save,
+)
+from lmforge.training.trainer import common_arguments, stage_trainer
 
 console = Console(stderr=True)
 
@@ -110,9 +110,7 @@ def check_known(examples: list[Example], table: dict[int | str, int]) -> None:
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     data = load_examples(config.data, "classify")
@@ -132,42 +130,29 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
                 f"and were cut (e.g. {', '.join(stats.truncated_where[:2])})"
             )
 
-    set_seed(config.train.seed)  # head and adapter initialisation are reproducible too
-    model, hardware = load_classifier(config.model, labels, quiet=quiet)
-    model.config.pad_token_id = tokenizer.pad_token_id  # a causal LM's head reads the last non-pad token
-    if config.adapter.method != "none":
-        steps = optimizer_steps(config, len(train_ds))
-        model = attach_adapter(
-            model,
-            config.adapter,
-            config.train.gradient_checkpointing,
-            steps,
-            pissa_init_dir(config),
-            "SEQ_CLS",
-        )
-    if not quiet:
-        trainable, total = count_parameters(model)
-        console.print(f"[bold]parameters[/]: {trainable:,} trainable / {total:,} total (with the head)")
+    steps = optimizer_steps(config, len(train_ds))
+    model, hardware = load_model_for_training(config, quiet, steps, "classify", tokenizer, labels)
 
     args = TrainingArguments(
         **common_arguments(config.train, hardware, eval_ds is not None),
         include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
     )
-    trainer = Trainer(
-        model=model,
+    trainer = stage_trainer(
+        Trainer,
+        config,
+        model,
+        "classify",
+        quiet,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        optimizers=(stage_optimizer(config, model), None),
         compute_loss_func=summed_cross_entropy,  # exact under gradient accumulation
-        callbacks=stage_callbacks(config, model, "classify", quiet),
         compute_metrics=label_accuracy,
         preprocess_logits_for_metrics=argmax_logits,
     )
-    trainer.remove_callback(PrinterCallback)
     note = "Classes by id: " + ", ".join(f"{i} = {name}" for i, name in enumerate(labels))
     template = get_template("plain")  # recorded beside the model; a classifier has no chat format
     return train_and_save(trainer, config, tokenizer, template, stats, eval_ds is not None, quiet, note)

@@ -35,8 +35,10 @@ from lmforge.data.tokenize import tokenize_examples
 from lmforge.losses.kd import distillation_loss
 from lmforge.models.loading import load_causal_lm, load_tokenizer
 from lmforge.models.location import model_location
+from lmforge.training.compat import log_metric
 from lmforge.training.stage import (
     StageResult,
+    begin_stage,
     load_model_for_training,
     optimizer_steps,
     resolve_template,
@@ -133,7 +135,7 @@ class DistillTrainer(ForgeTrainer):
         )
         mode = "train" if model.training else "eval"
         for name, value in parts.items():
-            self._metrics[mode][name].append(value)
+            log_metric(self, mode, name, value)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -175,9 +177,7 @@ def teacher_answers(config: RunConfig, out: Path, quiet: bool) -> Path:
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    output_dir = begin_stage(config, check)
     options = config.method.distill
     assert options is not None
 

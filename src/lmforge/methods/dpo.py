@@ -13,22 +13,18 @@ Top to bottom: config -> tokenizer and template -> pairs -> model + adapter -> t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
-from transformers import PrinterCallback
 from trl import DPOConfig, DPOTrainer
 
-from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.loading import load_tokenizer
 from lmforge.training import trl_experimental
-from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.preference import MoeAuxLoss, final_adapter, pair_dataset, policy_model, use_template
-from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
-from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
+from lmforge.training.compat import pending_metrics
+from lmforge.training.preference import MoeAuxLoss, pair_dataset, policy_model, use_template
+from lmforge.training.stage import StageResult, begin_stage, optimizer_steps, resolve_template, train_and_save
+from lmforge.training.trainer import common_arguments, stage_trainer
 
 console = Console(stderr=True)
 METHODS = ("dpo", "orpo", "simpo")
@@ -43,7 +39,7 @@ class ForgeDPOTrainer(MoeAuxLoss, DPOTrainer):
     """
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        metrics = self._metrics["train" if self.model.training else "eval"]
+        metrics = pending_metrics(self, "train" if self.model.training else "eval")
         for side in ("chosen", "rejected"):
             if metrics.get(f"rewards/{side}"):
                 metrics[f"logratio/{side}"] = [r / self.beta for r in metrics[f"rewards/{side}"]]
@@ -85,31 +81,30 @@ def dpo_arguments(config: RunConfig, has_eval: bool, hardware) -> DPOConfig:
 
 
 def build_trainer(config: RunConfig, model, tokenizer, hardware, train_ds, eval_ds, quiet: bool, peft=None):
-    kwargs = {
-        "model": model,
-        "peft_config": peft,
-        "train_dataset": train_ds,
-        "eval_dataset": eval_ds,
-        "processing_class": tokenizer,
-        "callbacks": stage_callbacks(config, model, config.method.name, quiet),
-        "optimizers": (stage_optimizer(config, model), None),
-    }
-    arguments = common_arguments(config.train, hardware, eval_ds is not None)
-    name, length = config.method.name, config.data.max_length
+    name, length, has_eval = config.method.name, config.data.max_length, eval_ds is not None
+    arguments = common_arguments(config.train, hardware, has_eval)
     if name == "dpo":
-        trainer = ForgeDPOTrainer(args=dpo_arguments(config, eval_ds is not None, hardware), **kwargs)
+        trainer_class, args = ForgeDPOTrainer, dpo_arguments(config, has_eval, hardware)
     elif name == "orpo":
-        trainer = trl_experimental.orpo_trainer(config.method, arguments, length, **kwargs)
+        trainer_class, args = trl_experimental.orpo(config.method, arguments, length)
     else:
-        trainer = trl_experimental.simpo_trainer(config.method, arguments, length, **kwargs)
-    trainer.remove_callback(PrinterCallback)
-    return trainer
+        trainer_class, args = trl_experimental.simpo(config.method, arguments, length)
+    return stage_trainer(
+        trainer_class,
+        config,
+        model,
+        name,
+        quiet,
+        args=args,
+        peft_config=peft,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+    )
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config, tokenizer)
@@ -122,17 +117,5 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
 
     model, hardware, peft = policy_model(config, quiet, optimizer_steps(config, len(train_ds)))
     trainer = build_trainer(config, model, tokenizer, hardware, train_ds, eval_ds, quiet, peft)
-    resume = resolve_resume(output_dir, config.train.resume)
-    if resume and not quiet:
-        console.print(f"[bold]resuming[/] from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-
-    model = final_adapter(trainer.model)
-    artifact = save_artifact(model, tokenizer, template, output_dir / "adapter", "adapter", config)
-    if not quiet:
-        console.print(f"[bold green]saved[/] adapter to {artifact}")
     stats = TokenizeStats(examples=len(train_ds))
-    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
+    return train_and_save(trainer, config, tokenizer, template, stats, eval_ds is not None, quiet)

@@ -21,14 +21,12 @@ model + adapter -> trainer -> train -> save the adapter (with the image processo
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from datasets import Dataset
 from rich.console import Console
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.multimodal import VisionCollator, VisionProcessor, encode_multimodal
@@ -36,10 +34,16 @@ from lmforge.data.tokenize import TokenizeStats
 from lmforge.losses.dpo import answer_logps, answer_tokens, dpo_loss
 from lmforge.methods import dpo
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.preference import final_adapter, keep_reference_copy, reference
-from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
-from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
+from lmforge.training.preference import keep_reference_copy, reference
+from lmforge.training.stage import (
+    StageResult,
+    begin_stage,
+    load_model_for_training,
+    optimizer_steps,
+    resolve_template,
+    train_and_save,
+)
+from lmforge.training.trainer import common_arguments, stage_trainer
 
 console = Console(stderr=True)
 
@@ -160,9 +164,7 @@ class VisionDPOTrainer(Trainer):
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config, tokenizer)
@@ -184,37 +186,30 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         **common_arguments(config.train, hardware, eval_ds is not None), prediction_loss_only=True
     )
     method = config.method
-    trainer = VisionDPOTrainer(
-        model=model,
+    trainer = stage_trainer(
+        VisionDPOTrainer,
+        config,
+        model,
+        "dpo",
+        quiet,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=PairCollator(VisionCollator(tokenizer.pad_token_id, vision)),
         processing_class=tokenizer,
-        callbacks=stage_callbacks(config, model, "dpo", quiet),
-        optimizers=(stage_optimizer(config, model), None),
         beta=method.preference_beta,
         loss_type=method.loss_type,
         label_smoothing=method.label_smoothing,
         sft_weight=method.sft_weight,
     )
-    trainer.remove_callback(PrinterCallback)
-    resume = resolve_resume(output_dir, config.train.resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-
-    artifact = save_artifact(
-        final_adapter(model),
+    stats = TokenizeStats(examples=len(train_ds))
+    return train_and_save(
+        trainer,
+        config,
         tokenizer,
         template,
-        output_dir / "adapter",
-        "adapter",
-        config,
+        stats,
+        eval_ds is not None,
+        quiet,
         image_processor=vision.image_processor,
     )
-    if not quiet:
-        console.print(f"[bold green]saved[/] adapter to {artifact}")
-    stats = TokenizeStats(examples=len(train_ds))
-    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)

@@ -26,10 +26,9 @@ from pathlib import Path
 
 from datasets import Dataset
 from rich.console import Console
-from transformers import PrinterCallback, TrainerCallback
+from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.formats import Example
 from lmforge.data.loader import load_examples
@@ -37,10 +36,9 @@ from lmforge.data.tokenize import TokenizeStats
 from lmforge.inference.engine import stop_token_ids
 from lmforge.methods.rewards import RewardSource, build_rewards, write_samples
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.preference import MoeAuxLoss, final_adapter, policy_model, prompt_messages, use_template
-from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
-from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
+from lmforge.training.preference import MoeAuxLoss, policy_model, prompt_messages, use_template
+from lmforge.training.stage import StageResult, begin_stage, optimizer_steps, resolve_template, train_and_save
+from lmforge.training.trainer import common_arguments, stage_trainer
 
 console = Console(stderr=True)
 
@@ -123,9 +121,7 @@ def grpo_arguments(config: RunConfig, hardware, has_eval: bool, weights: list[fl
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    output_dir = begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config, tokenizer)
@@ -142,29 +138,19 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     model, hardware, peft = policy_model(config, quiet, optimizer_steps(config, len(train_ds) * group))
     model.generation_config.eos_token_id = stop_token_ids(tokenizer, template)  # trl stops and masks there
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    callbacks = stage_callbacks(config, model, "grpo", quiet)
-    callbacks.append(SamplesCallback(output_dir / "samples.jsonl", config.method.samples_every, sources))
-    trainer = ForgeGRPOTrainer(
-        model=model,
+    trainer = stage_trainer(
+        ForgeGRPOTrainer,
+        config,
+        model,
+        "grpo",
+        quiet,
+        [SamplesCallback(output_dir / "samples.jsonl", config.method.samples_every, sources)],
         reward_funcs=sources,
         args=grpo_arguments(config, hardware, eval_ds is not None, [s.spec.weight for s in sources]),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=callbacks,
-        optimizers=(stage_optimizer(config, model), None),
         peft_config=peft,
     )
-    trainer.remove_callback(PrinterCallback)
-    resume = resolve_resume(output_dir, config.train.resume)
-    if resume and not quiet:
-        console.print(f"[bold]resuming[/] from {resume}")
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-
-    model = final_adapter(trainer.model)
-    artifact = save_artifact(model, tokenizer, template, output_dir / "adapter", "adapter", config)
-    if not quiet:
-        console.print(f"[bold green]saved[/] adapter to {artifact}")
     stats = TokenizeStats(examples=len(train_ds))
-    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
+    return train_and_save(trainer, config, tokenizer, template, stats, evaluate=False, quiet=quiet)

@@ -12,28 +12,17 @@ order: the examples are shuffled once with `train.seed`, then read in order, at 
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 from rich.console import Console
-from transformers import PrinterCallback
 from trl import KTOConfig, KTOTrainer
 
-from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.loading import is_vision_language, load_tokenizer
-from lmforge.training.checkpoints import resolve_resume
-from lmforge.training.preference import (
-    MoeAuxLoss,
-    final_adapter,
-    kto_dataset,
-    kto_from_pairs,
-    policy_model,
-    use_template,
-)
-from lmforge.training.stage import StageResult, optimizer_steps, resolve_template
-from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
+from lmforge.training.preference import MoeAuxLoss, kto_dataset, kto_from_pairs, policy_model, use_template
+from lmforge.training.stage import StageResult, begin_stage, optimizer_steps, resolve_template, train_and_save
+from lmforge.training.trainer import common_arguments, stage_trainer
 
 console = Console(stderr=True)
 
@@ -61,9 +50,7 @@ def check(config: RunConfig) -> None:
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config, tokenizer)
@@ -90,26 +77,17 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         precompute_ref_log_probs=method.precompute_ref or config.adapter.method == "moe_dora",
         max_length=config.data.max_length,
     )
-    trainer = ForgeKTOTrainer(
-        model=model,
-        peft_config=peft,
+    trainer = stage_trainer(
+        ForgeKTOTrainer,
+        config,
+        model,
+        "kto",
+        quiet,
         args=args,
+        peft_config=peft,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=stage_callbacks(config, model, "kto", quiet),
-        optimizers=(stage_optimizer(config, model), None),
     )
-    trainer.remove_callback(PrinterCallback)
-    resume = resolve_resume(output_dir, config.train.resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-
-    model = final_adapter(trainer.model)
-    artifact = save_artifact(model, tokenizer, template, output_dir / "adapter", "adapter", config)
-    if not quiet:
-        console.print(f"[bold green]saved[/] adapter to {artifact}")
     stats = TokenizeStats(examples=len(train_ds))
-    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
+    return train_and_save(trainer, config, tokenizer, template, stats, eval_ds is not None, quiet)

@@ -23,20 +23,14 @@ tokenizer (it must have a mask token) -> texts -> model + adapter -> trainer -> 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from datasets import IterableDataset
 from rich.console import Console
 from transformers import (
     DataCollatorForLanguageModeling,
-    PrinterCallback,
     Trainer,
     TrainingArguments,
-    set_seed,
 )
 
-from lmforge.adapters.build import attach_adapter
-from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
 from lmforge.data.templates import get_template
@@ -44,15 +38,19 @@ from lmforge.data.tokenize import TokenizeStats, text_chunks, tokenize_chunks
 from lmforge.evaluation.metrics import argmax_logits, label_accuracy
 from lmforge.losses.ce import summed_cross_entropy
 from lmforge.models.loading import (
-    count_parameters,
     has_masked_lm_head,
     is_encoder_decoder,
-    load_masked_lm,
     load_tokenizer,
     model_type,
 )
-from lmforge.training.stage import StageResult, optimizer_steps, pissa_init_dir, train_and_save
-from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
+from lmforge.training.stage import (
+    StageResult,
+    begin_stage,
+    load_model_for_training,
+    optimizer_steps,
+    train_and_save,
+)
+from lmforge.training.trainer import common_arguments, stage_trainer
 
 console = Console(stderr=True)
 
@@ -96,9 +94,7 @@ def check(config: RunConfig) -> None:
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     if tokenizer.mask_token is None:
@@ -135,16 +131,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
                 f"rows of at most {max_length}"
             )
 
-    set_seed(config.train.seed)  # adapter initialisation is reproducible too
-    model, hardware = load_masked_lm(config.model, quiet=quiet)
-    if config.adapter.method != "none":
-        steps = optimizer_steps(config, stats.examples)
-        model = attach_adapter(
-            model, config.adapter, config.train.gradient_checkpointing, steps, pissa_init_dir(config), None
-        )
-    if not quiet:
-        trainable, total = count_parameters(model)
-        console.print(f"[bold]parameters[/]: {trainable:,} trainable / {total:,} total")
+    model, hardware = load_model_for_training(config, quiet, optimizer_steps(config, stats.examples), "mlm")
 
     args = TrainingArguments(
         **common_arguments(config.train, hardware, eval_ds is not None),
@@ -154,19 +141,20 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     collator = DataCollatorForLanguageModeling(
         tokenizer, mlm=True, mlm_probability=config.method.mlm_probability
     )
-    trainer = Trainer(
-        model=model,
+    trainer = stage_trainer(
+        Trainer,
+        config,
+        model,
+        "mlm",
+        quiet,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         data_collator=collator,
-        optimizers=(stage_optimizer(config, model), None),
         compute_loss_func=summed_cross_entropy,  # exact under gradient accumulation
-        callbacks=stage_callbacks(config, model, "mlm", quiet),
         compute_metrics=label_accuracy,  # eval_accuracy: masked tokens predicted right
         preprocess_logits_for_metrics=argmax_logits,
     )
-    trainer.remove_callback(PrinterCallback)
     template = get_template("plain")  # recorded beside the model; an encoder has no chat format
     return train_and_save(trainer, config, tokenizer, template, stats, eval_ds is not None, quiet)

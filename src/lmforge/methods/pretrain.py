@@ -10,12 +10,9 @@ architecture (`model.arch`). Progress shows tokens/s; metrics.jsonl counts token
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from datasets import Dataset, IterableDataset
 from rich.console import Console
 
-from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
 from lmforge.data.templates import get_template
@@ -23,6 +20,7 @@ from lmforge.data.tokenize import TokenizeStats, text_blocks, text_documents, to
 from lmforge.models.loading import arch_tokenizer, load_tokenizer
 from lmforge.training.stage import (
     StageResult,
+    begin_stage,
     load_model_for_training,
     optimizer_steps,
     resolve_template,
@@ -62,9 +60,7 @@ def _streamed(config: RunConfig, tokenizer) -> IterableDataset:
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    begin_stage(config, check)
 
     tokenizer = arch_tokenizer(config.model.arch) if config.model.arch else load_tokenizer(config.model)
     auto = config.data.template == "auto"

@@ -14,21 +14,23 @@ train -> save the adapter (+ head) with the tokenizer and template.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
-from transformers import PrinterCallback
 from trl import RewardConfig, RewardTrainer
 
-from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.checkpoints import resolve_resume
 from lmforge.training.preference import pair_dataset, use_template
-from lmforge.training.stage import StageResult, load_model_for_training, optimizer_steps, resolve_template
-from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
+from lmforge.training.stage import (
+    StageResult,
+    begin_stage,
+    load_model_for_training,
+    optimizer_steps,
+    resolve_template,
+    train_and_save,
+)
+from lmforge.training.trainer import common_arguments, stage_trainer
 
 console = Console(stderr=True)
 
@@ -46,9 +48,7 @@ def check(config: RunConfig) -> None:
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config, tokenizer)
@@ -57,39 +57,32 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     train_ds = pair_dataset(data.train, "reward", with_margin=config.method.margin)
     eval_ds = pair_dataset(data.eval, "reward", with_margin=config.method.margin) if data.eval else None
 
-    model, hardware = load_model_for_training(
-        config, quiet, optimizer_steps(config, len(train_ds)), reward=True
-    )
-    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    steps = optimizer_steps(config, len(train_ds))
+    model, hardware = load_model_for_training(config, quiet, steps, task="reward", tokenizer=tokenizer)
     args = RewardConfig(
         **common_arguments(config.train, hardware, eval_ds is not None),
         max_length=config.data.max_length,
         center_rewards_coefficient=config.method.center_rewards,
     )
-    trainer = RewardTrainer(
-        model=model,
+    trainer = stage_trainer(
+        RewardTrainer,
+        config,
+        model,
+        "reward",
+        quiet,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=stage_callbacks(config, model, "reward", quiet),
-        optimizers=(stage_optimizer(config, model), None),
     )
-    trainer.remove_callback(PrinterCallback)
     dropped = len(train_ds) - len(trainer.train_dataset)
     if dropped and not quiet:
         console.print(
             f"[yellow]warning[/]: {dropped} pairs are longer than data.max_length={config.data.max_length} "
             "and were left out; raise data.max_length to keep them"
         )
-    resume = resolve_resume(output_dir, config.train.resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
-    if eval_ds is not None:
-        metrics.update(trainer.evaluate())
-
-    artifact = save_artifact(trainer.model, tokenizer, template, output_dir / "reward", "adapter", config)
-    if not quiet:
-        console.print(f"[bold green]saved[/] reward model (adapter + score head) to {artifact}")
     stats = TokenizeStats(examples=len(train_ds))
-    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
+    # The adapter and its score head, under reward/ (what PPO, GRPO and `lmforge reward` load).
+    return train_and_save(
+        trainer, config, tokenizer, template, stats, eval_ds is not None, quiet, folder="reward"
+    )

@@ -8,18 +8,16 @@ in the template's stop token so the model learns when to stop.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from datasets import IterableDataset
 from rich.console import Console
 
-from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
 from lmforge.data.tokenize import TokenizeStats, iter_tokenized, pack, tokenize_examples
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.stage import (
     StageResult,
+    begin_stage,
     load_model_for_training,
     optimizer_steps,
     resolve_template,
@@ -79,9 +77,7 @@ def _report(stats: TokenizeStats, max_length: int, label: str) -> None:
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config, tokenizer)

@@ -21,19 +21,13 @@ the latest complete checkpoint when asked) -> save (adapter or model, tokenizer,
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from transformers import (
     DataCollatorForSeq2Seq,
-    PrinterCallback,
     Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
-    set_seed,
 )
 
-from lmforge.adapters.build import attach_adapter
-from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.files import DataError
 from lmforge.data.formats import Example
@@ -43,9 +37,15 @@ from lmforge.data.tokenize import IGNORE, tokenize_seq2seq
 from lmforge.evaluation.metrics import argmax_logits, label_accuracy
 from lmforge.losses.ce import summed_cross_entropy
 from lmforge.methods import sft
-from lmforge.models.loading import count_parameters, load_seq2seq_lm, load_tokenizer
-from lmforge.training.stage import StageResult, optimizer_steps, pissa_init_dir, train_and_save
-from lmforge.training.trainer import common_arguments, stage_callbacks, stage_optimizer
+from lmforge.models.loading import load_tokenizer
+from lmforge.training.stage import (
+    StageResult,
+    begin_stage,
+    load_model_for_training,
+    optimizer_steps,
+    train_and_save,
+)
+from lmforge.training.trainer import common_arguments, stage_trainer
 
 console = Console(stderr=True)
 
@@ -85,9 +85,7 @@ def check_pairs(examples: list[Example]) -> None:
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     data = load_examples(config.data, "sft")
@@ -106,40 +104,29 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
                 "raise data.max_length to keep them whole"
             )
 
-    set_seed(config.train.seed)  # adapter initialisation is reproducible too
-    model, hardware = load_seq2seq_lm(config.model, for_training=True, quiet=quiet)
-    if config.adapter.method != "none":
-        model = attach_adapter(
-            model,
-            config.adapter,
-            config.train.gradient_checkpointing,
-            optimizer_steps(config, len(train_ds)),
-            pissa_init_dir(config),
-            task_type="SEQ_2_SEQ_LM",
-        )
-    if not quiet:
-        trainable, total = count_parameters(model)
-        console.print(f"[bold]parameters[/]: {trainable:,} trainable / {total:,} total")
+    steps = optimizer_steps(config, len(train_ds))
+    model, hardware = load_model_for_training(config, quiet, steps, "seq2seq")
 
     args = Seq2SeqTrainingArguments(
         **common_arguments(config.train, hardware, eval_ds is not None),
         include_num_input_tokens_seen="non_padding",
         train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
     )
-    trainer = Seq2SeqTrainer(
-        model=model,
+    trainer = stage_trainer(
+        Seq2SeqTrainer,
+        config,
+        model,
+        "sft",
+        quiet,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         # With the model: decoder inputs made from the labels (the loss function takes the labels).
         data_collator=DataCollatorForSeq2Seq(tokenizer, model, label_pad_token_id=IGNORE),
-        optimizers=(stage_optimizer(config, model), None),
         compute_loss_func=summed_cross_entropy,  # exact under gradient accumulation
-        callbacks=stage_callbacks(config, model, "sft", quiet),
         compute_metrics=label_accuracy,  # eval_accuracy: target tokens right, teacher-forced
         preprocess_logits_for_metrics=argmax_logits,
     )
-    trainer.remove_callback(PrinterCallback)
     template = get_template("plain")  # recorded beside the model; the encoder reads plain text
     return train_and_save(trainer, config, tokenizer, template, stats, eval_ds is not None, quiet, CARD_NOTE)

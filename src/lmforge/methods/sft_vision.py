@@ -15,12 +15,9 @@ images -> model + adapter -> trainer -> train (resuming when asked) -> save (wit
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from datasets import Dataset
 from rich.console import Console
 
-from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.multimodal import VisionCollator, VisionProcessor, encode_multimodal
@@ -29,12 +26,13 @@ from lmforge.methods import sft
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.stage import (
     StageResult,
+    begin_stage,
     load_model_for_training,
     optimizer_steps,
     resolve_template,
     train_and_save,
 )
-from lmforge.training.trainer import ForgeTrainer, stage_callbacks, stage_optimizer, training_arguments
+from lmforge.training.trainer import ForgeTrainer, stage_trainer, training_arguments
 
 console = Console(stderr=True)
 
@@ -68,9 +66,7 @@ def encode_all(examples, template, tokenizer, vision: VisionProcessor, config: R
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    check(config)
-    output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config, tokenizer)
@@ -94,19 +90,18 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     args = training_arguments(
         config.train, hardware, data_config.max_length, eval_rows is not None, padding_free=False
     )
-    trainer = ForgeTrainer(
-        model=model,
+    trainer = stage_trainer(
+        ForgeTrainer,
+        config,
+        model,
+        "sft",
+        quiet,
         args=args,
         train_dataset=train_rows,
         eval_dataset=eval_rows,
         processing_class=tokenizer,
         data_collator=VisionCollator(tokenizer.pad_token_id, vision),
-        optimizers=(stage_optimizer(config, model), None),
-        callbacks=stage_callbacks(config, model, "sft", quiet),
     )
-    from transformers import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
     # adapter.method is never none here (checked): the artifact is the adapter, with the images' processor
     return train_and_save(
         trainer, config, tokenizer, template, stats, eval_rows is not None, quiet,

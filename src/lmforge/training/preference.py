@@ -30,6 +30,7 @@ from lmforge.data.formats import Example
 from lmforge.data.templates import AnyTemplate
 from lmforge.data.tokenize import IGNORE, encode_conversation
 from lmforge.losses.dpo import answer_logps
+from lmforge.training.compat import log_metric
 from lmforge.training.stage import load_model_for_training
 
 
@@ -43,12 +44,7 @@ def policy_model(config: RunConfig, quiet: bool, total_steps: int):
     if config.adapter.method != "adalora":
         model, hardware = load_model_for_training(config, quiet, total_steps)
         return model, hardware, None
-    if config.adapter.path:
-        raise ValueError(
-            f"{config.method.name} cannot continue an AdaLoRA adapter (adapter.path): trl's frozen reference "
-            "copy would be a second trainable AdaLoRA adapter, which peft refuses. Merge it first "
-            "(lmforge merge) and train a new adapter on the merged model."
-        )
+    # Not when continuing an AdaLoRA adapter (adapter.path): RunConfig refuses that for preference stages.
     bare = config.model_copy(update={"adapter": config.adapter.model_copy(update={"method": "none"})})
     model, hardware = load_model_for_training(bare, quiet=True)
     model = prepare_base(model, config.adapter, config.train.gradient_checkpointing)
@@ -67,14 +63,6 @@ def reference(model) -> Iterator[None]:
     else:
         with model.disable_adapter():
             yield
-
-
-def final_adapter(model):
-    """The trained adapter alone: the frozen reference copy ("ref") is not part of the result."""
-    if not isinstance(model, MoeDoraModel) and "ref" in getattr(model, "peft_config", {}):
-        model.delete_adapter("ref")
-        model.set_adapter("default")
-    return model
 
 
 def keep_reference_copy(model) -> None:
@@ -170,11 +158,7 @@ class MoeAuxLoss:
         aux = unwrapped.pop_aux_loss()
         if aux is None or unwrapped.settings.aux_loss_weight == 0:
             return result
-        metrics = getattr(self, "_metrics", None)  # trl's stable trainers
-        if metrics is not None:
-            metrics["train"]["moe_aux_loss"].append(aux.item())
-        elif hasattr(self, "store_metrics"):  # trl's experimental ORPO/CPO trainers
-            self.store_metrics({"moe_aux_loss": aux.item()}, train_eval="train")
+        log_metric(self, "train", "moe_aux_loss", aux.item())
         extra = unwrapped.settings.aux_loss_weight * aux
         if return_outputs:
             loss, outputs = result

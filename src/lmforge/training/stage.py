@@ -1,21 +1,31 @@
-"""What every stage driver returns, and the template choice they share."""
+"""What every stage driver shares: the template choice, the model loader, the tail (resume,
+train, evaluate, save) and the result it returns."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from lmforge.adapters.build import attach_adapter
-from lmforge.artifacts import save_artifact
+from lmforge.adapters.build import attach_adapter, final_adapter
+from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
+from lmforge.config.optim import CUDA_ONLY
 from lmforge.data.templates import AnyTemplate, pick_template
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.hardware import Hardware, choose_hardware
-from lmforge.models.loading import count_parameters, load_causal_lm, saved_template_name
+from lmforge.models.loading import (
+    count_parameters,
+    load_causal_lm,
+    load_classifier,
+    load_masked_lm,
+    load_seq2seq_lm,
+    saved_template_name,
+)
 from lmforge.training.checkpoints import resolve_resume
 
 console = Console(stderr=True)
@@ -31,6 +41,26 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def begin_stage(config: RunConfig, check: Callable[[RunConfig], None]) -> Path:
+    """The head every driver shares, before anything loads: the stage's own `check`, then
+    `check_stage`; the resolved config is written to output_dir, which is returned."""
+    check(config)
+    check_stage(config)
+    output_dir = Path(config.train.output_dir)
+    write_resolved_config(config, output_dir)
+    return output_dir
+
+
+def check_stage(config: RunConfig) -> None:
+    """What every stage checks that the config schema cannot: combinations that depend on the
+    machine (the device the model will load on)."""
+    if config.train.optimizer in CUDA_ONLY and choose_hardware(config.model).device != "cuda":
+        raise ValueError(
+            f"train.optimizer {config.train.optimizer} keeps bitsandbytes' 8-bit/paged states on a CUDA GPU "
+            "and none is in use; use train.optimizer: adamw"
+        )
+
+
 def resolve_template(config: RunConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> AnyTemplate:
     """data.template; `auto` resolves as every command does (`data.templates.pick_template`)."""
     return template_for(config.data.template, config.model.name_or_path, tokenizer)
@@ -43,21 +73,54 @@ def template_for(
     return pick_template(name, [saved_template_name(model_name_or_path)], tokenizer, model_name_or_path)
 
 
+# What each task loads, and the peft task its adapter is attached with.
+TASKS = {
+    "causal": "CAUSAL_LM",
+    "reward": "SEQ_CLS",  # one output: the reward model's backbone + a scalar head
+    "classify": "SEQ_CLS",  # one output per class (`labels`)
+    "mlm": None,  # a masked LM: peft has no task type for it
+    "seq2seq": "SEQ_2_SEQ_LM",
+}
+
+
 def load_model_for_training(
     config: RunConfig,
     quiet: bool = False,
     total_steps: int | None = None,
-    reward: bool = False,
+    task: str = "causal",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    labels: list[str] | None = None,
 ) -> tuple[PreTrainedModel, Hardware]:
     """Seeded model load plus the configured adapter; prints trainable / total parameters.
 
-    `total_steps` (the optimizer steps the run will take) is needed by AdaLoRA's rank schedule.
-    `reward=True` loads a one-output sequence classifier (the reward model's backbone + head).
-    With `model.arch` the model is built new from the lab architecture (its `tokenizer` given).
+    `task` (a key of TASKS) picks the model class: a causal LM, a one-output reward classifier, a
+    classifier over `labels`, a masked LM or an encoder-decoder. `total_steps` (the optimizer
+    steps the run will take) is needed by AdaLoRA's rank schedule. With `model.arch` the causal LM
+    is built new from the lab architecture (its `tokenizer` given). A sequence classifier's head
+    reads the last non-pad token, so it is told the `tokenizer`'s pad id when one is given.
     """
-    set_seed(config.train.seed)  # adapter (and reward head) initialisation must be reproducible too
-    if config.model.arch:
+    set_seed(config.train.seed)  # adapter (and head) initialisation must be reproducible too
+    model, hardware = _load(config, task, quiet, tokenizer, labels)
+    if TASKS[task] == "SEQ_CLS" and tokenizer is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if config.adapter.method != "none":
+        model = attach_adapter(
+            model,
+            config.adapter,
+            config.train.gradient_checkpointing,
+            total_steps,
+            pissa_init_dir(config),
+            task_type=TASKS[task],
+        )
+    trainable, total = count_parameters(model)
+    if not quiet:
+        share = 100 * trainable / max(total, 1)
+        console.print(f"[bold]parameters[/]: {trainable:,} trainable / {total:,} total ({share:.3f}%)")
+    return model, hardware
+
+
+def _load(config: RunConfig, task: str, quiet: bool, tokenizer, labels) -> tuple[PreTrainedModel, Hardware]:
+    if task == "causal" and config.model.arch:
         from lmforge.lab.build import new_model
 
         assert tokenizer is not None, "model.arch needs the architecture's tokenizer"
@@ -66,22 +129,15 @@ def load_model_for_training(
             console.print(f"[bold]hardware[/]: {hardware.describe()}")
         model = new_model(config.model.arch, tokenizer, hardware.attn_implementation).to(hardware.device)
         model.config.use_cache = False
-    else:
-        model, hardware = load_causal_lm(config.model, for_training=True, quiet=quiet, reward=reward)
-    if config.adapter.method != "none":
-        model = attach_adapter(
-            model,
-            config.adapter,
-            config.train.gradient_checkpointing,
-            total_steps,
-            pissa_init_dir(config),
-            task_type="SEQ_CLS" if reward else "CAUSAL_LM",
-        )
-    trainable, total = count_parameters(model)
-    if not quiet:
-        share = 100 * trainable / max(total, 1)
-        console.print(f"[bold]parameters[/]: {trainable:,} trainable / {total:,} total ({share:.3f}%)")
-    return model, hardware
+        return model, hardware
+    if task in ("causal", "reward"):
+        return load_causal_lm(config.model, for_training=True, quiet=quiet, reward=task == "reward")
+    if task == "classify":
+        assert labels is not None, "a classifier needs its labels"
+        return load_classifier(config.model, labels, quiet=quiet)
+    if task == "mlm":
+        return load_masked_lm(config.model, quiet=quiet)
+    return load_seq2seq_lm(config.model, for_training=True, quiet=quiet)
 
 
 def train_and_save(
@@ -94,10 +150,13 @@ def train_and_save(
     quiet: bool = False,
     card_extra: str = "",
     image_processor=None,
+    folder: str | None = None,
 ) -> StageResult:
     """The end every trainer-based driver shares: resume from the latest complete checkpoint
     (`train.resume`), train, evaluate when there is evaluation data, save the adapter (or the
-    whole model when adapter.method is none) with tokenizer, template and card."""
+    whole model when adapter.method is none) with tokenizer, template and card, under
+    output_dir/`folder` (default: adapter or model). A preference stage's frozen reference copy
+    of the adapter is not saved (`final_adapter`)."""
     output_dir = Path(config.train.output_dir)
     resume = resolve_resume(output_dir, config.train.resume)
     if resume and not quiet:
@@ -108,7 +167,14 @@ def train_and_save(
         metrics.update(trainer.evaluate())
     kind = "adapter" if config.adapter.method != "none" else "model"
     artifact = save_artifact(
-        trainer.model, tokenizer, template, output_dir / kind, kind, config, card_extra, image_processor
+        final_adapter(trainer.model),
+        tokenizer,
+        template,
+        output_dir / (folder or kind),
+        kind,
+        config,
+        card_extra,
+        image_processor,
     )
     if not quiet:
         console.print(f"[bold green]saved[/] {kind} to {artifact}")

@@ -5,7 +5,8 @@ that projects in tiles and also derives per-token entropy and top-1 accuracy. On
 for small vocabularies that made a LoRA step ~2.3x slower than the model's own
 cross-entropy (measured in `bench/sft_throughput.py`). `compute_loss` is the documented
 hook for changing the loss, so we route it back to `transformers.Trainer.compute_loss`
-(the model's own loss, with `num_items_in_batch` for exact gradient accumulation) and
+(the model's own loss, with `num_items_in_batch` for exact gradient accumulation; through
+`training/compat.py`, the one place that reaches past trl's API) and
 compute token accuracy from the logits that path already has. `training_step` adds one
 check: a non-finite loss stops the run and names the step, instead of the Trainer's
 default of averaging it away.
@@ -15,11 +16,10 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase, PrinterCallback, Trainer
+from transformers import PreTrainedTokenizerBase, PrinterCallback
 from trl import SFTConfig, SFTTrainer
 
 from lmforge.config import RunConfig
-from lmforge.config.optim import CUDA_ONLY
 from lmforge.config.train import TrainConfig
 from lmforge.data.tokenize import PackedRowsCollator, PaddingFreeRowsCollator
 from lmforge.models.hardware import Hardware
@@ -34,6 +34,7 @@ from lmforge.training.callbacks import (
     NonFiniteGradientCallback,
     ProgressCallback,
 )
+from lmforge.training.compat import log_metric, model_loss
 
 
 class ForgeTrainer(SFTTrainer):
@@ -43,13 +44,11 @@ class ForgeTrainer(SFTTrainer):
     _hessian_step = -1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = Trainer.compute_loss(
-            self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-        )
+        loss, outputs = model_loss(self, model, inputs, num_items_in_batch)
         mode = "train" if model.training else "eval"
         aux_loss = outputs.get("aux_loss") if hasattr(outputs, "get") else None
         if aux_loss is not None:  # MoE-DoRA's load-balancing term (already in the loss)
-            self._metrics[mode]["moe_aux_loss"].append(aux_loss.item())
+            log_metric(self, mode, "moe_aux_loss", aux_loss.item())
         labels = inputs.get("labels")
         logits = getattr(outputs, "logits", None)
         if labels is not None and logits is not None:
@@ -60,7 +59,7 @@ class ForgeTrainer(SFTTrainer):
                 valid = mask.sum()
                 if valid > 0:
                     accuracy = (correct.sum() / valid).item()
-                    self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+                    log_metric(self, mode, "mean_token_accuracy", accuracy)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -90,13 +89,7 @@ def common_arguments(train: TrainConfig, hardware: Hardware, has_eval: bool) -> 
         eval_strategy = "steps" if train.eval_steps > 0 else "epoch"
     else:
         eval_strategy = "no"
-    on_cuda = hardware.device == "cuda"
     on_gpu = hardware.device in ("cuda", "xpu")  # mixed precision on either; the Trainer finds the XPU
-    if train.optimizer in CUDA_ONLY and not on_cuda:
-        raise ValueError(
-            f"train.optimizer {train.optimizer} keeps bitsandbytes' 8-bit/paged states on a CUDA GPU and "
-            "none is in use; use train.optimizer: adamw"
-        )
     return {
         "output_dir": train.output_dir,
         "num_train_epochs": train.epochs,
@@ -257,11 +250,13 @@ def build_trainer(
     # Training never needs a KV cache, and with one transformers would not detect the packed rows
     # of padding-free batches (attention would then cross examples).
     model.config.use_cache = False
-    callbacks = stage_callbacks(config, model, stage, quiet)
-    optimizer = stage_optimizer(config, model)
-    trainer = (trainer_class or ForgeTrainer)(
+    return stage_trainer(
+        trainer_class or ForgeTrainer,
+        config,
+        model,
+        stage,
+        quiet,
         **trainer_kwargs,
-        model=model,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -269,8 +264,20 @@ def build_trainer(
         # Otherwise trl's DataCollatorForLanguageModeling: it pads labels with -100 (so a pad id
         # equal to EOS never hides EOS from the loss) and implements padding_free.
         data_collator=collator,
-        optimizers=(optimizer, None),
-        callbacks=callbacks,
     )
-    trainer.remove_callback(PrinterCallback)  # metrics go to metrics.jsonl and the progress bar
+
+
+def stage_trainer(
+    trainer_class: type, config: RunConfig, model, stage: str, quiet: bool, callbacks=(), **kwargs
+):
+    """A `trainer_class` (any transformers or trl trainer) with lmforge's optimizer and callbacks
+    (`callbacks` added after them) and `kwargs`; the Trainer's printer is off: metrics go to
+    metrics.jsonl and the progress bar."""
+    trainer = trainer_class(
+        model=model,
+        callbacks=[*stage_callbacks(config, model, stage, quiet), *callbacks],
+        optimizers=(stage_optimizer(config, model), None),
+        **kwargs,
+    )
+    trainer.remove_callback(PrinterCallback)
     return trainer

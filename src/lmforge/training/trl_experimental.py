@@ -11,19 +11,20 @@ from lmforge.config.method import MethodConfig
 from lmforge.training.preference import MoeAuxLoss
 
 
-def orpo_trainer(method: MethodConfig, arguments: dict, max_length: int, **trainer_kwargs):
-    """ORPO (Hong et al., 2024): NLL on the chosen answer + beta (the paper's lambda) x odds-ratio term."""
+def orpo(method: MethodConfig, arguments: dict, max_length: int) -> tuple[type, object]:
+    """(trainer class, its arguments) for ORPO (Hong et al., 2024): NLL on the chosen answer + beta
+    (the paper's lambda) x odds-ratio term."""
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     class ForgeORPOTrainer(MoeAuxLoss, ORPOTrainer):
         pass
 
-    args = ORPOConfig(**arguments, beta=method.preference_beta, max_length=max_length)
-    return ForgeORPOTrainer(args=args, **trainer_kwargs)
+    return ForgeORPOTrainer, ORPOConfig(**arguments, beta=method.preference_beta, max_length=max_length)
 
 
-def simpo_trainer(method: MethodConfig, arguments: dict, max_length: int, **trainer_kwargs):
-    """SimPO (Meng et al., 2024): length-normalized log-prob reward, target margin gamma, no reference.
+def simpo(method: MethodConfig, arguments: dict, max_length: int) -> tuple[type, object]:
+    """(trainer class, its arguments) for SimPO (Meng et al., 2024): length-normalized log-prob
+    reward, target margin gamma, no reference.
 
     `method.sft_weight` is CPO's NLL weight (cpo_alpha); 0, SimPO as published, by default.
     """
@@ -32,7 +33,7 @@ def simpo_trainer(method: MethodConfig, arguments: dict, max_length: int, **trai
     class ForgeSimPOTrainer(MoeAuxLoss, CPOTrainer):
         pass
 
-    args = CPOConfig(
+    return ForgeSimPOTrainer, CPOConfig(
         **arguments,
         loss_type="simpo",
         beta=method.preference_beta,
@@ -40,4 +41,3 @@ def simpo_trainer(method: MethodConfig, arguments: dict, max_length: int, **trai
         cpo_alpha=method.sft_weight,
         max_length=max_length,
     )
-    return ForgeSimPOTrainer(args=args, **trainer_kwargs)
