@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from lmforge.artifacts import atomic_file, atomic_folder, write_atomic
+from lmforge.artifacts import atomic_file, atomic_folder, save_artifact, write_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -45,3 +45,16 @@ def test_a_failed_folder_leaves_the_old_folder(tmp_path):
         (tmp / "a").write_text("2")
         raise KeyboardInterrupt
     assert (dest / "a").read_text() == "1" and [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_a_left_padding_call_is_not_saved_as_the_tokenizers_side(tmp_path, base_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.data.templates import get_template
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    assert tokenizer.padding_side == "right"
+    tokenizer(["a b c", "a"], padding=True, padding_side="left")  # as trl's GRPO pads its prompts
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    saved = save_artifact(model, tokenizer, get_template("chatml"), tmp_path / "model", "model", None)
+    assert AutoTokenizer.from_pretrained(saved).padding_side == "right"

@@ -121,6 +121,11 @@ def _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_proce
         extra["max_shard_size"] = max_shard_size
     model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.chat_template = template.jinja(tokenizer)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and backend.padding is not None:
+        # A padding call's direction (trl's GRPO pads prompts left) stays in the fast tokenizer, and
+        # save_pretrained would write it as the tokenizer's own: it is set again on every call.
+        backend.no_padding()
     tokenizer.save_pretrained(tmp)
     if image_processor is not None:
         image_processor.save_pretrained(tmp)

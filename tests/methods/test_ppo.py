@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from helpers import sft_config
 from lmforge.config import validate_config
@@ -65,6 +67,19 @@ def test_ppo_trains_the_adapter_and_value_head_and_logs_every_stat(tmp_path, bas
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "the adapter trained"
     head = load_file(result.output_dir / "value_head.safetensors")
     assert head["weight"].abs().sum() > 0, "the value head trained (it starts at zero)"
+
+
+def test_rollouts_leave_the_saved_tokenizer_padding_as_the_base(tmp_path, base_dir, alpaca_file):
+    # Rollouts pad prompts on the left for that call only: the saved tokenizer pads as the base's.
+    right = tmp_path / "base"
+    shutil.copytree(base_dir, right)
+    tokenizer = AutoTokenizer.from_pretrained(right)
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(right)
+    result = ppo.run(
+        validate_config(ppo_config(right, alpaca_file, tmp_path / "run", max_steps=1)), quiet=True
+    )
+    assert AutoTokenizer.from_pretrained(result.artifact).padding_side == "right"
 
 
 def test_ppo_from_an_sft_adapter_takes_it_as_the_reference(tmp_path, base_dir, alpaca_file, monkeypatch):

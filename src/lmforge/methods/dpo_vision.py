@@ -20,21 +20,18 @@ model + adapter -> trainer -> train -> save the adapter (with the image processo
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from datasets import Dataset
 from rich.console import Console
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from lmforge.config import RunConfig
 from lmforge.data.loader import load_examples
 from lmforge.data.multimodal import VisionCollator, VisionProcessor, encode_multimodal
 from lmforge.data.tokenize import TokenizeStats
-from lmforge.losses.dpo import answer_logps, answer_tokens, dpo_loss
 from lmforge.methods import dpo
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.preference import keep_reference_copy, reference
+from lmforge.training.preference import VisionDPOTrainer, keep_reference_copy
 from lmforge.training.stage import (
     StageResult,
     begin_stage,
@@ -105,62 +102,6 @@ class PairCollator:
             for p in pairs
         ]
         return self.rows(rows)
-
-
-class VisionDPOTrainer(Trainer):
-    """transformers' Trainer with DPO's loss on image-text pairs."""
-
-    def __init__(
-        self, *args, beta: float, loss_type: str, label_smoothing: float, sft_weight: float, **kwargs
-    ):
-        super().__init__(*args, **kwargs)
-        self.beta, self.loss_type = beta, loss_type
-        self.label_smoothing, self.sft_weight = label_smoothing, sft_weight
-        self._metrics: dict[str, defaultdict[str, list[float]]] = {
-            "train": defaultdict(list),
-            "eval": defaultdict(list),
-        }
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        logps = answer_logps(model(**inputs).logits, inputs["labels"])
-        with torch.no_grad(), reference(self.accelerator.unwrap_model(model)):
-            ref_logps = answer_logps(model(**inputs).logits, inputs["labels"])
-        n = len(logps) // 2
-        tokens = answer_tokens(inputs["labels"])
-        losses, chosen, rejected = dpo_loss(
-            logps[:n],
-            logps[n:],
-            ref_logps[:n],
-            ref_logps[n:],
-            self.beta,
-            self.loss_type,
-            self.label_smoothing,
-            tokens[:n],
-            tokens[n:],
-        )
-        loss = losses.mean()
-        if self.sft_weight > 0:
-            loss = loss + self.sft_weight * -(logps[:n].sum() / tokens[:n].sum().clamp(min=1))
-        metrics = self._metrics["train" if model.training else "eval"]
-        for key, value in {
-            "rewards/chosen": chosen.mean(),
-            "rewards/rejected": rejected.mean(),
-            "rewards/margins": (chosen - rejected).mean(),
-            "rewards/accuracies": (chosen > rejected).float().mean(),
-            "logps/chosen": logps[:n].mean(),
-            "logps/rejected": logps[n:].mean(),
-            "logratio/chosen": chosen.mean() / self.beta,
-            "logratio/rejected": rejected.mean() / self.beta,
-        }.items():
-            metrics[key].append(float(value.detach()))
-        return (loss, {"logits": None}) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items()})
-        self._metrics[mode].clear()
-        super().log(logs, start_time)
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:

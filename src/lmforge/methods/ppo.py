@@ -32,15 +32,13 @@ A step is one update. `train.max_steps` updates, or `train.epochs` passes over t
 
 from __future__ import annotations
 
-import json
 import math
 import random
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from safetensors.torch import save_file
 
 from lmforge.adapters.build import final_adapter
@@ -50,7 +48,7 @@ from lmforge.data.formats import Example
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.inference.engine import stop_token_ids
-from lmforge.methods.rewards import RewardSource, build_rewards, weighted_total, write_samples
+from lmforge.methods.rewards import build_rewards, weighted_total, write_samples
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.callbacks import plot_loss
 from lmforge.training.checkpoints import resolve_resume
@@ -116,7 +114,7 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config, tokenizer)
     prompts = load_examples(config.data, "prompt").train
-    sources = build_rewards(method.rewards)
+    scorer = RewardScorer(config)
     per_epoch = math.ceil(len(prompts) / ppo.rollout_batch_size)
     updates = train.max_steps if train.max_steps > 0 else math.ceil(per_epoch * train.epochs)
     samples = ppo.rollout_batch_size * method.sampling.num_generations
@@ -132,7 +130,9 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
         loop.restore(Path(resume))
         if not quiet:
             console.print(f"[bold]resuming[/] from {resume} (update {loop.state.step})")
-    record = train_loop(loop, config, prompts, sources, tokenizer, template, updates, quiet)
+    stop_ids = stop_token_ids(tokenizer, template)
+    sample = partial(rollout, model, tokenizer, template, sampling=method.sampling, stop_ids=stop_ids)
+    record = loop.train(prompts, updates, sample, scorer, output_dir, not quiet and train.progress)
     plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png")
 
     artifact = save_artifact(
@@ -149,69 +149,31 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     return StageResult(output_dir, artifact, loss, updates, TokenizeStats(examples=len(prompts)), record)
 
 
-def train_loop(
-    loop: PPOLoop, config: RunConfig, prompts, sources, tokenizer, template, updates, quiet
-) -> dict:
-    """Updates until `updates`: rollout, score, update; metrics.jsonl every logging_steps, samples
-    every samples_every, a checkpoint every save_steps; returns the last step's metrics."""
-    method, train, output_dir = config.method, config.train, Path(config.train.output_dir)
-    stop_ids = stop_token_ids(tokenizer, template)
-    started, record = time.time(), {}
-    progress = Progress(
-        TextColumn("[bold]ppo"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} updates"),
-        TextColumn("reward {task.fields[reward]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=quiet or not train.progress,
-        console=console,
-    )
-    with progress:
-        task = progress.add_task("ppo", total=updates, completed=loop.state.step, reward="-")
-        while loop.state.step < updates:
-            loop.state.step += 1
-            step = loop.state.step
-            examples = loop.next_prompts(prompts, method.ppo.rollout_batch_size)
-            t0 = time.perf_counter()
-            roll = rollout(loop.model, tokenizer, template, examples, method.sampling, stop_ids)
-            t1 = time.perf_counter()
-            scores = score(
-                sources, examples, roll, method.sampling.num_generations, method.ppo.missing_eos_penalty
-            )
-            t2 = time.perf_counter()
-            record = {
-                "step": step,
-                "time": round(time.time() - started, 3),
-                **loop.step(roll, scores),
-                **{f"rewards/{s.spec.label}/mean": sum(s.last) / len(s.last) for s in sources},
-                **{f"rewards/{s.spec.label}/std": float(torch.tensor(s.last).std()) for s in sources},
-                "time/generation": t1 - t0,
-                "time/scoring": t2 - t1,
-                "rollout_tokens_per_s": int(roll["mask"].sum()) / (t1 - t0),
-            }
-            if step % train.logging_steps == 0 or step in (1, updates):
-                with (output_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
-                    out.write(json.dumps(record) + "\n")
-            if method.samples_every and step % method.samples_every == 0:
-                write_samples(output_dir / "samples.jsonl", step, sources)
-            if train.save_steps and step % train.save_steps == 0 and step < updates:
-                loop.save(output_dir, train.save_total_limit)
-            progress.update(task, advance=1, reward=f"{record['reward']:.3f}")
-    return record
+class RewardScorer:
+    """Scores a rollout with `method.rewards` (and `ppo.missing_eos_penalty`); writes samples.jsonl
+    every `method.samples_every` updates."""
 
+    def __init__(self, config: RunConfig) -> None:
+        self.sources = build_rewards(config.method.rewards)
+        self.group = config.method.sampling.num_generations
+        self.penalty, self.every = config.method.ppo.missing_eos_penalty, config.method.samples_every
+        self.samples = Path(config.train.output_dir) / "samples.jsonl"
 
-def score(
-    sources: list[RewardSource], examples: list[Example], roll: dict, group: int, missing_eos_penalty
-) -> torch.Tensor:
-    """Each completion's weighted reward (the sequence score), checked source by source."""
-    repeated = [e for e in examples for _ in range(group)]
-    fields: dict[str, list] = {"completion_ids": roll["completion_ids"]}
-    for key in {k for e in repeated for k in e.reference} | {"answer"}:
-        fields[key] = [e.reference.get(key, e.response if key == "answer" else None) for e in repeated]
-    for source in sources:
-        source.score([e.prompt for e in repeated], roll["texts"], **fields)
-    scores = torch.tensor(weighted_total(sources))
-    if missing_eos_penalty is not None:
-        scores = scores - missing_eos_penalty * (~roll["stopped"]).float().cpu()
-    return scores
+    def __call__(self, examples: list[Example], roll: dict, step: int) -> tuple[torch.Tensor, dict]:
+        """Each completion's weighted reward (the sequence score), and each source's mean and std."""
+        repeated = [e for e in examples for _ in range(self.group)]
+        fields: dict[str, list] = {"completion_ids": roll["completion_ids"]}
+        for key in {k for e in repeated for k in e.reference} | {"answer"}:
+            fields[key] = [e.reference.get(key, e.response if key == "answer" else None) for e in repeated]
+        for source in self.sources:
+            source.score([e.prompt for e in repeated], roll["texts"], **fields)
+        scores = torch.tensor(weighted_total(self.sources))
+        if self.penalty is not None:
+            scores = scores - self.penalty * (~roll["stopped"]).float().cpu()
+        if self.every and step % self.every == 0:
+            write_samples(self.samples, step, self.sources)
+        metrics = {}
+        for s in self.sources:
+            metrics[f"rewards/{s.spec.label}/mean"] = sum(s.last) / len(s.last)
+            metrics[f"rewards/{s.spec.label}/std"] = float(torch.tensor(s.last).std())
+        return scores, metrics

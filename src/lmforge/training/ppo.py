@@ -8,13 +8,17 @@ controller, the prompt order and the RNGs.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
@@ -26,6 +30,8 @@ from lmforge.losses import ppo as losses
 from lmforge.training.checkpoints import load_loop_checkpoint, save_loop_checkpoint
 from lmforge.training.preference import reference
 from lmforge.training.trainer import schedule_arguments
+
+console = Console(stderr=True)
 
 
 class Critic(nn.Module):
@@ -83,7 +89,6 @@ def rollout(
 ) -> dict:
     """Sample completions for `examples` (left-padded prompts; KV cache on)."""
     texts = [template.generation_prompt(e.conversation(""), tokenizer) for e in examples]
-    # Left padding for this call only: the tokenizer is saved with the adapter as it was loaded.
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -140,7 +145,7 @@ class PPOLoop:
         train: TrainConfig,
         optimizer_steps: int,
     ) -> None:
-        self.model, self.critic, self.ppo, self.temperature, self.train = (
+        self.model, self.critic, self.ppo, self.temperature, self.train_config = (
             model,
             critic,
             ppo,
@@ -195,6 +200,57 @@ class PPOLoop:
         self.kl_ctl.update(stats["kl"], len(scores))
         return record
 
+    def train(
+        self,
+        prompts: list[Example],
+        updates: int,
+        sample: Callable[[list[Example]], dict],
+        score: Callable[[list[Example], dict, int], tuple[torch.Tensor, dict]],
+        output_dir: Path,
+        show_progress: bool,
+    ) -> dict:
+        """Updates until `updates`: `sample` a rollout of the next prompts, `score` it (the scores
+        and their metrics), update; metrics.jsonl every logging_steps, a checkpoint every
+        save_steps; returns the last update's metrics."""
+        train, record, started = self.train_config, {}, time.time()
+        progress = Progress(
+            TextColumn("[bold]ppo"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} updates"),
+            TextColumn("reward {task.fields[reward]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            disable=not show_progress,
+            console=console,
+        )
+        with progress:
+            task = progress.add_task("ppo", total=updates, completed=self.state.step, reward="-")
+            while self.state.step < updates:
+                self.state.step += 1
+                step = self.state.step
+                examples = self.next_prompts(prompts, self.ppo.rollout_batch_size)
+                t0 = time.perf_counter()
+                roll = sample(examples)
+                t1 = time.perf_counter()
+                scores, reward_metrics = score(examples, roll, step)
+                t2 = time.perf_counter()
+                record = {
+                    "step": step,
+                    "time": round(time.time() - started, 3),
+                    **self.step(roll, scores),
+                    **reward_metrics,
+                    "time/generation": t1 - t0,
+                    "time/scoring": t2 - t1,
+                    "rollout_tokens_per_s": int(roll["mask"].sum()) / (t1 - t0),
+                }
+                if step % train.logging_steps == 0 or step in (1, updates):
+                    with (output_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
+                        out.write(json.dumps(record) + "\n")
+                if train.save_steps and step % train.save_steps == 0 and step < updates:
+                    self.save(output_dir, train.save_total_limit)
+                progress.update(task, advance=1, reward=f"{record['reward']:.3f}")
+        return record
+
     def save(self, output_dir: Path, limit: int) -> None:
         state = {**asdict(self.state), "kl_coef": self.kl_ctl.value}
         weights = {"policy": trainable_state(self.model), "critic": trainable_state(self.critic)}
@@ -218,7 +274,7 @@ def update(loop: PPOLoop, roll: dict, scores: torch.Tensor) -> dict:
     model, critic, ppo, temperature = loop.model, loop.critic, loop.ppo, loop.temperature
     ids, attention, mask, prompt_len = roll["ids"], roll["attention"], roll["mask"], roll["prompt_len"]
     device = ids.device
-    micro = loop.train.batch_size
+    micro = loop.train_config.batch_size
 
     def run(idx, with_values: bool = True):
         return forward(model, critic, ids[idx], attention[idx], prompt_len, temperature, with_values)
@@ -274,7 +330,7 @@ def update(loop: PPOLoop, roll: dict, scores: torch.Tensor) -> dict:
                 raise RuntimeError(
                     f"ppo: a non-finite gradient at optimizer step {steps + 1}; lower train.lr"
                 )
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, loop.train.max_grad_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, loop.train_config.max_grad_norm)
             totals.setdefault("grad_norm", []).append(float(grad_norm))
             loop.optimizer.step()
             loop.scheduler.step()

@@ -1,4 +1,4 @@
-"""What the preference stages (DPO, ORPO, SimPO, KTO, reward) share.
+"""What the preference stages (DPO, ORPO, SimPO, KTO, reward) share, and image-text DPO's trainer.
 
 trl's preference trainers tokenize their own data. lmforge hands them conversational records
 (prompt messages, then the answer messages) and sets the tokenizer's `chat_template` to the
@@ -15,13 +15,14 @@ is forced on).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, Trainer
 
 from lmforge.adapters.build import peft_config, prepare_base
 from lmforge.adapters.moe_dora import MoeDoraModel
@@ -29,7 +30,7 @@ from lmforge.config import RunConfig
 from lmforge.data.formats import Example
 from lmforge.data.templates import AnyTemplate
 from lmforge.data.tokenize import IGNORE, encode_conversation
-from lmforge.losses.dpo import answer_logps
+from lmforge.losses.dpo import answer_logps, answer_tokens, dpo_loss
 from lmforge.training.compat import log_metric
 from lmforge.training.stage import load_model_for_training
 
@@ -224,3 +225,59 @@ def score_pairs(
     model.train(was_training)
     flat, counts = torch.cat(logps), torch.cat(lengths).float()
     return PairScores(flat[0::2], flat[1::2], counts[0::2], counts[1::2])
+
+
+class VisionDPOTrainer(Trainer):
+    """transformers' Trainer with DPO's loss on image-text pairs."""
+
+    def __init__(
+        self, *args, beta: float, loss_type: str, label_smoothing: float, sft_weight: float, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.beta, self.loss_type = beta, loss_type
+        self.label_smoothing, self.sft_weight = label_smoothing, sft_weight
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logps = answer_logps(model(**inputs).logits, inputs["labels"])
+        with torch.no_grad(), reference(self.accelerator.unwrap_model(model)):
+            ref_logps = answer_logps(model(**inputs).logits, inputs["labels"])
+        n = len(logps) // 2
+        tokens = answer_tokens(inputs["labels"])
+        losses, chosen, rejected = dpo_loss(
+            logps[:n],
+            logps[n:],
+            ref_logps[:n],
+            ref_logps[n:],
+            self.beta,
+            self.loss_type,
+            self.label_smoothing,
+            tokens[:n],
+            tokens[n:],
+        )
+        loss = losses.mean()
+        if self.sft_weight > 0:
+            loss = loss + self.sft_weight * -(logps[:n].sum() / tokens[:n].sum().clamp(min=1))
+        metrics = self._metrics["train" if model.training else "eval"]
+        for key, value in {
+            "rewards/chosen": chosen.mean(),
+            "rewards/rejected": rejected.mean(),
+            "rewards/margins": (chosen - rejected).mean(),
+            "rewards/accuracies": (chosen > rejected).float().mean(),
+            "logps/chosen": logps[:n].mean(),
+            "logps/rejected": logps[n:].mean(),
+            "logratio/chosen": chosen.mean() / self.beta,
+            "logratio/rejected": rejected.mean() / self.beta,
+        }.items():
+            metrics[key].append(float(value.detach()))
+        return (loss, {"logits": None}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        logs.update({prefix + k: sum(v) / len(v) for k, v in self._metrics[mode].items()})
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
