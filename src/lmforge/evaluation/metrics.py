@@ -297,27 +297,3 @@ def read_predictions(path: Path) -> tuple[list[str], list[str]]:
     if not predictions:
         raise DataError(f"predictions file {path} is empty; run `lmforge predict` to fill it")
     return predictions, references
-
-
-# --------------------------------------------------------------------------------------------------
-# during training (seq2seq, masked-LM, classification): the Trainer's loss and evaluation accuracy
-# --------------------------------------------------------------------------------------------------
-
-
-def argmax_logits(logits, labels) -> torch.Tensor:
-    """The Trainer's `preprocess_logits_for_metrics`: each position's top class only, so evaluation
-    gathers ids instead of batch x length x vocabulary floats (the first output when the model
-    returns several, e.g. a seq2seq model's encoder states)."""
-    if isinstance(logits, tuple | list):
-        logits = logits[0]
-    return logits.argmax(-1)
-
-
-def label_accuracy(eval_prediction) -> dict[str, float]:
-    """The Trainer's `compute_metrics`: the share of predicted ids equal to their labels, positions
-    labelled -100 left out (masked-LM: the masked tokens; seq2seq: the target tokens, teacher-forced;
-    classification: every example)."""
-    predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
-    mask = labels != -100
-    correct = (predictions == labels) & mask
-    return {"accuracy": float(correct.sum() / max(int(mask.sum()), 1))}

@@ -21,8 +21,6 @@ from rich.console import Console
 from transformers import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
     DataCollatorWithPadding,
-    Trainer,
-    TrainingArguments,
 )
 
 from lmforge.config import RunConfig
@@ -31,8 +29,6 @@ from lmforge.data.formats import Example, class_label
 from lmforge.data.loader import load_examples
 from lmforge.data.templates import get_template
 from lmforge.data.tokenize import tokenize_classification
-from lmforge.evaluation.metrics import argmax_logits, label_accuracy
-from lmforge.losses.ce import summed_cross_entropy
 from lmforge.models.loading import auto_config, load_tokenizer
 from lmforge.training.stage import (
     StageResult,
@@ -41,7 +37,7 @@ from lmforge.training.stage import (
     optimizer_steps,
     train_and_save,
 )
-from lmforge.training.trainer import common_arguments, stage_trainer
+from lmforge.training.trainer import labelled_trainer
 
 console = Console(stderr=True)
 
@@ -133,25 +129,16 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     steps = optimizer_steps(config, len(train_ds))
     model, hardware = load_model_for_training(config, quiet, steps, "classify", tokenizer, labels)
 
-    args = TrainingArguments(
-        **common_arguments(config.train, hardware, eval_ds is not None),
-        include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
-    )
-    trainer = stage_trainer(
-        Trainer,
+    trainer = labelled_trainer(
         config,
         model,
+        tokenizer,
+        hardware,
+        train_ds,
+        eval_ds,
         "classify",
         quiet,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_loss_func=summed_cross_entropy,  # exact under gradient accumulation
-        compute_metrics=label_accuracy,
-        preprocess_logits_for_metrics=argmax_logits,
+        DataCollatorWithPadding(tokenizer),
     )
     note = "Classes by id: " + ", ".join(f"{i} = {name}" for i, name in enumerate(labels))
     template = get_template("plain")  # recorded beside the model; a classifier has no chat format

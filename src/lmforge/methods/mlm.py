@@ -27,16 +27,12 @@ from datasets import IterableDataset
 from rich.console import Console
 from transformers import (
     DataCollatorForLanguageModeling,
-    Trainer,
-    TrainingArguments,
 )
 
 from lmforge.config import RunConfig
 from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
 from lmforge.data.templates import get_template
 from lmforge.data.tokenize import TokenizeStats, text_chunks, tokenize_chunks
-from lmforge.evaluation.metrics import argmax_logits, label_accuracy
-from lmforge.losses.ce import summed_cross_entropy
 from lmforge.models.loading import (
     has_masked_lm_head,
     is_encoder_decoder,
@@ -50,7 +46,7 @@ from lmforge.training.stage import (
     optimizer_steps,
     train_and_save,
 )
-from lmforge.training.trainer import common_arguments, stage_trainer
+from lmforge.training.trainer import labelled_trainer
 
 console = Console(stderr=True)
 
@@ -133,28 +129,10 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
 
     model, hardware = load_model_for_training(config, quiet, optimizer_steps(config, stats.examples), "mlm")
 
-    args = TrainingArguments(
-        **common_arguments(config.train, hardware, eval_ds is not None),
-        include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
-    )
     collator = DataCollatorForLanguageModeling(
         tokenizer, mlm=True, mlm_probability=config.method.mlm_probability
     )
-    trainer = stage_trainer(
-        Trainer,
-        config,
-        model,
-        "mlm",
-        quiet,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        data_collator=collator,
-        compute_loss_func=summed_cross_entropy,  # exact under gradient accumulation
-        compute_metrics=label_accuracy,  # eval_accuracy: masked tokens predicted right
-        preprocess_logits_for_metrics=argmax_logits,
-    )
+    # eval_accuracy: masked tokens predicted right
+    trainer = labelled_trainer(config, model, tokenizer, hardware, train_ds, eval_ds, "mlm", quiet, collator)
     template = get_template("plain")  # recorded beside the model; an encoder has no chat format
     return train_and_save(trainer, config, tokenizer, template, stats, eval_ds is not None, quiet)

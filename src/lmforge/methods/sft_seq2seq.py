@@ -24,8 +24,6 @@ from __future__ import annotations
 from rich.console import Console
 from transformers import (
     DataCollatorForSeq2Seq,
-    Seq2SeqTrainer,
-    Seq2SeqTrainingArguments,
 )
 
 from lmforge.config import RunConfig
@@ -34,8 +32,6 @@ from lmforge.data.formats import Example
 from lmforge.data.loader import load_examples
 from lmforge.data.templates import get_template
 from lmforge.data.tokenize import IGNORE, tokenize_seq2seq
-from lmforge.evaluation.metrics import argmax_logits, label_accuracy
-from lmforge.losses.ce import summed_cross_entropy
 from lmforge.methods import sft
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.stage import (
@@ -45,7 +41,7 @@ from lmforge.training.stage import (
     optimizer_steps,
     train_and_save,
 )
-from lmforge.training.trainer import common_arguments, stage_trainer
+from lmforge.training.trainer import labelled_trainer
 
 console = Console(stderr=True)
 
@@ -107,26 +103,11 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     steps = optimizer_steps(config, len(train_ds))
     model, hardware = load_model_for_training(config, quiet, steps, "seq2seq")
 
-    args = Seq2SeqTrainingArguments(
-        **common_arguments(config.train, hardware, eval_ds is not None),
-        include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
-    )
-    trainer = stage_trainer(
-        Seq2SeqTrainer,
-        config,
-        model,
-        "sft",
-        quiet,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        # With the model: decoder inputs made from the labels (the loss function takes the labels).
-        data_collator=DataCollatorForSeq2Seq(tokenizer, model, label_pad_token_id=IGNORE),
-        compute_loss_func=summed_cross_entropy,  # exact under gradient accumulation
-        compute_metrics=label_accuracy,  # eval_accuracy: target tokens right, teacher-forced
-        preprocess_logits_for_metrics=argmax_logits,
+    # With the model: decoder inputs made from the labels (the loss function takes the labels).
+    collator = DataCollatorForSeq2Seq(tokenizer, model, label_pad_token_id=IGNORE)
+    # eval_accuracy: target tokens right, teacher-forced
+    trainer = labelled_trainer(
+        config, model, tokenizer, hardware, train_ds, eval_ds, "sft", quiet, collator, seq2seq=True
     )
     template = get_template("plain")  # recorded beside the model; the encoder reads plain text
     return train_and_save(trainer, config, tokenizer, template, stats, eval_ds is not None, quiet, CARD_NOTE)

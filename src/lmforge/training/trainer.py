@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase, PrinterCallback
+from transformers import (
+    PreTrainedTokenizerBase,
+    PrinterCallback,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    Trainer,
+    TrainingArguments,
+)
 from trl import SFTConfig, SFTTrainer
 
 from lmforge.config import RunConfig
 from lmforge.config.train import TrainConfig
 from lmforge.data.tokenize import PackedRowsCollator, PaddingFreeRowsCollator
+from lmforge.losses.ce import summed_cross_entropy
 from lmforge.models.hardware import Hardware
 from lmforge.optim import build_optimizer
 from lmforge.optim.sophia import SophiaG, estimate_hessian
@@ -281,3 +289,63 @@ def stage_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def labelled_trainer(
+    config: RunConfig,
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    hardware: Hardware,
+    train_dataset: Dataset,
+    eval_dataset: Dataset | None,
+    stage: str,
+    quiet: bool,
+    collator,
+    seq2seq: bool = False,
+):
+    """transformers' Trainer (Seq2SeqTrainer for an encoder-decoder) for the stages trl has no
+    trainer for (classification, masked LM, seq2seq SFT): lmforge's optimizer and callbacks, the
+    summed cross-entropy (exact under gradient accumulation) and `eval_accuracy`, the share of
+    labelled positions predicted right."""
+    arguments_class, trainer_class = (
+        (Seq2SeqTrainingArguments, Seq2SeqTrainer) if seq2seq else (TrainingArguments, Trainer)
+    )
+    args = arguments_class(
+        **common_arguments(config.train, hardware, eval_dataset is not None),
+        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="group_by_length" if config.train.group_by_length else "random",
+    )
+    return stage_trainer(
+        trainer_class,
+        config,
+        model,
+        stage,
+        quiet,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=collator,
+        compute_loss_func=summed_cross_entropy,
+        compute_metrics=label_accuracy,
+        preprocess_logits_for_metrics=argmax_logits,
+    )
+
+
+def argmax_logits(logits, labels) -> torch.Tensor:
+    """The Trainer's `preprocess_logits_for_metrics`: each position's top class only, so evaluation
+    gathers ids instead of batch x length x vocabulary floats (the first output when the model
+    returns several, e.g. a seq2seq model's encoder states)."""
+    if isinstance(logits, tuple | list):
+        logits = logits[0]
+    return logits.argmax(-1)
+
+
+def label_accuracy(eval_prediction) -> dict[str, float]:
+    """The Trainer's `compute_metrics`: the share of predicted ids equal to their labels, positions
+    labelled -100 left out (masked-LM: the masked tokens; seq2seq: the target tokens, teacher-forced;
+    classification: every example)."""
+    predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+    mask = labels != -100
+    correct = (predictions == labels) & mask
+    return {"accuracy": float(correct.sum() / max(int(mask.sum()), 1))}
