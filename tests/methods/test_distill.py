@@ -90,7 +90,9 @@ def test_sequence_level_trains_on_the_teachers_answers(tmp_path, base_dir, alpac
     ]
     assert len(answers) == 100
     assert all(a["messages"][-1]["role"] == "assistant" for a in answers)
-    assert result.steps == 8 and (result.artifact / "adapter_model.safetensors").is_file()
+    assert result.steps == 8
+    adapter = load_file(result.artifact / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "the student trained"
     assert "name: distill" in (result.output_dir / "config.yaml").read_text()
     # a rerun reuses the complete answers file instead of generating again
     stamp = (result.output_dir / "teacher_answers.jsonl").stat().st_mtime_ns

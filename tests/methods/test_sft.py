@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 
@@ -211,7 +212,11 @@ def test_streaming_trains_for_max_steps(tmp_path, base_dir, alpaca_file):
     config = sft_config(base_dir, alpaca_file, tmp_path / "stream", max_steps=3)
     config["data"]["streaming"] = True
     result = sft.run(validate_config(config), quiet=True)
-    assert result.steps == 3 and (result.output_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert result.steps == 3
+    adapter = load_file(result.output_dir / "adapter" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "the streamed rows trained it"
+    logged = losses(result.output_dir)
+    assert sorted(logged) == [1, 2, 3] and all(map(math.isfinite, logged.values()))
     config["train"]["max_steps"] = -1
     with pytest.raises(ValueError, match="set train.max_steps"):
         sft.check(validate_config(config))
