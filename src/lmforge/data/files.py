@@ -58,25 +58,43 @@ def data_files(path: Path) -> list[Path]:
     return files
 
 
+class DuplicateKey(ValueError):
+    """A JSON object that names one key twice (json keeps the last silently)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's `object_pairs_hook` that refuses a key given twice in one object."""
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise DuplicateKey(f"key `{key}` appears twice in one record; keep one")
+        record[key] = value
+    return record
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open(encoding="utf-8-sig") as handle:
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record: Any = json.loads(line)
+                record: Any = json.loads(line, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as exc:
                 record = DataError(f"{path}: line {lineno} is not valid JSON ({exc.msg}, column {exc.colno})")
+            except DuplicateKey as exc:
+                record = DataError(f"{path}: line {lineno}: {exc}")
             yield f"{path}: line {lineno}", record
 
 
 def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        records = json.loads(path.read_text(encoding="utf-8-sig"))
+        records = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
     except json.JSONDecodeError as exc:
         raise DataError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
         ) from None
+    except DuplicateKey as exc:
+        raise DataError(f"{path}: {exc}") from None
     if isinstance(records, dict) and isinstance(records.get("data"), list):
         records = records["data"]  # {"data": [...]} as some exports write it
     if not isinstance(records, list):

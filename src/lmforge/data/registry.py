@@ -30,7 +30,8 @@ import yaml
 from pydantic import ValidationError
 
 from lmforge.config.data import DatasetSource
-from lmforge.data.files import DataError, inside
+from lmforge.config.loader import strict_yaml
+from lmforge.data.files import DataError, DuplicateKey, inside, unique_keys
 
 REGISTRY_FILES = ("datasets.yaml", "datasets.yml", "dataset_info.json")
 # LLaMA-Factory keys that change nothing about how a local file is read.
@@ -59,8 +60,10 @@ def registry_path(dataset_dir: str | Path) -> Path | None:
 def load_registry(path: Path) -> dict[str, dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
-        entries = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        entries = (
+            json.loads(text, object_pairs_hook=unique_keys) if path.suffix == ".json" else strict_yaml(text)
+        )
+    except (json.JSONDecodeError, yaml.YAMLError, UnicodeDecodeError, DuplicateKey) as exc:
         raise DataError(f"{path}: cannot be parsed ({exc})") from None
     if not isinstance(entries, dict):
         raise DataError(f"{path}: expected a mapping of dataset name -> entry")

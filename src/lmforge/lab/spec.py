@@ -14,6 +14,7 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from lmforge.config.base import Section
+from lmforge.config.loader import strict_yaml
 
 POSITIONS = ("sinusoidal", "rope", "alibi", "yarn")
 NORMS = ("layernorm", "rmsnorm")
@@ -154,7 +155,7 @@ def load_arch(path: str | Path) -> ArchSpec:
     if not path.is_file():
         raise FileNotFoundError(f"architecture file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = strict_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
