@@ -110,16 +110,16 @@ def rollout(
     mask, stopped = response_mask(completion, stop_ids)
     completion = torch.where(mask, completion, tokenizer.pad_token_id)
     prompt_mask = batch["attention_mask"].repeat_interleave(sampling.num_generations, 0)
+    kept = [row[m] for row, m in zip(completion, mask, strict=True)]  # each completion's own tokens
     return {
         "ids": torch.cat([generated[:, :prompt_len], completion], 1),
         "attention": torch.cat([prompt_mask, mask.long()], 1),
         "mask": mask,
         "stopped": stopped,
         "prompt_len": prompt_len,
-        "completion_ids": [row[m].tolist() for row, m in zip(completion, mask, strict=True)],
-        "texts": tokenizer.batch_decode(
-            [row[m] for row, m in zip(completion, mask, strict=True)], skip_special_tokens=True
-        ),
+        "tokens": int(mask.sum()),  # completion tokens, stop tokens included
+        "completion_ids": [row.tolist() for row in kept],
+        "texts": tokenizer.batch_decode(kept, skip_special_tokens=True),
     }
 
 
@@ -186,12 +186,11 @@ class PPOLoop:
         self.state.optimizer_step += stats.pop("optimizer_steps")
         if hasattr(getattr(self.model, "base_model", None), "update_and_allocate"):  # AdaLoRA's rank budget
             self.model.base_model.update_and_allocate(self.state.optimizer_step)
-        tokens = int(roll["mask"].sum())
         record = {
             **stats,
             "reward": float(scores.mean()),
             "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "completions/mean_length": tokens / len(scores),
+            "completions/mean_length": roll["tokens"] / len(scores),
             "completions/stopped": float(roll["stopped"].float().mean()),
             "kl_coef": self.kl_ctl.value,
             "learning_rate": self.scheduler.get_last_lr()[0],
@@ -241,7 +240,7 @@ class PPOLoop:
                     **reward_metrics,
                     "time/generation": t1 - t0,
                     "time/scoring": t2 - t1,
-                    "rollout_tokens_per_s": int(roll["mask"].sum()) / (t1 - t0),
+                    "rollout_tokens_per_s": roll["tokens"] / (t1 - t0),
                 }
                 if step % train.logging_steps == 0 or step in (1, updates):
                     with (output_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
