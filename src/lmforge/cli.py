@@ -381,7 +381,10 @@ def chat(
         return
     if not sys.stdin.isatty():
         console.print("[dim]reading prompts from standard input, one per line[/]")
-    interactive(engine, params, system, images, hide_reasoning)
+    try:
+        interactive(engine, params, system, images, hide_reasoning)
+    except USER_ERRORS as exc:  # a generation that failed: one line, not a hang or a traceback
+        _fail(exc, traceback)
 
 
 @app.command()
@@ -506,6 +509,13 @@ def serve(
         typer.Option(envvar="LMFORGE_API_KEY", help="Key clients send as Bearer (env LMFORGE_API_KEY)."),
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="Default max_tokens of a request.")] = 256,
+    max_tokens_limit: Annotated[
+        int | None,
+        typer.Option(help="Cap on a request's max_tokens (default: the model's context less the prompt)."),
+    ] = None,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB (413 above).")] = 20,
+    max_image_pixels: Annotated[int, typer.Option(help="Largest image, width x height (400 above).")] = 4096
+    * 4096,
     template: Annotated[str | None, typer.Option(help="Chat template (default: the one saved).")] = None,
     image_root: Annotated[
         Path | None, typer.Option(help="Folder file:// image URLs may come from (off by default).")
@@ -519,9 +529,7 @@ def serve(
     /v1/completions, /v1/models, /health."""
     import secrets
 
-    import uvicorn
-
-    from lmforge.inference.server import create_app, load_served
+    from lmforge.inference.server import Limits, create_app, load_served, run_server
 
     try:
         adapters = {}
@@ -538,12 +546,13 @@ def serve(
         api_key = secrets.token_urlsafe(24)
         console.print(f"[bold]no --api-key given[/]: clients must send this one: [bold]{api_key}[/]")
     console.print(f"serving {', '.join(served.names)} on http://{host}:{port}/v1")
+    limits = Limits(int(max_body_mb * 2**20), max_image_pixels, max_tokens_limit)
     try:
-        api = create_app(served, api_key, max_tokens, reasoning)
+        api = create_app(served, api_key, max_tokens, reasoning, limits)
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return
-    uvicorn.run(api, host=host, port=port, log_level="warning")
+    run_server(api, served, host, port)
 
 
 @reward_app.command("score")

@@ -471,13 +471,13 @@ def test_a_stop_string_split_across_streamed_pieces_never_leaks(tokenizer):
     pieces = ["par", " '", "*", "'", "par", " more"]
     stop = ("'*'par",)
     engine = SimpleNamespace(tokenizer=tokenizer, prompt_text=lambda conversation: "hello")
-    served = SimpleNamespace(engine=engine)
+    served = SimpleNamespace(engine=engine, forget=lambda images: None)
     request = ChatRequest(model="tiny", messages=[{"role": "user", "content": "hello"}], stop=list(stop))
     params = SamplingParams(max_new_tokens=16, stop=stop)
     conversation = Conversation(turns=[("hello", "")])
 
     async def collect(chunks: list[str]) -> str:
-        job = _Job("tiny", conversation, [], params, sink=queue.Queue())
+        job = _Job("tiny", conversation, [], params, [threading.Event()], sink=queue.Queue())
         for piece in chunks:
             job.sink.put((0, piece))
         job.sink.put((0, StreamEnd(len(chunks), False)))

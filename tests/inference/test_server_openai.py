@@ -218,7 +218,9 @@ def test_chat_logprobs(client, served):
     [
         ({"prompt": [[1, 2, 10**9]]}, "outside the vocabulary"),
         ({"prompt": [[1, -1]]}, "outside the vocabulary"),
-        ({"prompt": [[]]}, "no tokens"),
+        ({"prompt": [[]]}, "prompt 0 is empty"),
+        ({"prompt": ""}, "prompt 0 is empty"),
+        ({"prompt": ["a", ""]}, "prompt 1 is empty"),
         ({"prompt": []}, "prompt is empty"),
         ({"prompt": [1, "a"]}, "prompt"),
         ({"prompt": "hi", "n": 9}, "n"),

@@ -46,6 +46,10 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: AnyTemplate) ->
     return sorted({stop_id, tokenizer.eos_token_id} - {None, tokenizer.unk_token_id})
 
 
+class GenerationError(RuntimeError):
+    """The model failed to generate (not the request's fault: the message says what failed)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
@@ -90,11 +94,13 @@ class Generation:
 
 @dataclass(frozen=True)
 class StreamEnd:
-    """A streamed row's end marker: how many tokens it generated (the one that ended it too) and
-    whether a stop token ended it."""
+    """A streamed row's end marker: how many tokens it generated (the one that ended it too),
+    whether a stop token ended it, and the most it could have generated (its max_new_tokens, less
+    where the context ended first; None if unknown)."""
 
     tokens: int
     stop_token: bool
+    limit: int | None = None
 
 
 _CONTEXT = 8  # tokens of left context that decoding one more token needs (decoders are local)
@@ -190,6 +196,7 @@ class _RowsStreamer(BaseStreamer):
         self.sent = [""] * len(sinks)
         self.done = [False] * len(sinks)
         self.prompt_seen = False
+        self.limit: int | None = None  # the answer tokens generate may make (set before it runs)
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate first hands over the prompt
@@ -218,7 +225,8 @@ class _RowsStreamer(BaseStreamer):
             if len(text) > len(self.sent[row]):
                 sink.put(text[len(self.sent[row]) :])
                 self.sent[row] = text
-            sink.put(StreamEnd(len(self.tokens[row]) + self.stop_token[row], self.stop_token[row]))
+            tokens = len(self.tokens[row]) + self.stop_token[row]
+            sink.put(StreamEnd(tokens, self.stop_token[row], self.limit))
 
     def _text(self, row: int) -> str:
         if self.contexts is None:
@@ -287,6 +295,36 @@ class Engine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def context(self) -> int | None:
+        """How many positions the model reads (prompt and answer together), from its config, else
+        its tokenizer's limit; None when neither says (a model with relative positions)."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        limit = self.tokenizer.model_max_length
+        return limit if isinstance(limit, int) and 0 < limit < 10**6 else None
+
+    def room(self, prompt_tokens: int, asked: int) -> int:
+        """The answer tokens that fit after a prompt of `prompt_tokens`: `asked`, or less where the
+        context ends first. A prompt that fills the context is a ValueError naming both numbers."""
+        context = self.context
+        if context is None:
+            return asked
+        if self.seq2seq:  # the encoder reads the prompt; the decoder has its own positions
+            if prompt_tokens > context:
+                raise ValueError(f"the prompt is {prompt_tokens} tokens; this model reads at most {context}")
+            return min(asked, context)
+        if prompt_tokens >= context:
+            raise ValueError(
+                f"the prompt is {prompt_tokens} tokens; this model's context is {context} "
+                "(prompt and answer together): shorten it"
+            )
+        return min(asked, context - prompt_tokens)
 
     def prompt_text(self, conversation: Conversation) -> str:
         if self.seq2seq:  # earlier turns are not seen: the encoder reads one source
@@ -379,15 +417,18 @@ class Engine:
         params: SamplingParams | None = None,
         batch_size: int = 16,
         images: list[list[Path]] | None = None,
+        cancels: list[threading.Event] | None = None,
     ) -> list[Generation]:
         """`generate`, with each answer's token counts and finish reason (`params.n` answers per
-        conversation, one after another)."""
+        conversation, one after another). `cancels` (one per answer): a set event stops that answer
+        at its next token (a client that went away)."""
         params = params or SamplingParams()
         out: list[Generation] = []
         for start in range(0, len(conversations), batch_size):
             chunk = _repeat(conversations[start : start + batch_size], params.n)
             chunk_images = _repeat(images[start : start + batch_size], params.n) if images else None
-            out += self._run(self._inputs(chunk, chunk_images), params)
+            events = cancels[start * params.n : start * params.n + len(chunk)] if cancels else None
+            out += self._run(self._inputs(chunk, chunk_images), params, cancels=events)
         return out
 
     def prompt_ids(self, prompts: Sequence[str] | Sequence[Sequence[int]]) -> list[list[int]]:
@@ -397,7 +438,10 @@ class Engine:
         rows = []
         for index, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                rows.append(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+                row = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+                if not row:
+                    raise ValueError(f"prompt {index} is empty (this model has no BOS token to start from)")
+                rows.append(row)
                 continue
             row = list(prompt)
             bad = next((t for t in row if not 0 <= t < vocab), None)
@@ -418,27 +462,62 @@ class Engine:
 
     @torch.inference_mode()
     def complete(
-        self, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams | None = None
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        params: SamplingParams | None = None,
+        cancels: list[threading.Event] | None = None,
+        batch_size: int = 8,
     ) -> list[Generation]:
         """Continue raw text or token ids (no chat template), as OpenAI's completions endpoint does
-        (`params.n` continuations per prompt, one after another). The continuation is the text its
-        tokens add after the prompt, leading space included. An encoder-decoder model answers the
-        text instead."""
+        (`params.n` continuations per prompt, one after another; `batch_size` prompts per generate,
+        so many prompts never make one huge batch; `cancels` as in `generate_detailed`). The
+        continuation is the text its tokens add after the prompt, leading space included. An
+        encoder-decoder model answers the text instead."""
         params = params or SamplingParams()
         if self.seq2seq:
             texts = [p if isinstance(p, str) else self.tokenizer.decode(list(p)) for p in prompts]
-            return self._run(self._source_inputs(_repeat(texts, params.n)), params)
-        return self._run(self._left_padded(_repeat(self.prompt_ids(prompts), params.n)), params, raw=True)
+            return self._run(self._source_inputs(_repeat(texts, params.n)), params, cancels=cancels)
+        rows = self.prompt_ids(prompts)
+        out: list[Generation] = []
+        for start in range(0, len(rows), batch_size):
+            chunk = _repeat(rows[start : start + batch_size], params.n)
+            events = cancels[start * params.n : start * params.n + len(chunk)] if cancels else None
+            out += self._run(self._left_padded(chunk), params, raw=True, cancels=events)
+        return out
 
-    def _run(self, inputs: dict, params: SamplingParams, raw: bool = False) -> list[Generation]:
+    def _generate(self, **kwargs):
+        """The model's generate; its failure (a kernel this device cannot run, a sampling overflow)
+        becomes one GenerationError that says so."""
+        try:
+            return self.model.generate(**kwargs)
+        except (RuntimeError, ValueError, AssertionError, NotImplementedError, TypeError) as error:
+            raise GenerationError(f"generation failed: {type(error).__name__}: {error}") from error
+
+    def _fitted(self, batch: dict, params: SamplingParams) -> dict:
+        """generate's keyword arguments for `batch`, its answer length cut to what fits the context."""
+        kwargs = self._generate_kwargs(params)
+        width = batch["input_ids"].shape[1]
+        kwargs["max_new_tokens"] = self.room(width, params.max_new_tokens)
+        return kwargs
+
+    def _run(
+        self,
+        inputs: dict,
+        params: SamplingParams,
+        raw: bool = False,
+        cancels: list[threading.Event] | None = None,
+    ) -> list[Generation]:
         """Generations; a chat answer is stripped, a raw continuation (`raw`) keeps its spaces."""
         if params.seed is not None:
             torch.manual_seed(params.seed)
         batch = {k: v.to(self.device) for k, v in inputs.items()}
-        kwargs = self._generate_kwargs(params)
+        kwargs = self._fitted(batch, params)
+        limit = kwargs["max_new_tokens"]
+        if cancels:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_RowsCancelled(cancels)])
         if params.logprobs is not None:
             kwargs.update(return_dict_in_generate=True, output_logits=True)
-        out = self.model.generate(**batch, **kwargs)
+        out = self._generate(**batch, **kwargs)
         sequences = out.sequences if params.logprobs is not None else out
         # A decoder-only model returns prompt + answer; an encoder-decoder its decoder start + answer.
         width = 1 if self.seq2seq else batch["input_ids"].shape[1]
@@ -451,7 +530,7 @@ class Engine:
             else:
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
             text, stopped = cut_at_stop(text, params.stop)
-            finish = "stop" if ended or stopped or length < params.max_new_tokens else "length"
+            finish = "stop" if ended or stopped or length < limit else "length"
             logprobs = None
             if params.logprobs is not None:
                 steps = torch.stack([out.logits[step][index] for step in range(length)]).float()
@@ -504,14 +583,19 @@ class Engine:
         cancel = cancel or threading.Event()
         kwargs = {
             **batch,
-            **self._generate_kwargs(params),
+            **self._fitted(batch, params),
             "streamer": streamer,
             "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)]),
         }
+        failed: list[BaseException] = []
 
         def work() -> None:
-            with torch.inference_mode():
-                self.model.generate(**kwargs)
+            try:
+                with torch.inference_mode():
+                    self._generate(**kwargs)
+            except BaseException as error:  # handed to the reader, who would otherwise wait forever
+                failed.append(error)
+                streamer.end()
 
         thread = threading.Thread(target=work, daemon=True)
         thread.start()
@@ -520,6 +604,8 @@ class Engine:
         finally:
             cancel.set()
             thread.join()
+        if failed:
+            raise failed[0]
 
     def stream_rows(
         self,
@@ -552,16 +638,16 @@ class Engine:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         batch = {k: v.to(self.device) for k, v in inputs.items()}
-        try:
-            self.model.generate(
-                **batch,
-                **self._generate_kwargs(params),
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_RowsCancelled(cancels)]),
-            )
-        except BaseException:
-            streamer.end()  # every waiting client gets its end marker
-            raise
+        kwargs = self._fitted(batch, params)
+        streamer.limit = kwargs["max_new_tokens"]
+        # A failure propagates to the caller, who hands it to every waiting client (no end marker:
+        # a failed row must not look finished).
+        self._generate(
+            **batch,
+            **kwargs,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_RowsCancelled(cancels)]),
+        )
 
     def chat(self, history: list[tuple[str, str]], message: str, system: str | None = None) -> str:
         return self.generate([Conversation(turns=[*history, (message, "")], system=system)])[0]

@@ -8,6 +8,13 @@ name, or one of the LoRA adapters loaded over it (`--adapter name=path`, several
 of the base in memory). Every `/v1` request needs `Authorization: Bearer <key>`; a missing or wrong
 key gets 401. A malformed request gets a 4xx with OpenAI's error body, never a traceback.
 
+Every request has limits, each a clear 4xx: its body (413), its prompts and answers, its answer
+length (cut to what fits the model's context, `finish_reason: length`; a prompt that fills the
+context is a 400), its sampling values, its images (pixels, data-URL form). A client that goes away
+stops its generation, streamed or not; a failure mid-stream ends the stream with an error event
+(and is logged); a connection stays usable after any error. SIGTERM cancels what is generating and
+the server exits 0 within seconds; data-URL images are deleted when their request ends.
+
 Requests queue for the one model. Chat requests that arrive together (within 10 ms, for the same
 model and sampling settings, streamed or not) are answered in one batched generate, up to 8 at a
 time; each streamed request's row streams on its own (a request with a `seed` is answered alone,
@@ -21,13 +28,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
+import logging
 import queue
+import re
 import secrets
+import shutil
 import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager, nullcontext
@@ -38,7 +50,7 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
@@ -59,6 +71,19 @@ MAX_N = 8  # answers per prompt
 MAX_ANSWERS = 64  # answers per request (prompts x n)
 MAX_TOP_LOGPROBS = 20  # chat: the likeliest tokens per position (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5  # completions: the same (OpenAI's limit)
+MIN_TEMPERATURE = 1e-4  # below this (and above 0) sampling overflows: logits / t is inf
+IMAGE_TYPES = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp"}  # data:image/<type>
+
+log = logging.getLogger("lmforge.serve")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (`lmforge serve --max-...`)."""
+
+    body_bytes: int = 20 * 2**20  # a request's body (data-URL images are in it): 413 above
+    image_pixels: int = 4096 * 4096  # one image's width x height: 400 above
+    max_tokens: int | None = None  # a ceiling on max_tokens (None: the model's context only)
 
 
 class APIError(Exception):
@@ -90,7 +115,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="an extension (as vLLM's): keep the k likeliest tokens, 0 = all")
     repetition_penalty: float = Field(
-        1.0, gt=0, description="an extension (as vLLM's): >1 discourages repeats"
+        1.0, ge=0.01, le=10, description="an extension (as vLLM's): >1 discourages repeats"
     )
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -99,6 +124,13 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, le=MAX_N, description="answers per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _samplable(cls, value: float) -> float:
+        if 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"use 0 (greedy) or {MIN_TEMPERATURE} to 2; {value} overflows sampling")
+        return value
 
     def params(self, default_max: int, logprobs: int | None = None) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -145,6 +177,9 @@ class CompletionRequest(SamplingFields):
         prompts = len(self.prompts())
         if not prompts:
             raise APIError(400, "prompt is empty", param="prompt")
+        empty = next((i for i, p in enumerate(self.prompts()) if not p), None)
+        if empty is not None:
+            raise APIError(400, f"prompt {empty} is empty; send text or token ids", param="prompt")
         if prompts * self.n > MAX_ANSWERS:
             raise APIError(400, f"{prompts} prompts x n={self.n}: at most {MAX_ANSWERS} answers", param="n")
         if self.max_tokens == 0 and not self.echo:
@@ -163,6 +198,8 @@ class Served:
         self.image_root = image_root.resolve() if image_root else None
         self.lock = threading.Lock()  # one generation at a time: requests queue here
         self._scratch: Path | None = None
+        self.stopping = threading.Event()  # shutting down: new requests get 503
+        self._live: weakref.WeakSet[threading.Event] = weakref.WeakSet()  # every row's stop switch
 
     @property
     def scratch(self) -> Path:
@@ -170,6 +207,33 @@ class Served:
         if self._scratch is None:
             self._scratch = Path(tempfile.mkdtemp(prefix="lmforge-serve-"))
         return self._scratch
+
+    def cancels(self, count: int) -> list[threading.Event]:
+        """One stop switch per answer row; `stop` sets them all (already set once stopping)."""
+        events = [threading.Event() for _ in range(count)]
+        for event in events:
+            self._live.add(event)
+            if self.stopping.is_set():
+                event.set()
+        return events
+
+    def stop(self) -> None:
+        """Shutting down: every row generating or queued stops at its next token."""
+        self.stopping.set()
+        for event in list(self._live):
+            event.set()
+
+    def forget(self, images: list[Path]) -> None:
+        """Delete a finished request's data-URL images (file:// images are the user's own)."""
+        for path in images:
+            if self._scratch is not None and path.parent == self._scratch:
+                path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Stop, and delete the scratch folder."""
+        self.stop()
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
 
     @property
     def names(self) -> list[str]:
@@ -199,16 +263,17 @@ class _Job:
     conversation: Conversation
     images: list[Path]
     params: SamplingParams
+    cancels: list[threading.Event]  # one per choice: a set one stops its row at the next token
     future: Future = field(default_factory=Future)
     sink: queue.Queue | None = None  # streamed: (choice, text piece or StreamEnd) pairs
-    cancels: list[threading.Event] = field(default_factory=list)  # one per choice: its row stops
-
-    def __post_init__(self) -> None:
-        self.cancels = self.cancels or [threading.Event() for _ in range(self.params.n)]
 
     def cancel(self) -> None:
         for event in self.cancels:
             event.set()
+
+    @property
+    def abandoned(self) -> bool:
+        return all(event.is_set() for event in self.cancels)
 
 
 class _ChoiceSink:
@@ -235,15 +300,15 @@ class Batcher:
 
     def submit(
         self, model: str, conversation: Conversation, images: list[Path], params: SamplingParams
-    ) -> Future:
-        job = _Job(model, conversation, images, params)
+    ) -> _Job:
+        job = _Job(model, conversation, images, params, self.served.cancels(params.n))
         self.jobs.put(job)
-        return job.future
+        return job
 
     def submit_stream(
         self, model: str, conversation: Conversation, images: list[Path], params: SamplingParams
     ) -> _Job:
-        job = _Job(model, conversation, images, params, sink=queue.Queue())
+        job = _Job(model, conversation, images, params, self.served.cancels(params.n), sink=queue.Queue())
         self.jobs.put(job)
         return job
 
@@ -256,6 +321,10 @@ class Batcher:
                     batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+            for job in [job for job in batch if job.abandoned]:  # its client left while it queued
+                batch.remove(job)
+                gone = APIError(499, "the client closed the request")
+                job.future.set_exception(gone) if job.sink is None else job.sink.put(gone)
             groups: dict[tuple, list[_Job]] = {}
             for job in batch:  # a seeded request alone: its sampled rows depend on its seed only
                 alone = id(job) if job.params.seed is not None else None
@@ -285,7 +354,11 @@ class Batcher:
         try:
             with self.served.lock, self.served.selected(model):
                 results = self.served.engine.generate_detailed(
-                    [job.conversation for job in jobs], params, len(jobs), images
+                    [job.conversation for job in jobs],
+                    params,
+                    len(jobs),
+                    images,
+                    [event for job in jobs for event in job.cancels],
                 )
             self.batches += 1
         except Exception as error:  # handed to each request, which turns it into a 4xx/5xx
@@ -296,14 +369,27 @@ class Batcher:
             job.future.set_result(results[k * params.n : (k + 1) * params.n])
 
 
-def conversation_of(messages: list[Message], served: Served) -> tuple[Conversation, list[Path]]:
-    """OpenAI messages -> (Conversation, image files in placeholder order)."""
+def conversation_of(
+    messages: list[Message], served: Served, limits: Limits = Limits()
+) -> tuple[Conversation, list[Path]]:
+    """OpenAI messages -> (Conversation, image files in placeholder order). The request's data-URL
+    images are written to the scratch folder; a refused request's are deleted at once."""
+    images: list[Path] = []
+    try:
+        return _conversation(messages, served, limits, images), images
+    except BaseException:
+        served.forget(images)
+        raise
+
+
+def _conversation(
+    messages: list[Message], served: Served, limits: Limits, images: list[Path]
+) -> Conversation:
     system = None
     turns: list[tuple[str, str]] = []
-    images: list[Path] = []
     pending: str | None = None
     for i, message in enumerate(messages):
-        text = _text_and_images(message.content, served, images, f"messages[{i}]")
+        text = _text_and_images(message.content, served, limits, images, f"messages[{i}]")
         if message.role == "system":
             if turns or pending is not None:
                 raise APIError(400, "a system message must come first", param=f"messages[{i}]")
@@ -319,10 +405,10 @@ def conversation_of(messages: list[Message], served: Served) -> tuple[Conversati
             pending = None
     if pending is None:
         raise APIError(400, "the last message must be the user's", param="messages")
-    return Conversation(turns=[*turns, (pending, "")], system=system), images
+    return Conversation(turns=[*turns, (pending, "")], system=system)
 
 
-def _text_and_images(content, served: Served, images: list[Path], where: str) -> str:
+def _text_and_images(content, served: Served, limits: Limits, images: list[Path], where: str) -> str:
     if isinstance(content, str):
         return content
     text = ""
@@ -334,19 +420,27 @@ def _text_and_images(content, served: Served, images: list[Path], where: str) ->
             raise APIError(400, f"{where}: image parts need a vision-language model", param=where)
         url = (part.image_url or {}).get("url", "")
         images.append(_image_file(url, served, where))
+        _check_image(images[-1], limits, where)
         text += IMAGE_PLACEHOLDER
     return text
 
 
+_DATA_URL = re.compile(r"data:image/([a-z]+);base64,", re.ASCII)
+
+
 def _image_file(url: str, served: Served, where: str) -> Path:
-    if url.startswith("data:image/"):
-        header, _, payload = url.partition(",")
-        suffix = "." + header.split("/")[1].split(";")[0]
+    """The file of an image part: a data URL written to the scratch folder, or a file:// path
+    inside the image root. Error messages never name a server path."""
+    if url.startswith("data:"):
+        header = _DATA_URL.match(url)
+        if header is None or header.group(1) not in IMAGE_TYPES:
+            kinds = ", ".join(f"data:image/{kind};base64," for kind in ("png", "jpeg", "webp"))
+            raise APIError(400, f"{where}: an image data URL starts {kinds}", param=where)
         try:
-            data = base64.b64decode(payload, validate=True)
+            data = base64.b64decode(url[header.end() :], validate=True)
         except binascii.Error:
             raise APIError(400, f"{where}: the image data URL is not valid base64", param=where) from None
-        path = served.scratch / f"{uuid.uuid4().hex}{suffix}"
+        path = served.scratch / f"{uuid.uuid4().hex}{IMAGE_TYPES[header.group(1)]}"
         path.write_bytes(data)
         return path
     if url.startswith("file://"):
@@ -354,25 +448,151 @@ def _image_file(url: str, served: Served, where: str) -> Path:
             raise APIError(
                 400, f"{where}: file images are off; start the server with --image-root", param=where
             )
-        path = Path(url.removeprefix("file://")).resolve()
+        try:
+            path = Path(url.removeprefix("file://")).resolve()
+        except (OSError, ValueError):
+            raise APIError(400, f"{where}: not a usable file path", param=where) from None
         if not path.is_relative_to(served.image_root):
-            raise APIError(403, f"{where}: {path} is outside the server's image root", param=where)
+            raise APIError(403, f"{where}: that file is outside the server's image root", param=where)
+        if not path.is_file():
+            raise APIError(400, f"{where}: no such image under the server's image root", param=where)
         return path
     raise APIError(400, f"{where}: send images as data:image/... URLs or file:// paths", param=where)
+
+
+def _check_image(path: Path, limits: Limits, where: str) -> None:
+    """A readable image of at most `limits.image_pixels` pixels (read from its header: a huge
+    image is refused before it is decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.suffix.lower() not in set(IMAGE_TYPES.values()):
+        raise APIError(400, f"{where}: images are png, jpeg or webp", param=where)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
+        raise APIError(400, f"{where}: the image cannot be read (png, jpeg or webp)", param=where) from None
+    if width * height > limits.image_pixels:
+        raise APIError(
+            400,
+            f"{where}: the image is {width}x{height} pixels; this server takes at most "
+            f"{limits.image_pixels:,} (lmforge serve --max-image-pixels)",
+            param=where,
+        )
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+class _Gate:
+    """The first thing every request passes: the key (401 on /v1), the body read whole up to
+    `limits.body_bytes` (413), 503 while shutting down, and a failure no handler caught turned into
+    a logged 500 with OpenAI's error body, the connection kept open (a raised error would drop it)."""
+
+    def __init__(self, app, api_key: str, served: Served, limits: Limits) -> None:
+        self.app, self.key, self.served, self.limits = app, f"Bearer {api_key}".encode(), served, limits
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        if scope["path"].startswith("/v1"):
+            if not secrets.compare_digest(headers.get(b"authorization", b""), self.key):
+                message = "missing or wrong API key (Authorization: Bearer <key>)"
+                await _send_error(send, 401, message, "authentication_error")
+                return
+            if self.served.stopping.is_set():
+                await _send_error(send, 503, "the server is shutting down", "server_error")
+                return
+        limit = self.limits.body_bytes
+        declared = headers.get(b"content-length", b"0")
+        too_big = f"the request body is over {limit:,} bytes (lmforge serve --max-body-mb)"
+        if not declared.isdigit() or int(declared) > limit:
+            await _send_error(send, 413, too_big)
+            return
+        body, more = bytearray(), True
+        while more:  # chunked bodies are counted as they arrive
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > limit:
+                await _send_error(send, 413, too_big)
+                return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        started = False
+
+        async def tracked(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, replay, tracked)
+        except Exception as error:
+            log.error("%s %s failed: %s", scope["method"], scope["path"], error, exc_info=error)
+            if not started:
+                message = f"the server failed to answer ({type(error).__name__}); see its log"
+                await _send_error(tracked, 500, message, "server_error")
+
+
+async def _send_error(send, status: int, message: str, kind: str = "invalid_request_error") -> None:
+    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_event(error: BaseException) -> str:
+    """A streamed request's failure as its last event (the openai client raises it)."""
+    if isinstance(error, APIError):
+        message, kind = error.message, error.kind
+    elif isinstance(error, ValueError):
+        message, kind = str(error), "invalid_request_error"
+    else:
+        message, kind = f"generation failed ({type(error).__name__}); see the server's log", "server_error"
+    body = {"error": {"message": message, "type": kind, "param": None, "code": None}}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def _answered(work: asyncio.Future, request: Request, cancel) -> Any:
+    """The result of a non-streamed request's generation; if its client disconnects first, its rows
+    are cancelled (they stop at their next token) and the request ends."""
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=0.2)
+        if done:
+            return work.result()
+        if await request.is_disconnected():
+            cancel()
+            work.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody waits for it
+            raise APIError(499, "the client closed the request")
+
+
 def create_app(
-    served: Served, api_key: str, default_max_tokens: int = 256, reasoning: str = "separate"
+    served: Served,
+    api_key: str,
+    default_max_tokens: int = 256,
+    reasoning: str = "separate",
+    limits: Limits | None = None,
 ) -> FastAPI:
     """The API. `reasoning` (for reasoning models): separate (the <think> trace in the message's
     `reasoning_content`, the answer in `content`), hide (answer only) or show (the raw text)."""
     if reasoning not in MODES:
         raise ValueError(f"reasoning {reasoning!r}: use one of {', '.join(MODES)}")
+    limits = limits or Limits()
     app = FastAPI(title="lmforge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Gate, api_key=api_key, served=served, limits=limits)
     batcher = Batcher(served)
     app.state.batcher = batcher
 
@@ -390,19 +610,15 @@ def create_app(
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         return error(400, f"{where}: {first.get('msg', 'invalid request')}", param=where or None)
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception):
-        return error(500, f"the server failed to answer ({type(exc).__name__}); see its log", "server_error")
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                return error(
-                    401, "missing or wrong API key (Authorization: Bearer <key>)", "authentication_error"
-                )
-        return await call_next(request)
+    def fitted(params: SamplingParams, prompt_tokens: int, where: str) -> SamplingParams:
+        """`params` with max_new_tokens cut to what fits after the prompt (and the ceiling)."""
+        try:
+            room = served.engine.room(prompt_tokens, params.max_new_tokens)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param=where) from None
+        if limits.max_tokens is not None:
+            room = min(room, limits.max_tokens)
+        return dataclasses.replace(params, max_new_tokens=room)
 
     @app.get("/health")
     async def health():
@@ -419,12 +635,21 @@ def create_app(
         }
 
     @app.post("/v1/chat/completions")
-    async def chat(request: ChatRequest):
-        conversation, images = conversation_of(request.messages, served)
+    async def chat(request: ChatRequest, raw: Request):
         request.check()
-        params = request.params(default_max_tokens, (request.top_logprobs or 0) if request.logprobs else None)
-        created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         served.check(request.model)
+        conversation, images = conversation_of(request.messages, served, limits)
+        try:
+            params = request.params(
+                default_max_tokens, (request.top_logprobs or 0) if request.logprobs else None
+            )
+            prompt = served.engine.prompt_text(conversation)
+            prompt_tokens = len(served.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            params = fitted(params, prompt_tokens, "messages")
+        except BaseException:
+            served.forget(images)
+            raise
+        created, ident = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
         if request.stream:
             job = batcher.submit_stream(request.model, conversation, images, params)
             return StreamingResponse(
@@ -432,11 +657,14 @@ def create_app(
                 media_type="text/event-stream",
             )
 
+        job = batcher.submit(request.model, conversation, images, params)
         try:
-            results = await asyncio.wrap_future(batcher.submit(request.model, conversation, images, params))
+            results = await _answered(asyncio.wrap_future(job.future), raw, job.cancel)
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
-        opened = prompt_opens_reasoning(served.engine.prompt_text(conversation))
+        finally:
+            served.forget(images)
+        opened = prompt_opens_reasoning(prompt)
         choices = []
         for index, result in enumerate(results):
             message: dict[str, Any] = {"role": "assistant", "content": result.text}
@@ -463,7 +691,7 @@ def create_app(
         }
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest):
+    async def completions(request: CompletionRequest, raw: Request):
         served.check(request.model)
         request.check()
         try:
@@ -471,10 +699,14 @@ def create_app(
         except ValueError as exc:
             raise APIError(400, str(exc), param="prompt") from None
         params = request.params(default_max_tokens, request.logprobs)
+        if request.max_tokens != 0:
+            params = fitted(params, max(len(r) for r in rows), "prompt")
+        elif max(len(r) for r in rows) > (served.engine.context or 10**9):
+            raise APIError(400, f"a prompt is longer than the model's context ({served.engine.context})")
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        cancels = served.cancels(len(rows) * params.n)
         if request.stream:
             sink: queue.Queue = queue.Queue()
-            cancels = [threading.Event() for _ in range(len(rows) * params.n)]
             _start_completion_stream(served, request.model, rows, params, sink, cancels)
             events = _stream_completion(served, request, rows, sink, cancels, params, created, ident)
             return StreamingResponse(events, media_type="text/event-stream")
@@ -486,12 +718,18 @@ def create_app(
                         Generation("", len(r), 0, "length", (), ()) for r in rows for _ in range(request.n)
                     ]
                 else:
-                    answers = served.engine.complete(rows, params)
+                    answers = served.engine.complete(rows, params, cancels)
                 scored = request.echo and request.logprobs is not None
                 return answers, served.engine.score(rows, request.logprobs or 0) if scored else None
 
+        def cancel() -> None:
+            for event in cancels:
+                event.set()
+
         try:
-            answers, prompt_scores = await run_in_threadpool(work)
+            answers, prompt_scores = await _answered(
+                asyncio.ensure_future(run_in_threadpool(work)), raw, cancel
+            )
         except ValueError as exc:
             raise APIError(400, str(exc)) from None
         choices = [
@@ -619,7 +857,8 @@ async def _choice_texts(
         index, piece = item
         if isinstance(piece, StreamEnd):  # the row ended: what was held back is the answer's end
             running.discard(index)
-            stopped = cut[index] or piece.stop_token or piece.tokens < params.max_new_tokens
+            limit = piece.limit if piece.limit is not None else params.max_new_tokens
+            stopped = cut[index] or piece.stop_token or piece.tokens < limit
             yield index, texts[index][sent[index] :], (piece.tokens, "stop" if stopped else "length")
             sent[index] = len(texts[index])
             continue
@@ -663,6 +902,11 @@ async def _stream_completion(
             if end is not None:
                 completion_tokens += end[0]
                 yield chunk(index, "", end[1])
+    except Exception as error:  # the stream ends with the error, never a plain finish
+        log.error("a streamed completion failed: %s", error, exc_info=error)
+        yield _error_event(error)
+        yield "data: [DONE]\n\n"
+        return
     finally:
         for event in cancels:
             event.set()
@@ -719,8 +963,14 @@ async def _stream_chat(
             if end is not None:
                 completion_tokens += end[0]
                 yield chunk(index, {}, end[1])
+    except Exception as error:  # the stream ends with the error, never a plain finish
+        log.error("a streamed chat completion failed: %s", error, exc_info=error)
+        yield _error_event(error)
+        yield "data: [DONE]\n\n"
+        return
     finally:
         job.cancel()
+        served.forget(job.images)
     if request.stream_options and request.stream_options.include_usage:
         prompt = len(
             tokenizer(served.engine.prompt_text(conversation), add_special_tokens=False)["input_ids"]
@@ -757,3 +1007,24 @@ def load_served(
     if base_name in adapters:
         raise ValueError(f"adapter name {base_name!r} is the base model's name; pick another")
     return Served(engine, base_name, list(adapters), image_root)
+
+
+def run_server(app: FastAPI, served: Served, host: str, port: int, grace: float = 3.0) -> None:
+    """Serve until SIGINT or SIGTERM. Either stops every generation at its next token, waits up to
+    `grace` seconds for the open requests to end, deletes the scratch folder and returns (exit 0);
+    a second signal does not wait."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # uvicorn's would re-raise the signal at the end
+            served.stop()
+            self.force_exit = self.should_exit
+            self.should_exit = True
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="off", timeout_graceful_shutdown=grace
+    )
+    try:
+        Server(config).run()
+    finally:
+        served.close()
