@@ -35,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": set(),  # filled below: the CLI may import anything
 }
 ALLOWED["cli"] = set(ALLOWED) - {"cli"}
+ALLOWED["__main__"] = {"cli"}  # `python -m lmforge`: the CLI, as launchers call it
 
 
 def module_name(path: Path) -> str:
@@ -122,7 +123,8 @@ def test_every_arrow_between_parts_is_one_the_design_allows():
 
 
 def test_nothing_imports_the_cli():
-    assert not [s for s, targets in imports().items() if "lmforge.cli" in targets]
+    importers = [s for s, targets in imports().items() if "lmforge.cli" in targets]
+    assert importers in ([], ["lmforge.__main__"]), importers
 
 
 def test_parts_and_modules_have_no_import_cycle():

@@ -30,7 +30,7 @@ from lmforge.export.merge import MergeError, merge_adapter
 from lmforge.inference.engine import Engine, SamplingParams
 from lmforge.methods import sft
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.callbacks import COMPLETE_MARKER
+from lmforge.training.checkpoints import COMPLETE_MARKER
 from lmforge.training.stage import load_model_for_training
 from lmforge.training.trainer import build_trainer
 

@@ -18,7 +18,8 @@ from lmforge.data.templates import get_template
 from lmforge.data.tokenize import pack, tokenize_examples
 from lmforge.methods import sft
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.callbacks import COMPLETE_MARKER, NonFiniteError
+from lmforge.training.callbacks import NonFiniteError
+from lmforge.training.checkpoints import COMPLETE_MARKER
 from lmforge.training.stage import load_model_for_training
 from lmforge.training.trainer import build_trainer
 

@@ -177,6 +177,9 @@ def test_a_pipeline_killed_mid_stage_resumes_to_the_same_result(base_dir, alpaca
     sft = resumed["stages"]["sft"]["metrics"]
     assert sft["steps"] == 24
     assert sft["resumed_from"].startswith("checkpoint-")  # it went on from a checkpoint, not from scratch
+    # the manifest's train_loss is the whole run's mean, not only the resumed steps'
+    whole_loss = uninterrupted["stages"]["sft"]["metrics"]["train_loss"]
+    assert sft["train_loss"] == pytest.approx(whole_loss, rel=1e-4)
     before = uninterrupted["stages"]["eval"]["metrics"]
     after = resumed["stages"]["eval"]["metrics"]
     for model in ("sft", "merged"):

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmforge.training.callbacks import COMPLETE_MARKER
-from lmforge.training.checkpoints import complete_checkpoints, resolve_resume
+from lmforge.training.checkpoints import COMPLETE_MARKER, complete_checkpoints, resolve_resume
 
 
 def make(root, step, complete=True):

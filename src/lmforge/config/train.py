@@ -64,7 +64,11 @@ class TrainConfig(Section):
     save_total_limit: int | None = Field(2, description="Keep at most N checkpoints (None: all).")
     eval_steps: int = Field(0, ge=0, description="Evaluate every N steps (0: at the end only).")
     resume: str = Field(
-        "none", description="`auto`: latest complete checkpoint in output_dir; a path; or `none`."
+        "auto",
+        description="`auto`: continue from the latest complete checkpoint in output_dir when it is "
+        "this run's (same config but for where and how often files are written), start new when "
+        "there is none, refuse when output_dir holds another run's; `fresh` (or `none`): start "
+        "over, removing output_dir's earlier checkpoints and metrics; or a checkpoint path.",
     )
     padding_free: bool = Field(
         True,

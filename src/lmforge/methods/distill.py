@@ -31,6 +31,7 @@ from lmforge.data.templates import Conversation
 from lmforge.data.tokenize import tokenize_examples
 from lmforge.models.loading import load_tokenizer
 from lmforge.models.location import model_location
+from lmforge.training.checkpoints import start_run
 from lmforge.training.distill import DistillTrainer, load_teacher, shared_vocabulary
 from lmforge.training.stage import (
     StageResult,
@@ -61,6 +62,32 @@ def check(config: RunConfig) -> None:
         raise ValueError("distillation reads the whole data set; turn off data.streaming")
     if options.sequence_level and config.data.packing:
         raise ValueError("sequence-level distillation writes new answers first: turn off data.packing")
+
+
+def on_teacher_answers(config: RunConfig, quiet: bool) -> StageResult:
+    """Sequence-level KD: SFT on the teacher's answers, generated first (a rerun reuses them). The
+    run is that SFT run; method.distill stays in its config, so its identity (what a rerun resumes,
+    `training.checkpoints.run_id`) names the teacher. config.yaml is the distillation config."""
+    from lmforge.config.data import DatasetSource
+    from lmforge.methods import sft
+
+    check(config)
+    output_dir = Path(config.train.output_dir)
+    answers = output_dir / ANSWERS_FILE
+    source = DatasetSource(path=str(answers.resolve()), format="messages")
+    on_answers = config.model_copy(
+        update={
+            "method": config.method.model_copy(update={"name": "sft"}),
+            "data": config.data.model_copy(update={"path": "", "datasets": [source], "eval_path": None}),
+        }
+    )
+    start_run(on_answers)  # refused before the teacher runs when the folder holds another run
+    if config.train.resume in ("fresh", "none"):  # starting over asks the teacher again
+        answers.unlink(missing_ok=True)
+    teacher_answers(config, output_dir, quiet)
+    result = sft.run(on_answers, quiet)
+    write_resolved_config(config, output_dir)
+    return result
 
 
 def teacher_answers(config: RunConfig, out: Path, quiet: bool) -> Path:
@@ -101,25 +128,11 @@ def teacher_answers(config: RunConfig, out: Path, quiet: bool) -> Path:
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    output_dir = begin_stage(config, check)
     options = config.method.distill
     assert options is not None
-
     if options.sequence_level:
-        from lmforge.config.data import DatasetSource
-        from lmforge.methods import sft
-
-        answers = teacher_answers(config, output_dir, quiet)
-        source = DatasetSource(path=str(answers.resolve()), format="messages")
-        on_answers = config.model_copy(
-            update={
-                "method": config.method.model_copy(update={"name": "sft", "distill": None}),
-                "data": config.data.model_copy(update={"path": "", "datasets": [source], "eval_path": None}),
-            }
-        )
-        result = sft.run(on_answers, quiet)
-        write_resolved_config(config, output_dir)  # the run's config is the distillation one
-        return result
+        return on_teacher_answers(config, quiet)
+    begin_stage(config, check)
 
     tokenizer = load_tokenizer(config.model)
     vocab = shared_vocabulary(tokenizer, load_tokenizer(ModelConfig(name_or_path=options.teacher)), options)

@@ -51,7 +51,7 @@ from lmforge.inference.engine import stop_token_ids
 from lmforge.methods.rewards import build_rewards, weighted_total, write_samples
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.callbacks import plot_loss
-from lmforge.training.checkpoints import resolve_resume
+from lmforge.training.checkpoints import resolve_resume, run_id
 from lmforge.training.ppo import Critic, PPOLoop, rollout
 from lmforge.training.preference import keep_reference_copy
 from lmforge.training.stage import StageResult, begin_stage, load_model_for_training, resolve_template
@@ -124,8 +124,11 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     if config.adapter.path:
         keep_reference_copy(model)
     model.eval()  # dropout off throughout (see the module docstring)
-    loop = PPOLoop(model, critic_for(config, model), ppo, method.sampling.temperature, train, optimizer_steps)
-    resume = resolve_resume(output_dir, train.resume)
+    run = run_id(config)
+    loop = PPOLoop(
+        model, critic_for(config, model), ppo, method.sampling.temperature, train, optimizer_steps, run
+    )
+    resume = resolve_resume(output_dir, train.resume, run)
     if resume:
         loop.restore(Path(resume))
         if not quiet:

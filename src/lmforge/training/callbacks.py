@@ -1,6 +1,6 @@
-"""Trainer callbacks: metrics.jsonl + loss.png, a progress bar with tokens/s, complete-checkpoint
-markers, a guard that stops on non-finite gradients, and a memory report (estimated peak at the
-start, measured peaks at the end).
+"""Trainer callbacks: metrics.jsonl + loss.png, a progress bar with tokens/s, a guard that stops on
+non-finite gradients, and a memory report (estimated peak at the start, measured peaks at the end).
+(Checkpoint markers and rotation: `training/checkpoints`.)
 
 These use `TrainerCallback`, the hook transformers documents for exactly this.
 """
@@ -19,37 +19,17 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import TrainerCallback
 
-from lmforge.artifacts import atomic_file, write_atomic
+from lmforge.artifacts import atomic_file
 from lmforge.config.train import TrainConfig
 
-COMPLETE_MARKER = "LMFORGE_COMPLETE"
 MB = 1024**2  # the memory report's "mb" is MiB
 console = Console(stderr=True)
 
 
 class NonFiniteError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the message names the step."""
-
-
-def mark_complete(checkpoint: Path, step: int) -> None:
-    """Written last, atomically: a checkpoint without it was interrupted mid-save."""
-    write_atomic(checkpoint / COMPLETE_MARKER, json.dumps({"step": step, "time": time.time()}))
-
-
-class CompleteCheckpointCallback(TrainerCallback):
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw):
-        # Trainer calls on_save after every file of the checkpoint is written.
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir() and state.is_world_process_zero:
-            # Trainer pickles its arguments (training_args.bin) for people to read, never to resume;
-            # lmforge keeps no pickles: the same arguments as JSON instead.
-            pickled = checkpoint / "training_args.bin"
-            if pickled.is_file():
-                (checkpoint / "training_args.json").write_text(args.to_json_string(), encoding="utf-8")
-                pickled.unlink()
-            mark_complete(checkpoint, state.global_step)
 
 
 class NonFiniteGradientCallback(TrainerCallback):
@@ -73,7 +53,8 @@ class MetricsFileCallback(TrainerCallback):
 
     def __init__(self, output_dir: str | Path) -> None:
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.start = time.time()
+        # A resumed run's lines continue the clock of the lines kept from before the checkpoint.
+        self.start = time.time() - last_time(self.path)
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
@@ -89,6 +70,14 @@ class MetricsFileCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         if state.is_world_process_zero:
             plot_loss(self.path, self.path.parent / "loss.png")
+
+
+def last_time(metrics_path: Path) -> float:
+    """The `time` of metrics.jsonl's last line (0 without one)."""
+    if not metrics_path.is_file():
+        return 0.0
+    lines = metrics_path.read_text(encoding="utf-8").splitlines()
+    return float(json.loads(lines[-1]).get("time", 0.0)) if lines else 0.0
 
 
 def append_record(path: Path, record: Mapping[str, Any]) -> None:

@@ -44,3 +44,11 @@ def model_loss(trainer: Trainer, model, inputs: dict, num_items_in_batch=None):
     return Trainer.compute_loss(
         trainer, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
     )
+
+
+def losses_so_far(trainer: Trainer) -> float:
+    """The sum of the per-step training losses since this `train()` call began (its first step, or
+    the checkpoint it resumed from), as `Trainer` keeps it for its final `train_loss`: the sum
+    drained at each logging step (`_total_loss_scalar`) plus what has accumulated since
+    (`_tr_loss`); this process's, as the Trainer's own final figure is."""
+    return trainer._total_loss_scalar + float(trainer._tr_loss.item())

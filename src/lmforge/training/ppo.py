@@ -144,6 +144,7 @@ class PPOLoop:
         temperature: float,
         train: TrainConfig,
         optimizer_steps: int,
+        run: str | None = None,
     ) -> None:
         self.model, self.critic, self.ppo, self.temperature, self.train_config = (
             model,
@@ -171,6 +172,7 @@ class PPOLoop:
             else losses.FixedKLController(ppo.kl_coef)
         )
         self.state = LoopState()
+        self.run = run  # the run id its checkpoints are marked with (training/checkpoints.run_id)
 
     def next_prompts(self, prompts: list[Example], count: int) -> list[Example]:
         """The next `count` prompts of a shuffled pass (fewer at the end of one)."""
@@ -254,7 +256,7 @@ class PPOLoop:
         state = {**asdict(self.state), "kl_coef": self.kl_ctl.value}
         weights = {"policy": trainable_state(self.model), "critic": trainable_state(self.critic)}
         save_loop_checkpoint(
-            output_dir, self.state.step, weights, self.optimizer, self.scheduler, state, limit
+            output_dir, self.state.step, weights, self.optimizer, self.scheduler, state, limit, self.run
         )
 
     def restore(self, checkpoint: Path) -> None:

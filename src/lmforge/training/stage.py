@@ -26,7 +26,7 @@ from lmforge.models.loading import (
     load_seq2seq_lm,
     saved_template_name,
 )
-from lmforge.training.checkpoints import resolve_resume
+from lmforge.training.checkpoints import resolve_resume, run_id, start_run
 
 console = Console(stderr=True)
 
@@ -43,9 +43,12 @@ class StageResult:
 
 def begin_stage(config: RunConfig, check: Callable[[RunConfig], None]) -> Path:
     """The head every driver shares, before anything loads: the stage's own `check`, then
-    `check_stage`; the resolved config is written to output_dir, which is returned."""
+    `check_stage`, then where the run starts (`training.checkpoints.start_run`: resume, start over,
+    or refuse a folder holding another run); the resolved config is written to output_dir, which
+    is returned."""
     check(config)
     check_stage(config)
+    start_run(config)
     output_dir = Path(config.train.output_dir)
     write_resolved_config(config, output_dir)
     return output_dir
@@ -158,13 +161,13 @@ def train_and_save(
     output_dir/`folder` (default: adapter or model). A preference stage's frozen reference copy
     of the adapter is not saved (`final_adapter`)."""
     output_dir = Path(config.train.output_dir)
-    resume = resolve_resume(output_dir, config.train.resume)
+    resume = resolve_resume(output_dir, config.train.resume, run_id(config))
     if resume and not quiet:
-        console.print(f"[bold]resuming[/] from {resume}")
+        console.print(f"[bold]resuming[/] from {resume} (train.resume: {config.train.resume})")
     result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(result.metrics)
+    metrics = dict(result.metrics)  # train_loss: the whole run's, also when resumed
     if evaluate:
-        metrics.update(trainer.evaluate())
+        metrics.update(final_evaluation(trainer))
     kind = "adapter" if config.adapter.method != "none" else "model"
     artifact = save_artifact(
         final_adapter(trainer.model),
@@ -178,7 +181,18 @@ def train_and_save(
     )
     if not quiet:
         console.print(f"[bold green]saved[/] {kind} to {artifact}")
-    return StageResult(output_dir, artifact, result.training_loss, result.global_step, stats, metrics)
+    loss = metrics.get("train_loss", result.training_loss)
+    return StageResult(output_dir, artifact, loss, result.global_step, stats, metrics)
+
+
+def final_evaluation(trainer) -> dict[str, float]:
+    """The evaluation at the end, run once: when the last step was just evaluated (eval_steps
+    divides it), that evaluation's metrics; else a new one."""
+    step = trainer.state.global_step
+    for row in reversed(trainer.state.log_history):
+        if row.get("step") == step and any(key.startswith("eval_") for key in row):
+            return {k: v for k, v in row.items() if k.startswith("eval_")}
+    return trainer.evaluate()
 
 
 def optimizer_steps(config: RunConfig, examples: int) -> int:

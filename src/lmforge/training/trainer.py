@@ -35,13 +35,13 @@ from lmforge.optim import build_optimizer
 from lmforge.optim.sophia import SophiaG, estimate_hessian
 from lmforge.training.callbacks import (
     AdaLoraRankCallback,
-    CompleteCheckpointCallback,
     MemoryReportCallback,
     MetricsFileCallback,
     NonFiniteError,
     NonFiniteGradientCallback,
     ProgressCallback,
 )
+from lmforge.training.checkpoints import CompleteCheckpointCallback, run_id
 from lmforge.training.compat import log_metric, model_loss
 
 
@@ -93,10 +93,8 @@ def common_arguments(train: TrainConfig, hardware: Hardware, has_eval: bool) -> 
     """`train:` as transformers TrainingArguments keywords, shared by every stage's trl config."""
     warmup: float = train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio
     save_strategy = "steps" if train.save_steps > 0 else "no"
-    if has_eval:
-        eval_strategy = "steps" if train.eval_steps > 0 else "epoch"
-    else:
-        eval_strategy = "no"
+    # eval_steps 0 is "at the end only": train_and_save evaluates once after training.
+    eval_strategy = "steps" if has_eval and train.eval_steps > 0 else "no"
     on_gpu = hardware.device in ("cuda", "xpu")  # mixed precision on either; the Trainer finds the XPU
     return {
         "output_dir": train.output_dir,
@@ -120,7 +118,9 @@ def common_arguments(train: TrainConfig, hardware: Hardware, has_eval: bool) -> 
         "logging_nan_inf_filter": False,  # a NaN must stop the run, not be averaged away
         "save_strategy": save_strategy,
         "save_steps": train.save_steps or 500,
-        "save_total_limit": train.save_total_limit,
+        # lmforge rotates checkpoints itself, after the new one is marked complete
+        # (training/checkpoints.CompleteCheckpointCallback); the Trainer's rotation ran before.
+        "save_total_limit": None,
         "eval_strategy": eval_strategy,
         "eval_steps": train.eval_steps or None,
         "report_to": ["tensorboard"] if train.tensorboard else [],
@@ -208,13 +208,13 @@ def stage_optimizer(config: RunConfig, model) -> torch.optim.Optimizer | None:
 
 
 def stage_callbacks(config: RunConfig, model, stage: str, quiet: bool) -> list:
-    """lmforge's callbacks for any stage: metrics file, checkpoint markers, NaN guard, memory report,
-    progress."""
+    """lmforge's callbacks for any stage: checkpoint markers and rotation (first: it sets the whole
+    run's train_loss before the others log it), metrics file, NaN guard, memory report, progress."""
     # Preference and reward stages run each example's chosen and rejected rows through the model.
     rows = 2 if stage in ("dpo", "orpo", "simpo", "reward") else 1
     callbacks = [
+        CompleteCheckpointCallback(run_id(config), config.train.save_total_limit),
         MetricsFileCallback(config.train.output_dir),
-        CompleteCheckpointCallback(),
         NonFiniteGradientCallback(model),
         MemoryReportCallback(model, config.train, config.data.max_length, rows, quiet),
     ]
@@ -288,6 +288,9 @@ def stage_trainer(
         **kwargs,
     )
     trainer.remove_callback(PrinterCallback)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, CompleteCheckpointCallback):
+            callback.trainer = trainer  # its checkpoints record the loss so far
     return trainer
 
 
