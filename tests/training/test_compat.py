@@ -80,3 +80,25 @@ def test_a_trainer_without_metric_lists_is_refused():
 
     with pytest.raises(TypeError, match="keeps no per-step metrics"):
         compat.log_metric(Plain(), "train", "probe", 1.0)
+
+
+def test_losses_so_far_is_the_sum_the_final_train_loss_averages(trainer):
+    """At every step's end: the sum of the per-step losses so far (logged lines plus the rest)."""
+    from transformers import TrainerCallback
+
+    seen: dict[int, float] = {}
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen[state.global_step] = compat.losses_so_far(trainer)
+
+    trainer.args.logging_steps = 3  # the last steps are not drained into a logged line yet
+    trainer.add_callback(Probe())
+    result = trainer.train()
+    steps = result.global_step
+    assert steps == 8 and seen[steps] == pytest.approx(result.training_loss * steps, rel=1e-6)
+    logged = [(row["step"], row["loss"]) for row in trainer.state.log_history if "loss" in row]
+    windows, last = 0.0, 0
+    for step, loss in logged:  # each line is the mean over its window of steps
+        windows, last = windows + loss * (step - last), step
+    assert last == 6 and seen[6] == pytest.approx(windows, rel=1e-5)
