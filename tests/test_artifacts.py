@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import stat
+import subprocess
+import sys
 
 import pytest
+from typer.testing import CliRunner
 
 from lmforge.artifacts import atomic_file, atomic_folder, save_artifact, write_atomic
 
@@ -58,3 +63,54 @@ def test_a_left_padding_call_is_not_saved_as_the_tokenizers_side(tmp_path, base_
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     saved = save_artifact(model, tokenizer, get_template("chatml"), tmp_path / "model", "model", None)
     assert AutoTokenizer.from_pretrained(saved).padding_side == "right"
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (a killed run's)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def stale_and_live(parent, name: str) -> tuple[list, list]:
+    """Temporaries of `name` a killed run left (a folder and a file), and a live run's (kept)."""
+    dead, live = dead_pid(), os.getppid()  # the process that started pytest runs
+    stale = [parent / f".{name}.tmp-{dead}", parent / f".{name}.tmp-{dead}.0123abcd.tmp"]
+    kept = [parent / f".{name}.tmp-{live}", parent / f".{name}.tmp-{live}.89ef.tmp"]
+    for path in (stale[0], kept[0]):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"half")
+    for path in (stale[1], kept[1]):
+        path.write_bytes(b"half")
+    return stale, kept
+
+
+@pytest.mark.parametrize("kind", ["folder", "file"])
+def test_a_write_removes_the_temporaries_a_killed_run_left_and_keeps_live_ones(tmp_path, kind):
+    stale, kept = stale_and_live(tmp_path, "out")
+    other = tmp_path / f".other.tmp-{dead_pid()}"  # another destination's: not this write's to remove
+    other.mkdir()
+    if kind == "folder":
+        with atomic_folder(tmp_path / "out") as tmp:
+            assert tmp.name == f".out.tmp-{os.getpid()}"
+            (tmp / "a").write_text("1")
+    else:
+        write_atomic(tmp_path / "out", "1")
+    assert not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept) and other.exists()
+    assert (tmp_path / "out" / "a" if kind == "folder" else tmp_path / "out").read_text() == "1"
+
+
+def test_an_export_run_removes_a_killed_exports_temporaries(tmp_path, base_dir):
+    from lmforge.cli import app
+
+    stale, kept = stale_and_live(tmp_path, "m.gguf")
+    out = tmp_path / "m.gguf"
+    result = CliRunner().invoke(
+        app, ["export", "--model", str(base_dir), "--out", str(out), "--no-modelfile"]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and not any(path.exists() for path in stale)
+    assert all(path.exists() for path in kept)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["m.gguf", *(p.name for p in kept)]), json.dumps(names)

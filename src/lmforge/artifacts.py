@@ -2,15 +2,18 @@
 resolved config, the final model or adapter with its model card.
 
 Everything is written to a temporary path beside its destination and renamed into place, so a run
-that dies mid-write never leaves a file, an `adapter/` or a `model/` that looks complete. This
-module sits low: it imports only `config` (a template is anything with `name`, `stop_token` and
-`jinja`).
+that dies mid-write never leaves a file, an `adapter/` or a `model/` that looks complete. A
+temporary is named `.NAME.tmp-PID` (a folder) or `.NAME.tmp-PID.HEX.tmp` (a file) after the process
+writing it, so the next write of NAME removes those a killed run left (their process is gone) and
+keeps those of runs still writing. This module sits low: it imports only `config` (a template is
+anything with `name`, `stop_token` and `jinja`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -133,10 +136,45 @@ def _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_proce
     (tmp / "README.md").write_text(_model_card(kind, config, template, card_extra), encoding="utf-8")
 
 
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs (one of another user's counts: it cannot be signalled)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(dest: Path) -> list[Path]:
+    """Remove the temporaries of `dest` (`.NAME.tmp-PID`, `.NAME.tmp-PID.HEX.tmp`) whose process
+    no longer runs: what a killed merge, export or save left. Those of this process and of live
+    ones are kept. Returns what was removed."""
+    if os.name == "nt" or not dest.parent.is_dir():  # os.kill(pid, 0) would end the process there
+        return []
+    own = re.compile(rf"\.{re.escape(dest.name)}\.tmp-(\d+)(?:\.[0-9a-f]+\.tmp)?")
+    removed = []
+    for sibling in dest.parent.iterdir():
+        match = own.fullmatch(sibling.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+        removed.append(sibling)
+    return removed
+
+
 @contextmanager
 def atomic_folder(dest: Path) -> Iterator[Path]:
     """A temporary sibling of `dest` to fill; renamed to `dest` only when the block completes (a
-    failure removes it), so no half-written folder ever passes for complete."""
+    failure removes it), so no half-written folder ever passes for complete. Temporaries of `dest`
+    that killed runs left are removed first."""
+    remove_stale_temporaries(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -157,10 +195,12 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` (`.NAME.*.tmp`) to write any way; renamed to `path` when the
-    block completes, removed when it fails."""
+    """A temporary path beside `path` (`.NAME.tmp-PID.HEX.tmp`) to write any way; renamed to `path`
+    when the block completes, removed when it fails. Temporaries of `path` that killed runs left are
+    removed first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    remove_stale_temporaries(path)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}.{secrets.token_hex(8)}.tmp")
     # Created as open() creates a file (0o666 less the umask; mkstemp's would be 0o600), since the
     # renamed file is the user's to share.
     os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

@@ -326,3 +326,59 @@ def test_max_samples_stops_before_later_bad_lines(tmp_path):
     assert [e.text for e in load(path, needs="text", max_samples=2)] == ["a", "b"]
     with pytest.raises(DataError, match="line 3 is not valid JSON"):
         load(path, needs="text")
+
+
+@pytest.mark.parametrize(
+    ("record", "answer"),
+    [
+        ({"instruction": "add 1 and 2", "answer": "3"}, "answer"),
+        ({"prompt": "add 1 and 2", "reply": "3"}, "reply"),
+    ],
+)
+def test_an_answer_in_a_field_lmforge_does_not_read_is_named_with_the_mapping(tmp_path, record, answer):
+    path = write(tmp_path, "a.json", [record])
+    with pytest.raises(DataError) as err:
+        load(path)
+    message = str(err.value)
+    fields = ", ".join(f"`{key}`" for key in record)
+    assert f"{path}: record 0 has fields {fields}, none of which is an answer lmforge reads" in message
+    assert "`output` (alpaca" in message and "`completion` or `response`" in message
+    assert f"columns: {{response: {answer}}}" in message and "empty response" not in message
+    mapped = load_examples(DataConfig(datasets=[{"path": str(path), "columns": {"response": answer}}]), "sft")
+    assert mapped.train[0].response == "3", "the mapping the message names works"
+
+
+def test_a_chat_ending_with_the_user_says_so(tmp_path):
+    path = write(tmp_path, "m.json", [{"messages": [{"role": "user", "content": "q"}], "answer": "a"}])
+    with pytest.raises(DataError, match="record 0 has fields `messages`, `answer` and its conversation ends"):
+        load(path)
+
+
+def test_an_unterminated_csv_quote_names_the_row_and_the_fix(tmp_path):
+    path = write(tmp_path, "d.csv", 'instruction,output\nadd 1 and 2,3\n"add 2 and 2,4\nadd 3 and 3,6\n')
+    with pytest.raises(DataError) as err:
+        load(path)
+    assert str(err.value) == (
+        f'{path}: row 3 (line 3) opens a quoted cell (") that never closes, so the rest of the file would '
+        'be one cell; close the quote, or write a quote inside a quoted cell as two ("")'
+    )
+    stray = write(tmp_path, "s.csv", 'instruction,output\n"add" 1,2\n')
+    with pytest.raises(DataError, match=r"s.csv: row 2 \(line 2\) cannot be parsed as CSV .*doubled"):
+        load(stray)
+    # Quoted cells that span lines and doubled quotes still read, and rows after them are numbered.
+    good = write(tmp_path, "g.csv", 'instruction,output\n"two\nlines",ok\n"say ""hi""",hi\n')
+    assert [e.turns[0] for e in load(good)] == [("two\nlines", "ok"), ('say "hi"', "hi")]
+
+
+def test_sft_refuses_preference_pairs_naming_the_fix(tmp_path):
+    pairs = [
+        {"instruction": "add 1 and 2", "output": "3"},
+        {"instruction": "q", "chosen": "a", "rejected": "b"},
+    ]
+    path = write(tmp_path, "p.json", pairs)
+    with pytest.raises(DataError) as err:
+        load(path)
+    assert "1 problem(s)" in str(err.value)
+    assert f"{path}: record 1 is a preference pair (`chosen`/`rejected`)" in str(err.value)
+    assert "method dpo, orpo or simpo" in str(err.value)
+    assert load(write(tmp_path, "q.json", pairs[1:]), needs="preference")[0].rejected == "b"

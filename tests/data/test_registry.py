@@ -291,7 +291,7 @@ def test_the_stage_decides_how_a_prompt_column_reads(llamafactory_dir):
     data = DataConfig(path="c4_demo", dataset_dir=str(llamafactory_dir))
     [first, _] = load_examples(data, "prompt").train  # for GRPO/PPO the same column is a prompt
     assert first.kind == "prompt" and first.prompt == C4_TEXTS[0] and first.reference == {"timestamp": "2019"}
-    with pytest.raises(DataError, match="empty response"):
+    with pytest.raises(DataError, match="line 1 has fields `text`, `timestamp`, none of which is an answer"):
         load_examples(data, "sft")
 
 

@@ -20,9 +20,11 @@ from transformers import AutoModelForCausalLM
 from lmforge.config.model import ModelConfig
 from lmforge.data.formats import Example
 from lmforge.data.templates import get_template
-from lmforge.export.quantize import QuantizeError, calibration_texts, quantize_model
+from lmforge.export import quantize
+from lmforge.export.quantize import QuantizeError, calibration_texts, cpu_4bit_blockers, quantize_model
 from lmforge.inference.predict import read_examples
 from lmforge.models.loading import load_causal_lm
+from lmforge.models.tiny import build_tiny_llama, save_tiny
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PROMPT = "<|im_start|>user\nadd 3 and 4<|im_end|>\n<|im_start|>assistant\n7<|im_end|>\nthe cat sat on a mat"
@@ -100,6 +102,68 @@ def test_bnb_4bit_options_reach_the_saved_config(tmp_path, merged_dir):
     assert quant["bnb_4bit_quant_type"] == "fp4"
     assert quant["bnb_4bit_use_double_quant"] is False
     assert quant["bnb_4bit_compute_dtype"] == "float32"
+
+
+def test_cpu_4bit_check_names_the_layers_the_packed_kernel_cannot_run():
+    shapes = {
+        f"model.layers.{i}.{name}": shape
+        for i in range(2)
+        for name, shape in [
+            ("self_attn.q_proj", (64, 64, 64)),
+            ("mlp.gate_proj", (688, 64, 64)),
+            ("mlp.down_proj", (64, 688, 64)),
+        ]
+    }
+    assert cpu_4bit_blockers(shapes) == [
+        "model.layers.*.mlp.gate_proj (output size 688 is not a multiple of 32)",
+        "model.layers.*.mlp.down_proj (input size 688 is not a multiple of the block size 64)",
+    ]
+    assert cpu_4bit_blockers({"model.layers.0.mlp.gate_proj": (704, 128, 64)}) == []
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(688, 64), (64, 688), (48, 64), (64, 96), (96, 64), (64, 128)])
+def test_cpu_4bit_check_agrees_with_the_installed_kernel(rows, columns):
+    """The check says a layer fails exactly when bitsandbytes' CPU kernel fails on it."""
+    bnb = pytest.importorskip("bitsandbytes")
+    if not quantize.packed_cpu_4bit("cpu"):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not use its packed 4-bit kernel")
+    weight = torch.nn.Linear(columns, rows, bias=False).weight.data
+    layer = bnb.nn.Linear4bit(columns, rows, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu").eval()
+    state = layer.weight.quant_state
+    predicted = cpu_4bit_blockers({"layer": (rows, columns, state.blocksize)})
+    try:
+        with torch.inference_mode():
+            layer(torch.randn(2, columns, dtype=torch.bfloat16))
+        failed = False
+    except (AssertionError, RuntimeError):
+        failed = True
+    assert failed == bool(predicted), predicted
+
+
+@pytest.mark.parametrize("intermediate", [688, 192])
+def test_quantizing_4bit_warns_once_when_this_cpu_cannot_run_it(
+    tmp_path, tokenizer, capsys, monkeypatch, intermediate
+):
+    source = save_tiny(build_tiny_llama(tokenizer, intermediate_size=intermediate), tokenizer, tmp_path / "m")
+    monkeypatch.setattr(quantize, "packed_cpu_4bit", lambda device: True)  # as on an AVX512-BF16 CPU
+    out = quantize_model(source, tmp_path / "q", "bnb-4bit")
+    assert (out / "model.safetensors").is_file(), "the model is saved all the same"
+    err = capsys.readouterr().err
+    if intermediate == 192:  # 192 = 6 x 32 = 3 x 64: every layer runs
+        assert "warning" not in err
+        return
+    assert err.count("warning") == 1, err
+    assert "cannot generate on this machine's CPU" in err
+    assert "model.layers.*.mlp.gate_proj (output size 688 is not a multiple of 32)" in err
+    assert "model.layers.*.mlp.up_proj (output size 688" in err
+    assert "model.layers.*.mlp.down_proj (input size 688 is not a multiple of the block size 64)" in err
+    assert "q_proj" not in err
+    assert "CUDA GPU" in err and "bnb-8bit" in err and "GGUF" in err
+    capsys.readouterr()
+    quantize_model(source, tmp_path / "q8", "bnb-8bit")
+    assert "warning" not in capsys.readouterr().err, "8-bit layers run at any size"
 
 
 def test_adapter_folder_is_refused_with_merge_fix(tmp_path, base_dir):

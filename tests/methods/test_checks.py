@@ -78,3 +78,20 @@ def test_the_guard_catches_a_model_load(tmp_path, base_dir, alpaca_file):
     # The fixture above is what makes the other tests mean "before loading": a valid config loads.
     with pytest.raises(AssertionError, match="a model was loaded"):
         methods.run(validate_config(raw(base_dir, alpaca_file, tmp_path / "out")), quiet=True)
+
+
+def test_full_fine_tuning_a_stored_quantized_base_stops_before_loading(tmp_path, base_dir, alpaca_file):
+    import json
+    import shutil
+
+    quantized = tmp_path / "quantized"
+    shutil.copytree(base_dir, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    run = raw(quantized, alpaca_file, tmp_path / "out", method="none")
+    with pytest.raises(ValueError, match=r"stored quantized \(bitsandbytes.*adapter.method: lora"):
+        methods.run(validate_config(run))
+    with_adapter = raw(quantized, alpaca_file, tmp_path / "out")
+    with pytest.raises(AssertionError, match="a model was loaded"):  # an adapter on it passes the check
+        methods.run(validate_config(with_adapter))

@@ -106,18 +106,37 @@ def _iter_json(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}: record {index}", record
 
 
+def _csv_error(path: Path, what: str, exc: csv.Error) -> DataError:
+    if "unexpected end of data" in str(exc):
+        return DataError(
+            f'{path}: {what} opens a quoted cell (") that never closes, so the rest of the file would be '
+            'one cell; close the quote, or write a quote inside a quoted cell as two ("")'
+        )
+    return DataError(
+        f"{path}: {what} cannot be parsed as CSV ({exc}); put a cell holding a comma, quote or line "
+        'break in quotes ("..."), with each quote inside it doubled ("")'
+    )
+
+
 def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
     csv.field_size_limit(2**31 - 1)  # long documents are normal in training data
     with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
+        # strict: a quote that never closes is an error, not one cell swallowing the rest of the file
+        reader = csv.DictReader(handle, strict=True)
+        try:
+            if reader.fieldnames is None:  # reading the header row: none in an empty file
+                return
+        except csv.Error as exc:
+            raise _csv_error(path, "the header row (line 1)", exc) from None
         index = 0
         while True:
+            line = reader.line_num + 1  # where the next row starts (a quoted cell may span lines)
             try:
                 row = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
-                raise DataError(f"{path}: row {index + 2} cannot be parsed as CSV ({exc})") from None
+                raise _csv_error(path, f"row {index + 2} (line {line})", exc) from None
             index += 1
             if None in row:
                 yield "", DataError(f"{path}: row {index + 1} has more cells than the header has columns")

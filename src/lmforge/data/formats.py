@@ -24,7 +24,7 @@ the file, record and field, raised here, before any library sees the data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class Example:
     text_pair: str | None = None  # classification: the second text of a pair (NLI, paraphrase)
     class_label: Any = None  # classification: the record's `label` as given (see `class_label`)
     where: str = ""
+    fields: tuple[str, ...] = field(default=(), compare=False)  # the record's keys, for messages
 
     @property
     def kind(self) -> str:
@@ -484,7 +485,7 @@ def to_example(
         return _text_record(record, columns, where)
     if fmt == "messages" and tags is None:
         tags = OPENAI_TAGS
-    return CHAT_LAYOUTS[fmt](record, columns, tags, where, root)
+    return replace(CHAT_LAYOUTS[fmt](record, columns, tags, where, root), fields=tuple(record))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -530,10 +531,19 @@ def problems(example: Example, needs: str) -> list[tuple[str, str]]:
             )
         ]
     if needs == "sft" and kind == "prompt":
-        found.append(("empty_response", "has an empty response; SFT needs an answer to learn"))
+        found.append(("empty_response", _no_answer(example)))
     elif needs == "sft" and kind == "kto":
         found.append(
             ("wrong_kind", "has a KTO `label`; SFT would learn undesirable answers too (use method kto)")
+        )
+    elif needs == "sft" and kind == "preference":
+        found.append(
+            (
+                "wrong_kind",
+                "is a preference pair (`chosen`/`rejected`); SFT learns one answer per prompt: train on "
+                "pairs with method dpo, orpo or simpo, or give SFT the chosen answers alone (as `output`, "
+                "or `completion` beside `prompt`)",
+            )
         )
     elif needs == "preference" and kind != "preference":
         found.append(
@@ -574,6 +584,26 @@ def problems(example: Example, needs: str) -> list[tuple[str, str]]:
     if missing:
         found.append(("missing_image", f"names missing image file(s): {', '.join(missing[:3])}"))
     return found
+
+
+def _no_answer(example: Example) -> str:
+    """Why an SFT record has no answer: an empty one, or fields of a layout lmforge does not know."""
+    if not example.reference:
+        return "has an empty response; SFT needs an answer to learn"
+    fields = ", ".join(f"`{name}`" for name in example.fields or example.reference)
+    if {"messages", "conversations"} & set(example.fields):
+        return (
+            f"has fields {fields} and its conversation ends with a user message; SFT learns the "
+            "assistant messages: end it with the answer"
+        )
+    unread = next(iter(example.reference))
+    return (
+        f"has fields {fields}, none of which is an answer lmforge reads: SFT takes it from `output` "
+        "(alpaca: instruction/input/output), `completion` or `response` (beside `prompt`), or the "
+        "assistant messages of `messages`/`conversations`; if `"
+        f"{unread}` holds the answer, map it in the dataset's columns (`columns: {{response: {unread}}}` "
+        "in data.datasets[] or the dataset's registry entry)"
+    )
 
 
 def _classify_problems(example: Example) -> list[tuple[str, str]]:

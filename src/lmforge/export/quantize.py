@@ -4,7 +4,11 @@
   of QLoRA (Dettmers et al., 2023); bnb-8bit: LLM.int8() (Dettmers et al., 2022). Both round
   each weight block on its own, without data: the model is loaded through transformers'
   `BitsAndBytesConfig` and saved pre-quantized, so loading it later needs bitsandbytes but no
-  quantization step. Both run on CPU too (bitsandbytes' CPU backend) and on CUDA.
+  quantization step. Both run on CPU too (bitsandbytes' CPU backend) and on CUDA. On a CPU with
+  AVX512-BF16, bitsandbytes runs 4-bit layers through a packed kernel that needs each layer's
+  output size to be a multiple of 32 and its input size a multiple of the quantization block
+  (64); a model with other sizes (an intermediate size of 688, say) quantizes but cannot generate
+  there, so quantizing it on such a machine warns, naming the layers and the fix.
 * gptq: GPTQ (Frantar et al., 2023) chooses each layer's rounding to minimise its output error
   on calibration activations. It runs through the optional `gptqmodel` package
   (`pip install 'lmforge[gptq]'`) on a CUDA GPU; the calibration text is rendered from an
@@ -19,6 +23,7 @@ compounds the error). Everything is written to a temporary folder and renamed in
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -210,6 +215,67 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+# bitsandbytes' packed CPU 4-bit layout groups output rows in blocks of 32
+# (`bitsandbytes.functional._convert_weight_packed_for_cpu`, its `block_n`): it asserts
+# "N must be divisible by block_n", and its absmax reshape needs the input size to be a multiple
+# of the quantization block size.
+CPU_4BIT_ROWS = 32
+
+
+def cpu_4bit_blockers(shapes: dict[str, tuple[int, int, int]]) -> list[str]:
+    """What stops bitsandbytes' packed CPU 4-bit kernel from running each layer, given each 4-bit
+    layer's (output size, input size, quantization block size) by name: one line per kind of layer
+    (layer numbers as `*`), empty when every layer runs."""
+    found: dict[str, str] = {}
+    for name, (rows, columns, block) in shapes.items():
+        why = []
+        if rows % CPU_4BIT_ROWS:
+            why.append(f"output size {rows} is not a multiple of {CPU_4BIT_ROWS}")
+        if columns % block:
+            why.append(f"input size {columns} is not a multiple of the block size {block}")
+        if why:
+            found.setdefault(re.sub(r"\.\d+\.", ".*.", name), ", ".join(why))
+    return [f"{name} ({why})" for name, why in found.items()]
+
+
+def _4bit_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int, int]]:
+    """Each bitsandbytes 4-bit layer's (output size, input size, block size), by name."""
+    shapes = {}
+    for name, module in model.named_modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None and len(state.shape) == 2:
+            shapes[name] = (int(state.shape[0]), int(state.shape[1]), int(state.blocksize))
+    return shapes
+
+
+def packed_cpu_4bit(device: str) -> bool:
+    """Whether 4-bit layers run through bitsandbytes' packed CPU kernel on `device` (a CPU with
+    AVX512-BF16: bitsandbytes' own test, `has_avx512bf16`)."""
+    if device != "cpu":
+        return False
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def warn_cpu_4bit(model: torch.nn.Module, device: str) -> list[str]:
+    """Warn (once, always shown) when the 4-bit `model` cannot generate on this device; returns the
+    layers that stop it."""
+    blockers = cpu_4bit_blockers(_4bit_shapes(model)) if packed_cpu_4bit(device) else []
+    if blockers:
+        console.print(
+            "[yellow]warning[/]: this 4-bit model cannot generate on this machine's CPU. bitsandbytes' "
+            f"CPU 4-bit kernel (AVX512-BF16) needs each layer's output size to be a multiple of "
+            f"{CPU_4BIT_ROWS} and its input size a multiple of the quantization block size; here "
+            + "; ".join(blockers)
+            + '. Generating here would fail ("N must be divisible by block_n", or a reshape error). The '
+            "model is saved and runs on a CUDA GPU; to run on this CPU, quantize with method bnb-8bit, or "
+            "export the 16-bit model to GGUF (lmforge export) for llama.cpp",
+            soft_wrap=True,
+        )
+    return blockers
+
+
 def _quantize_bnb(
     source: str, dest: Path, method: str, quant_type: str, double_quant: bool, compute_dtype: str
 ) -> None:
@@ -230,6 +296,8 @@ def _quantize_bnb(
     model = AutoModelForCausalLM.from_pretrained(
         source, quantization_config=config, dtype="auto", device_map={"": device}
     )
+    if method == "bnb-4bit":
+        warn_cpu_4bit(model, device)
     model.save_pretrained(dest, safe_serialization=True)
 
 

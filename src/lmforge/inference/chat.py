@@ -43,10 +43,14 @@ def answer(
     console.print("[bold cyan]assistant[/]: ", end="")
     conversation = Conversation(turns=[*history, (message, "")], system=system)
     router = ReasoningStream(opened=prompt_opens_reasoning(engine.prompt_text(conversation)))
-    for piece in engine.stream(conversation, params, images):
-        pieces.append(piece)
-        shown = router.feed(piece)[1] if hide_reasoning else piece
-        console.print(shown, end="", markup=False, highlight=False)
+    try:
+        for piece in engine.stream(conversation, params, images):
+            pieces.append(piece)
+            shown = router.feed(piece)[1] if hide_reasoning else piece
+            console.print(shown, end="", markup=False, highlight=False)
+    except BaseException:
+        console.print()  # a failed generation's error goes on a line of its own
+        raise
     if hide_reasoning:
         console.print(router.flush()[1], end="", markup=False, highlight=False)
     console.print()

@@ -18,6 +18,7 @@ from lmforge.artifacts import write_atomic
 from lmforge.config.model import ModelConfig
 from lmforge.data.templates import AnyTemplate, Conversation, pick_template
 from lmforge.models.loading import (
+    adapter_base,
     expected_head_swap,
     load_tokenizer,
     model_location,
@@ -38,27 +39,24 @@ class RewardModel:
     def load(cls, path: str | Path, device: str = "cpu", base: str | None = None) -> RewardModel:
         """A reward folder (adapter + head over its base) or a full one-output classifier."""
         path = Path(path)
-        adapter_config = path / "adapter_config.json"
         tokenizer = load_tokenizer(ModelConfig(name_or_path=str(path)))
-        if adapter_config.is_file():
+        backbone = adapter_base(path, base)  # None: a full classifier folder
+        if backbone is not None:
             from peft import PeftModel
 
-            base = base or json.loads(adapter_config.read_text(encoding="utf-8")).get(
-                "base_model_name_or_path"
-            )
-            if not base:
-                raise ValueError(f"{adapter_config} names no base model; pass it with --base")
             with expected_head_swap():  # the trained head comes from the adapter folder
-                backbone = AutoModelForSequenceClassification.from_pretrained(
-                    model_location(base), num_labels=1, use_safetensors=True
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    model_location(backbone), num_labels=1, use_safetensors=True
                 )
-            model = PeftModel.from_pretrained(backbone, str(path))
+            model = PeftModel.from_pretrained(model, str(path))
         else:
             model = AutoModelForSequenceClassification.from_pretrained(str(path), use_safetensors=True)
             if model.config.num_labels != 1:
                 raise ValueError(f"{path} has {model.config.num_labels} outputs; a reward model has one")
         model.config.pad_token_id = tokenizer.pad_token_id
-        template = pick_template(None, [saved_template_name(str(path))], tokenizer, base or str(path))
+        template = pick_template(
+            None, [saved_template_name(str(path))], tokenizer, backbone or base or str(path)
+        )
         return cls(model.to(device), tokenizer, template)
 
     def encode(self, prompt: str, response: str, system: str | None = None) -> list[int]:

@@ -7,6 +7,7 @@ choice (device, dtype, attention) and quantization (bitsandbytes) handling.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -46,6 +47,32 @@ def auto_config(config: ModelConfig) -> PretrainedConfig:
     )
 
 
+def stored_quantization(config: ModelConfig) -> str | None:
+    """How a checkpoint is stored quantized (its config.json's quantization_config: bitsandbytes,
+    gptq, awq, ...), or None for an unquantized one. Only the config is read."""
+    quant = getattr(auto_config(config), "quantization_config", None)
+    if not quant:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    return str(getattr(method, "value", method) or "unknown method")
+
+
+def check_full_finetune(config: ModelConfig, adapter_method: str) -> None:
+    """Refuse to train every weight (`adapter.method: none`) of a checkpoint stored quantized, before
+    any weight loads: quantized weights take no gradient updates. (`model.quantization` with no
+    adapter is refused by the config schema; this is the checkpoint that is quantized already.)"""
+    if adapter_method != "none" or config.arch:
+        return
+    method = stored_quantization(config)
+    if method is not None:
+        raise ValueError(
+            f"model.name_or_path {config.name_or_path} is stored quantized ({method}: its config.json has "
+            "a quantization_config) and adapter.method is none, but full fine-tuning cannot update "
+            "quantized weights; train an adapter on it (adapter.method: lora, as QLoRA does) or "
+            "fine-tune the 16-bit model it was made from"
+        )
+
+
 def is_vision_language(config: ModelConfig) -> bool:
     """Whether the model has a vision tower (its config has a `vision_config`), read from config.json."""
     return getattr(auto_config(config), "vision_config", None) is not None
@@ -81,6 +108,25 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
         # borrowing UNK (or EOS) for padding never masks a real EOS from the loss.
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
+
+
+def adapter_base(folder: str | Path, base: str | None = None, fix: str = "pass it with --base") -> str | None:
+    """The base model of an adapter folder: `base` when given, else the one its adapter_config.json
+    (peft) or moe_dora_config.json names; None when `folder` is not an adapter folder. An adapter
+    that names no base is a ValueError ending with `fix`."""
+    from lmforge.adapters.moe_dora import CONFIG_FILE as MOE_DORA_CONFIG
+
+    for name, key in (("adapter_config.json", "base_model_name_or_path"), (MOE_DORA_CONFIG, "base_model")):
+        config = Path(folder) / name
+        if not config.is_file():
+            continue
+        if base:
+            return base
+        named = json.loads(config.read_text(encoding="utf-8")).get(key)
+        if not named:
+            raise ValueError(f"{config} names no base model; {fix}")
+        return str(named)
+    return None
 
 
 def saved_template_name(name_or_path: str) -> str | None:

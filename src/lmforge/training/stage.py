@@ -19,6 +19,7 @@ from lmforge.data.templates import AnyTemplate, pick_template
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.models.hardware import Hardware, choose_hardware
 from lmforge.models.loading import (
+    check_full_finetune,
     count_parameters,
     load_causal_lm,
     load_classifier,
@@ -56,7 +57,9 @@ def begin_stage(config: RunConfig, check: Callable[[RunConfig], None]) -> Path:
 
 def check_stage(config: RunConfig) -> None:
     """What every stage checks that the config schema cannot: combinations that depend on the
-    machine (the device the model will load on)."""
+    machine or the checkpoint (the device the model will load on; a base stored quantized cannot be
+    fully fine-tuned)."""
+    check_full_finetune(config.model, config.adapter.method)
     if config.train.optimizer in CUDA_ONLY and choose_hardware(config.model).device != "cuda":
         raise ValueError(
             f"train.optimizer {config.train.optimizer} keeps bitsandbytes' 8-bit/paged states on a CUDA GPU "
