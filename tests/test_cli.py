@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -77,6 +80,22 @@ def test_train_merge_chat_end_to_end(tmp_path, base_dir, alpaca_file):
     result = runner.invoke(app, ["train", config, "train.max_steps=2"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+    # the libraries' per-file bars stay quiet: lmforge's own lines and bar are the output
+    assert "Loading weights" not in result.output and "Writing model shards" not in result.output
+    assert "memory: estimated peak" in result.output
+    # a rerun of the finished run continues it (nothing left to train); --fresh starts over
+    again = runner.invoke(app, ["train", config, "train.max_steps=2", "train.save_steps=1"])
+    assert again.exit_code == 0, again.output
+    assert [c.name for c in sorted(out.glob("checkpoint-*"))] == ["checkpoint-1", "checkpoint-2"]
+    resumed = runner.invoke(app, ["train", config, "train.max_steps=2", "train.save_steps=1"])
+    said = resumed.output.replace("\n", "")  # rich wraps long paths at the console's width
+    assert "resuming from" in said and "checkpoint-2 (train.resume: auto)" in said, resumed.output
+    assert "done: 2 steps" in said, "nothing was left to train"
+    fresh = runner.invoke(app, ["train", config, "train.max_steps=2", "--fresh"])
+    assert fresh.exit_code == 0, fresh.output
+    assert not list(out.glob("checkpoint-*")), "--fresh removed the earlier checkpoints"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(1) == 1, "one run in metrics.jsonl"
     merged = tmp_path / "merged"
     result = runner.invoke(
         app, ["merge", "--base", str(base_dir), "--adapter", str(out / "adapter"), "--out", str(merged)]
@@ -174,3 +193,78 @@ def test_chat_can_hide_a_reasoning_trace(base_dir, monkeypatch):
     assert shown.exit_code == 0 and hidden.exit_code == 0, hidden.output
     assert "sum the digits" in shown.output and "It is 5." in shown.output
     assert "sum the digits" not in hidden.output and "It is 5." in hidden.output
+
+
+KERNEL_FAILURE = "N must be divisible by block_n"  # what bitsandbytes' CPU 4-bit kernel raised
+
+
+def failing_generate(self, *args, **kwargs):
+    raise RuntimeError(KERNEL_FAILURE)
+
+
+def test_chat_ends_with_one_line_when_generation_fails(base_dir, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "generate", failing_generate)
+    result = runner.invoke(app, ["chat", "--model", str(base_dir), "--template", "chatml", "add 2 and 2"])
+    assert_one_clear_error(result, f"generation failed: RuntimeError: {KERNEL_FAILURE}")
+    assert result.stdout.endswith("assistant: \n"), "the answer's line ends, so the error starts its own"
+
+
+# `lmforge chat` in its own process, reading prompts from stdin, with the model's generate failing.
+FAILING_CHAT = f"""
+import sys
+from transformers import LlamaForCausalLM
+def fail(self, *args, **kwargs):
+    raise RuntimeError({KERNEL_FAILURE!r})
+LlamaForCausalLM.generate = fail
+from lmforge.cli import app
+sys.argv = ["lmforge", *sys.argv[1:]]
+app()
+"""
+
+
+def test_interactive_chat_ends_with_one_line_when_generation_fails_instead_of_hanging(base_dir):
+    args = ["chat", "--model", str(base_dir), "--template", "chatml", "--max-new-tokens", "2"]
+    done = subprocess.run(
+        [sys.executable, "-c", FAILING_CHAT, *args],
+        input="hello\nadd 1 and 1\n",
+        capture_output=True,
+        text=True,
+        timeout=300,  # a reader left waiting on a failed generation would hang here
+        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: generation failed: RuntimeError: {KERNEL_FAILURE}"], done.stderr
+    assert done.stdout.count("assistant") == 1, "chat stops at the first failed answer"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "fragments"),
+    [
+        (
+            "pairs.json",
+            json.dumps([{"instruction": "add 1 and 2", "chosen": "3", "rejected": "4"}]),
+            ["record 0 is a preference pair", "method dpo, orpo or simpo"],
+        ),
+        (
+            "unknown.json",
+            json.dumps([{"instruction": "add 1 and 2", "answer": "3"}]),
+            ["record 0 has fields `instruction`, `answer`", "columns: {response: answer}"],
+        ),
+        (
+            "quote.csv",
+            'instruction,output\n"add 1 and 2,3\nadd 2 and 2,4\n',
+            ["row 2 (line 2) opens a quoted cell", "close the quote"],
+        ),
+    ],
+)
+def test_bad_training_data_gives_one_clear_error_naming_the_file(
+    tmp_path, base_dir, name, content, fragments
+):
+    data = tmp_path / name
+    data.write_text(content)
+    result = runner.invoke(app, ["train", write_config(tmp_path, sft_config(base_dir, data, tmp_path / "o"))])
+    assert_one_clear_error(result, str(data), *fragments)

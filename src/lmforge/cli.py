@@ -32,9 +32,13 @@ console = Console(stderr=True)
 
 
 @app.callback()
-def _quiet_library_deprecations() -> None:
-    """Renames inside transformers/peft (FutureWarning) are not the user's concern on the CLI."""
+def _quiet_libraries() -> None:
+    """Renames inside transformers/peft (FutureWarning) are not the user's concern on the CLI, nor
+    the libraries' per-file bars and hints (`models/quiet.py`)."""
+    from lmforge.models.quiet import quiet_libraries
+
     warnings.filterwarnings("ignore", category=FutureWarning)
+    quiet_libraries()
 
 
 TRACEBACK = typer.Option("--traceback", help="Show the full traceback on errors.")
@@ -56,11 +60,18 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ValueError, OSError
 def train(
     config: Annotated[Path, typer.Argument(help="YAML config of the stage.")],
     overrides: Annotated[list[str] | None, typer.Argument(help="Overrides: section.key=value ...")] = None,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            help="Start over in train.output_dir, removing its checkpoints and metrics "
+            "(train.resume=fresh); by default a rerun continues the same run's latest checkpoint."
+        ),
+    ] = False,
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Run one training stage (sft, pretrain, dpo, orpo, simpo, kto, reward, grpo, ppo) from a YAML config."""
     try:
-        cfg = load_config(config, overrides or [])
+        cfg = load_config(config, [*(overrides or []), *(["train.resume=fresh"] if fresh else [])])
         result = methods.run(cfg)
     except USER_ERRORS as exc:
         _fail(exc, traceback)
@@ -389,9 +400,18 @@ def chat(
 
 @app.command()
 def predict(
-    model: Annotated[str, typer.Option(help="Model folder or hub id (merged, or the base of --adapter).")],
+    model: Annotated[
+        str,
+        typer.Option(
+            help="Model folder or hub id (merged, or the base of --adapter), or an adapter folder "
+            "(over the base its adapter_config.json names)."
+        ),
+    ],
     data: Annotated[str, typer.Option(help="Data set: file, folder, registry name or hub id.")],
-    out: Annotated[Path, typer.Option(help="The jsonl file to write (appended to: a rerun resumes).")],
+    out: Annotated[
+        Path,
+        typer.Option(help="The jsonl file to write (appended to: a rerun with the same settings resumes)."),
+    ],
     adapter: Annotated[str | None, typer.Option(help="Adapter folder on top of --model.")] = None,
     template: Annotated[str | None, typer.Option(help="Chat template (default: the one saved).")] = None,
     dataset_dir: Annotated[str, typer.Option(help="Folder of datasets.yaml / dataset_info.json.")] = ".",
@@ -405,13 +425,17 @@ def predict(
     backend: Annotated[
         str, typer.Option(help="transformers (any device) or vllm (CUDA, pip install vllm).")
     ] = ("transformers"),
+    fresh: Annotated[
+        bool, typer.Option(help="Start --out over instead of resuming it (needed after other settings).")
+    ] = False,
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Generate an answer for every record of a data set into jsonl (prompt, output, reference,
-    token counts, timing), with a progress bar; rerunning resumes after the last complete line."""
+    token counts, timing), with a progress bar; rerunning with the same model, data and settings
+    resumes after the last complete line (other settings are refused: --fresh starts over)."""
     from lmforge.inference.engine import Engine, SamplingParams
+    from lmforge.inference.predict import model_and_adapter, read_examples, resume_from, run_settings
     from lmforge.inference.predict import predict as run_predict
-    from lmforge.inference.predict import read_examples
 
     try:
         examples = read_examples(data, dataset_dir)[:limit]
@@ -420,13 +444,16 @@ def predict(
         )
         if backend not in ("transformers", "vllm"):
             raise ValueError(f"--backend {backend}: use transformers or vllm")
+        model, adapter = model_and_adapter(model, adapter)
+        settings = run_settings(params, model, adapter, data, dataset_dir, template, backend)
+        resume_from(out, settings, fresh)  # before the model loads: a refusal costs nothing
         if backend == "vllm":
             from lmforge.inference.predict import VllmEngine
 
             engine = VllmEngine(model, adapter, template)
         else:
             engine = Engine.load(model, adapter=adapter, template=template)
-        written = run_predict(engine, examples, out, params, batch_size)
+        written = run_predict(engine, examples, out, params, batch_size, settings=settings)
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return

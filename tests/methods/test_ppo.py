@@ -33,8 +33,13 @@ def ppo_config(base_dir, data, out, ppo_options=None, adapter=None, rewards=None
     return raw
 
 
-def rows(output_dir) -> list[dict]:
+def all_rows(output_dir) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def rows(output_dir) -> list[dict]:
+    """The updates' lines (the memory report adds one of its own at the end)."""
+    return [row for row in all_rows(output_dir) if "loss" in row]
 
 
 def test_ppo_trains_the_adapter_and_value_head_and_logs_every_stat(tmp_path, base_dir, alpaca_file):
@@ -67,6 +72,19 @@ def test_ppo_trains_the_adapter_and_value_head_and_logs_every_stat(tmp_path, bas
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "the adapter trained"
     head = load_file(result.output_dir / "value_head.safetensors")
     assert head["weight"].abs().sum() > 0, "the value head trained (it starts at zero)"
+
+
+def test_ppo_reports_as_the_other_stages_do(tmp_path, base_dir, alpaca_file, capsys):
+    """TensorBoard events and the memory lines (estimate at the start, measured peaks at the end,
+    the peaks also in metrics.jsonl), as every Trainer stage writes them."""
+    raw = ppo_config(base_dir, alpaca_file, tmp_path, tensorboard=True, progress=False)
+    result = ppo.run(validate_config(raw), quiet=False)
+    events = list((result.output_dir / "runs").rglob("events.out.tfevents*"))
+    assert events and events[0].stat().st_size > 200, "scalars were written"
+    err = capsys.readouterr().err
+    assert "memory: estimated peak" in err and "memory: measured" in err, err
+    peaks = [r for r in all_rows(result.output_dir) if "estimated_peak_mb" in r]
+    assert len(peaks) == 1 and peaks[0]["step"] == 2
 
 
 def test_rollouts_leave_the_saved_tokenizer_padding_as_the_base(tmp_path, base_dir, alpaca_file):

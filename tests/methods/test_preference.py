@@ -248,3 +248,22 @@ def test_kto_reads_unpaired_labels(tmp_path, base_dir):
     assert all(math.isfinite(v) for v in logged(result.output_dir).values())
     with pytest.raises(ValueError, match="batch_size >= 2"):
         kto.run(validate_config(pref_config(base_dir, path, tmp_path / "o", "kto", batch_size=1)))
+
+
+def test_every_preference_stage_counts_the_tokens_it_trains_on(tmp_path, base_dir, pairs_file):
+    """The progress bar's tokens/s reads state.num_input_tokens_seen: transformers counts DPO's
+    batches; ORPO, SimPO, KTO and reward batches (no `input_ids`, or not asked) are counted by
+    lmforge from their attention masks. Each pair is the same prompt + chosen and prompt + rejected
+    rows in every stage, so the counts agree with DPO's."""
+    from lmforge.methods import reward
+
+    counts = {}
+    for method in ("dpo", "orpo", "simpo", "kto", "reward"):
+        raw = pref_config(base_dir, pairs_file, tmp_path / method, method, max_steps=2, batch_size=4)
+        stage = {"kto": kto, "reward": reward}.get(method, dpo)
+        stage.run(validate_config(raw), quiet=True)
+        counts[method] = logged(tmp_path / method, "num_input_tokens_seen")
+    for method, seen in counts.items():
+        assert seen[2] > seen[1] > 0, method
+    for method in ("orpo", "simpo", "reward"):
+        assert counts[method][2] == pytest.approx(counts["dpo"][2], rel=0.15), counts

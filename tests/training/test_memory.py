@@ -98,3 +98,18 @@ def test_a_run_logs_measured_peaks(tmp_path, base_dir, alpaca_file, capsys):
     printed = capsys.readouterr().err
     assert "memory: estimated peak ~" in printed and "memory: measured peak RSS (whole process)" in printed
     assert not (result.output_dir / "hardware.json").exists()  # hardware: manual writes none
+
+
+def test_the_progress_bar_and_the_memory_lines_share_one_console(tmp_path, base_dir, alpaca_file, capsys):
+    """The bar is drawn on the stream lmforge prints on (stderr) and is finished before the measured
+    peaks are printed, so the memory line starts a line of its own instead of ending the bar's."""
+    from lmforge.methods import sft
+
+    config = sft_config(base_dir, alpaca_file, tmp_path / "out", max_steps=2, progress=True)
+    sft.run(validate_config(config))
+    captured = capsys.readouterr()
+    assert "2/2 steps" not in captured.out, "the bar is not on stdout"
+    lines = captured.err.splitlines()
+    bar = max(i for i, line in enumerate(lines) if "2/2 steps" in line)
+    measured = next(i for i, line in enumerate(lines) if "memory: measured" in line)
+    assert bar < measured and lines[measured].startswith("memory: measured"), lines

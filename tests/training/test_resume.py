@@ -49,7 +49,8 @@ def test_a_kill_between_saving_and_marking_keeps_a_complete_checkpoint_and_the_r
     with pytest.raises(Killed):
         sft.run(config(out), quiet=True)
     monkeypatch.setattr(checkpoints, "mark_complete", real)
-    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-4"], "limit 1 kept the last complete one"
+    kept = [p.name for p in complete_checkpoints(out)]
+    assert kept == ["checkpoint-4"], "limit 1 kept the last complete one"
     assert (out / "checkpoint-6").is_dir() and not (out / "checkpoint-2").exists()
 
     resumed = sft.run(config(out), quiet=True)  # the same config, train.resume left at its default
@@ -77,6 +78,20 @@ def test_a_rerun_without_checkpoints_starts_over_instead_of_appending(tmp_path, 
     sft.run(config, quiet=True)
     sft.run(config, quiet=True)
     assert loss_steps(tmp_path / "run") == [1, 2, 3]
+
+
+def test_a_rerun_of_a_finished_run_trains_nothing_more(tmp_path, base_dir, alpaca_file):
+    """transformers checks max_steps only after a step: resumed at max_steps it ran a 5th step."""
+    out = tmp_path / "run"
+    config = validate_config(sft_config(base_dir, alpaca_file, out, max_steps=4, save_steps=2))
+    first = sft.run(config, quiet=True)
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    again = sft.run(config, quiet=True)
+    assert again.steps == 4 and loss_steps(out) == [1, 2, 3, 4]
+    assert again.train_loss == pytest.approx(first.train_loss, rel=1e-6)
+    assert [p.name for p in complete_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    same = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(adapter[k], same[k]) for k in adapter), "the adapter is the finished run's"
 
 
 def test_a_folder_holding_another_run_is_refused_and_fresh_starts_over(tmp_path, base_dir, alpaca_file):

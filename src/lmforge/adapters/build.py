@@ -10,6 +10,7 @@ peft alone. MoE-DoRA is lmforge's own (`adapters/moe_dora.py`), with its own for
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from peft import (
@@ -372,6 +373,15 @@ def prepare_base(
     return model
 
 
+def expect_adalora() -> None:
+    """peft's two false alarms about AdaLoRA, not shown once one is in use: a saved lora_A/lora_B
+    with a zero dimension "looks like an ungathered ZeRO-3/FSDP shard", but AdaLoRA prunes ranks to
+    zero by design; and the `rank_pattern` AdaLoRA wrote itself "matches no module" (its keys name
+    the `lora_E` vectors, not modules)."""
+    warnings.filterwarnings("ignore", message=r"Adapter .*LoRA tensor\(s\) have invalid shape")
+    warnings.filterwarnings("ignore", message=r"The following rank_pattern keys did not match")
+
+
 def attach_adapter(
     model: PreTrainedModel,
     config: AdapterConfig,
@@ -387,6 +397,8 @@ def attach_adapter(
     (`save_artifact` passes it to peft's `path_initial_model_for_weight_conversion`).
     """
     model = prepare_base(model, config, gradient_checkpointing)
+    if config.method == "adalora":
+        expect_adalora()
     if config.method == "moe_dora":
         if config.path:
             return MoeDoraModel.from_pretrained(model, config.path, is_trainable=True)

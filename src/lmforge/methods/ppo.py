@@ -50,7 +50,7 @@ from lmforge.data.tokenize import TokenizeStats
 from lmforge.inference.engine import stop_token_ids
 from lmforge.methods.rewards import build_rewards, weighted_total, write_samples
 from lmforge.models.loading import load_tokenizer
-from lmforge.training.callbacks import plot_loss
+from lmforge.training.callbacks import MemoryReport, plot_loss
 from lmforge.training.checkpoints import resolve_resume, run_id
 from lmforge.training.ppo import Critic, PPOLoop, rollout
 from lmforge.training.preference import keep_reference_copy
@@ -135,7 +135,11 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
             console.print(f"[bold]resuming[/] from {resume} (update {loop.state.step})")
     stop_ids = stop_token_ids(tokenizer, template)
     sample = partial(rollout, model, tokenizer, template, sampling=method.sampling, stop_ids=stop_ids)
-    record = loop.train(prompts, updates, sample, scorer, output_dir, not quiet and train.progress)
+    # the memory estimate for one update's minibatch of prompt + completion rows
+    seq_len = config.data.max_length + method.sampling.max_completion_length
+    rows = max(1, ppo.mini_batch_size // train.batch_size)
+    memory = MemoryReport(model, train, seq_len, rows, quiet)
+    record = loop.train(prompts, updates, sample, scorer, output_dir, not quiet and train.progress, memory)
     plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png")
 
     artifact = save_artifact(

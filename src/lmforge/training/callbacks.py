@@ -65,6 +65,8 @@ class MetricsFileCallback(TrainerCallback):
             "time": round(time.time() - self.start, 3),
         }
         record.update({k: v for k, v in logs.items() if isinstance(v, int | float)})
+        if state.num_input_tokens_seen and "loss" in record:  # every stage's, counted or not by transformers
+            record.setdefault("num_input_tokens_seen", state.num_input_tokens_seen)
         append_record(self.path, record)
 
     def on_train_end(self, args, state, control, **kw):
@@ -143,6 +145,7 @@ class ProgressCallback(TrainerCallback):
             TextColumn("eta"),
             TimeRemainingColumn(),
             transient=False,
+            console=console,  # the console lmforge prints on: lines go above the bar, never onto it
         )
         self.progress.start()
         self.task = self.progress.add_task(
@@ -345,10 +348,11 @@ PEAK_LABELS = {
 }
 
 
-class MemoryReportCallback(TrainerCallback):
+class MemoryReport:
     """The estimated peak memory printed when training starts; the measured peaks (process RSS,
     CUDA/XPU allocations during training) printed when it ends and appended to metrics.jsonl with
-    the estimate (`peak_rss_mb`, `peak_cuda_mb`, `estimated_peak_mb`, ...)."""
+    the estimate (`peak_rss_mb`, `peak_cuda_mb`, `estimated_peak_mb`, ...). Trainer stages run it
+    as `MemoryReportCallback`; PPO's loop calls `start` and `end` itself."""
 
     def __init__(
         self,
@@ -366,12 +370,12 @@ class MemoryReportCallback(TrainerCallback):
         self.path = Path(train.output_dir) / "metrics.jsonl"
         self.estimate: MemoryEstimate | None = None
 
-    def on_train_begin(self, args, state, control, **kw):
-        if args.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(args.device)  # the training peak, weights included
-        elif args.device.type == "xpu":
-            torch.xpu.reset_peak_memory_stats(args.device)
-        if not state.is_world_process_zero:
+    def start(self, device: torch.device, main: bool = True) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the training peak, weights included
+        elif device.type == "xpu":
+            torch.xpu.reset_peak_memory_stats(device)
+        if not main:
             return
         options = self.train.optimizer_options
         self.estimate = estimate_memory(
@@ -385,13 +389,26 @@ class MemoryReportCallback(TrainerCallback):
         if not self.quiet:
             console.print(f"[bold]memory[/]: estimated peak {self.estimate.describe()}")
 
-    def on_train_end(self, args, state, control, **kw):
-        if not state.is_world_process_zero:
+    def end(self, device: torch.device, step: int, epoch: float | None, main: bool = True) -> None:
+        if not main:
             return
-        peaks = measured_peaks(args.device)
+        peaks = measured_peaks(device)
         estimate = self.estimate.as_record() if self.estimate else {}
-        append_record(self.path, {"step": state.global_step, "epoch": state.epoch, **peaks, **estimate})
+        append_record(self.path, {"step": step, "epoch": epoch, **peaks, **estimate})
         if not self.quiet:
             measured = ", ".join(f"{PEAK_LABELS[key]} {value:,.1f} MB" for key, value in peaks.items())
             against = f" against the estimated ~{self.estimate.total / MB:,.1f} MB" if self.estimate else ""
             console.print(f"[bold]memory[/]: measured {measured or 'no peak (not readable here)'}{against}")
+
+
+class MemoryReportCallback(TrainerCallback):
+    """`MemoryReport` at the Trainer's start and end of training."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.report = MemoryReport(*args, **kwargs)
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.report.start(args.device, state.is_world_process_zero)
+
+    def on_train_end(self, args, state, control, **kw):
+        self.report.end(args.device, state.global_step, state.epoch, state.is_world_process_zero)

@@ -8,7 +8,6 @@ controller, the prompt order and the RNGs.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -27,6 +26,7 @@ from lmforge.config.train import TrainConfig
 from lmforge.data.formats import Example
 from lmforge.data.templates import AnyTemplate
 from lmforge.losses import ppo as losses
+from lmforge.training.callbacks import MemoryReport, append_record, last_time
 from lmforge.training.checkpoints import load_loop_checkpoint, save_loop_checkpoint
 from lmforge.training.preference import reference
 from lmforge.training.trainer import schedule_arguments
@@ -209,11 +209,18 @@ class PPOLoop:
         score: Callable[[list[Example], dict, int], tuple[torch.Tensor, dict]],
         output_dir: Path,
         show_progress: bool,
+        memory: MemoryReport | None = None,
     ) -> dict:
         """Updates until `updates`: `sample` a rollout of the next prompts, `score` it (the scores
-        and their metrics), update; metrics.jsonl every logging_steps, a checkpoint every
-        save_steps; returns the last update's metrics."""
-        train, record, started = self.train_config, {}, time.time()
+        and their metrics), update; metrics.jsonl (and TensorBoard under output_dir/runs with
+        train.tensorboard) every logging_steps, a checkpoint every save_steps, the `memory` report
+        at the start and end, as the Trainer's stages have; returns the last update's metrics."""
+        train, record = self.train_config, {}
+        started = time.time() - last_time(output_dir / "metrics.jsonl")  # a resumed run's clock goes on
+        device = next(self.model.parameters()).device
+        board = tensorboard_writer(output_dir) if train.tensorboard else None
+        if memory is not None:
+            memory.start(device)
         progress = Progress(
             TextColumn("[bold]ppo"),
             BarColumn(),
@@ -245,11 +252,17 @@ class PPOLoop:
                     "rollout_tokens_per_s": roll["tokens"] / (t1 - t0),
                 }
                 if step % train.logging_steps == 0 or step in (1, updates):
-                    with (output_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
-                        out.write(json.dumps(record) + "\n")
+                    append_record(output_dir / "metrics.jsonl", record)
+                    for key, value in record.items():
+                        if board is not None and key not in ("step", "time"):
+                            board.add_scalar(f"train/{key}", value, step)
                 if train.save_steps and step % train.save_steps == 0 and step < updates:
                     self.save(output_dir, train.save_total_limit)
                 progress.update(task, advance=1, reward=f"{record['reward']:.3f}")
+        if board is not None:
+            board.close()
+        if memory is not None:
+            memory.end(device, self.state.step, None)
         return record
 
     def save(self, output_dir: Path, limit: int) -> None:
@@ -264,6 +277,13 @@ class PPOLoop:
         state = load_loop_checkpoint(checkpoint, modules, self.optimizer, self.scheduler)
         self.kl_ctl.value = state.pop("kl_coef")
         self.state = LoopState(**state)
+
+
+def tensorboard_writer(output_dir: Path):
+    """A TensorBoard writer under output_dir/runs/ (one folder per start, as the Trainer's)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(output_dir / "runs" / time.strftime("%b%d_%H-%M-%S")))
 
 
 def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:

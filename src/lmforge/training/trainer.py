@@ -216,10 +216,10 @@ def stage_callbacks(config: RunConfig, model, stage: str, quiet: bool) -> list:
         CompleteCheckpointCallback(run_id(config), config.train.save_total_limit),
         MetricsFileCallback(config.train.output_dir),
         NonFiniteGradientCallback(model),
-        MemoryReportCallback(model, config.train, config.data.max_length, rows, quiet),
     ]
-    if config.train.progress and not quiet:
+    if config.train.progress and not quiet:  # before the memory report: the bar ends before its line
         callbacks.append(ProgressCallback(stage))
+    callbacks.append(MemoryReportCallback(model, config.train, config.data.max_length, rows, quiet))
     if config.adapter.method == "adalora":
         callbacks.append(AdaLoraRankCallback())
     return callbacks
@@ -281,7 +281,7 @@ def stage_trainer(
     """A `trainer_class` (any transformers or trl trainer) with lmforge's optimizer and callbacks
     (`callbacks` added after them) and `kwargs`; the Trainer's printer is off: metrics go to
     metrics.jsonl and the progress bar."""
-    trainer = trainer_class(
+    trainer = lmforge_trainer(trainer_class)(
         model=model,
         callbacks=[*stage_callbacks(config, model, stage, quiet), *callbacks],
         optimizers=(stage_optimizer(config, model), None),
@@ -292,6 +292,50 @@ def stage_trainer(
         if isinstance(callback, CompleteCheckpointCallback):
             callback.trainer = trainer  # its checkpoints record the loss so far
     return trainer
+
+
+def batch_tokens(inputs: dict) -> int:
+    """The non-padding tokens a batch runs through the model, from its attention masks:
+    `attention_mask`, else every `*attention_mask` but the prompt's (the chosen, rejected or
+    completion sequences of preference and KTO batches already include their prompt)."""
+    if "attention_mask" in inputs:
+        masks = [inputs["attention_mask"]]
+    else:
+        masks = [v for k, v in inputs.items() if k.endswith("attention_mask") and not k.startswith("prompt")]
+    return int(sum(int(m.sum()) for m in masks if isinstance(m, torch.Tensor)))
+
+
+class TokenCounting:
+    """For trainers whose batches transformers cannot count (no `input_ids`: ORPO, SimPO, KTO) or
+    whose config does not ask it to (reward): `state.num_input_tokens_seen` counted from the
+    batch's attention masks, so every stage's progress bar shows real tokens/s. A batch of raw
+    rows (GRPO's, which counts its prompts and completions itself) is left alone."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.include_num_input_tokens_seen == "no" and isinstance(inputs, dict):
+            count = torch.tensor(batch_tokens(inputs), device=self.args.device)
+            self.state.num_input_tokens_seen += int(self.accelerator.gather(count).sum())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+class EndsAtMaxSteps:
+    """transformers (5.23) checks `max_steps` only after a step, so a `train()` resumed from a
+    checkpoint at `max_steps` ran one step more: rerunning a finished run (train.resume auto)
+    changed it. Once `max_steps` is reached, no more batches are drawn and training stops."""
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            return [], None
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+
+def lmforge_trainer(trainer_class: type) -> type:
+    """`trainer_class` with `TokenCounting` and `EndsAtMaxSteps` in front (once)."""
+    if issubclass(trainer_class, TokenCounting):
+        return trainer_class
+    bases = (TokenCounting, EndsAtMaxSteps, trainer_class)
+    return type(trainer_class.__name__, bases, {"__doc__": trainer_class.__doc__})
 
 
 def labelled_trainer(
