@@ -14,6 +14,7 @@ from lmforge.evaluation import benchmarks
 from lmforge.evaluation.choice import (
     evaluate_choices,
     first_letter,
+    fitted_prompt,
     letter_candidates,
     letter_scores,
     predict_by_logits,
@@ -161,3 +162,88 @@ def test_ceval_test_split_without_answers_is_refused(tmp_path, tokenizer) -> Non
 )
 def test_first_letter(text: str, letter: str) -> None:
     assert first_letter(text) == letter
+
+
+SHORT = ["What is 2 + 3?", "add 2 and 3"]
+LONG = "the cat sat on a mat " * 20 + "What is 2 + 3?"
+
+
+def write_mmlu(root, questions: list[str], options: tuple[str, ...] = ("5", "6", "7", "8")):
+    """An astronomy MMLU folder by hand: 5 dev questions and `questions` (all answered A) to score."""
+    for split, texts in (("dev", [f"What is {i} + 1?" for i in range(5)]), ("test", questions)):
+        (root / split).mkdir(parents=True)
+        lines = "".join(f'"{t}",{",".join(options)},A\n' for t in texts)
+        (root / split / f"astronomy_{split}.csv").write_text(lines)
+    return root
+
+
+@pytest.fixture(scope="module")
+def short_context(tokenizer) -> Engine:
+    """A real tiny Llama whose context (160 positions) holds a bare question but not 5 shots."""
+    from lmforge.models.tiny import build_tiny_llama
+
+    model = build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, max_positions=160)
+    return Engine(model.eval(), tokenizer, get_template("chatml"))
+
+
+def test_a_question_longer_than_the_context_is_cropped_from_the_left(tmp_path, short_context) -> None:
+    """Shots go first, then the long question loses its header and text from the left, keeping its
+    options and cue; every prompt the model sees fits, and the crops are counted and marked."""
+    root = write_mmlu(tmp_path, [*SHORT, LONG])
+    task = MultipleChoiceTask(kind="multiple_choice", benchmark="mmlu", path=str(root), shots=5)
+    seen: list[int] = []
+    hook = short_context.model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.extend(kwargs["attention_mask"].sum(1).tolist()), with_kwargs=True
+    )
+    try:
+        result = evaluate_choices(short_context, task)
+    finally:
+        hook.remove()
+    assert (result.questions, result.fewer_shots, result.cropped) == (3, 3, 1)
+    assert [(r["dropped_shots"], r["cropped"]) for r in result.rows][2] == (5, True)
+    assert not any(r["cropped"] for r in result.rows[:2])
+    assert result.metrics()["cropped"] == 1 and result.metrics()["fewer_shots"] == 3
+    assert len(seen) == 3 and max(seen) <= 159
+    assert "lost shots and 1 were cropped" in result.fitting_note(160)
+
+
+def test_the_crop_keeps_the_longest_end_that_fits(tmp_path, short_context) -> None:
+    root = write_mmlu(tmp_path, [LONG])
+    task = MultipleChoiceTask(kind="multiple_choice", benchmark="mmlu", path=str(root), shots=0)
+    question = benchmarks.load_split("mmlu", root, "test")["astronomy"][0]
+    prompt = fitted_prompt(short_context, task, "astronomy", [], question, 159)
+    whole = benchmarks.build_prompt("mmlu", "astronomy", [], question)
+    assert prompt.cropped and whole.endswith(prompt.text) and len(prompt.text) < len(whole)
+    assert prompt.text.endswith("\nA. 5\nB. 6\nC. 7\nD. 8\nAnswer:")
+    assert len(prompt.ids) <= 159
+    one_more = whole[len(whole) - len(prompt.text) - 1 :]
+    assert len(short_context.tokenizer(one_more)["input_ids"]) > 159
+
+
+def test_options_longer_than_the_context_are_refused_naming_the_row(tmp_path, short_context) -> None:
+    long_options = tuple(f"the cat sat on a mat {x} " * 8 for x in "abcd")
+    root = write_mmlu(tmp_path, SHORT, options=long_options)
+    task = MultipleChoiceTask(kind="multiple_choice", benchmark="mmlu", path=str(root), shots=0)
+    with pytest.raises(ValueError, match=r"astronomy_test\.csv:row 1: the question's options and answer cue"):
+        evaluate_choices(short_context, task)
+
+
+def test_generate_scoring_reports_the_share_without_a_letter(mmlu_root, tokenizer) -> None:
+    engine = Engine(LetterStub(tokenizer, {}), tokenizer, get_template("chatml"))
+    answers = iter(["B", "no idea", "The answer is C", "", "D. 8", "none of them"])
+    engine.complete = lambda prompts, params: [SimpleNamespace(text=next(answers)) for _ in prompts]
+    task = MultipleChoiceTask(
+        kind="multiple_choice", benchmark="mmlu", path=str(mmlu_root), shots=0, limit=2, scoring="generate"
+    )
+    result = evaluate_choices(engine, task)
+    assert [r["predicted"] for r in result.rows] == ["B", "", "C", "", "D", ""]
+    assert result.metrics()["no_letter"] == pytest.approx(3 / 6)
+    logits = MultipleChoiceTask(
+        kind="multiple_choice", benchmark="mmlu", path=str(mmlu_root), shots=0, limit=1
+    )
+    assert (
+        "no_letter"
+        not in evaluate_choices(
+            Engine(LetterStub(tokenizer, stub_choices()), tokenizer, get_template("chatml")), logits
+        ).metrics()
+    )

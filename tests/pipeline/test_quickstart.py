@@ -55,6 +55,9 @@ def test_quickstart_learns_merges_chats_and_feeds_the_example_config(tmp_path, q
         "done"
     ] * 5
     assert {s.action for s in plan(spec, manifest)} == {"skip"}
+    for header in ("pretrain (pretrain)", "sft (sft)", "dpo (dpo)", "merged (merge)", "eval (eval)"):
+        assert f"{header} — new" in output  # a first run's stage headers
+    assert "runs again" not in output
     assert "Loss curves" in (out / "report.md").read_text()
     assert (out / "eval" / "report.html").is_file()
     assert (out / "merged" / "lmforge_template.txt").read_text().strip() == "chatml"

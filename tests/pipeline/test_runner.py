@@ -141,6 +141,25 @@ def test_rerun_skips_and_a_changed_stage_reruns_with_the_ones_after_it(
         plan(changed, load_manifest(changed), only="eval")
 
 
+def test_a_first_run_reads_new_and_a_rerun_names_the_input_that_runs_again(
+    base_dir, alpaca_file, tmp_path
+) -> None:
+    """The stage headers print these reasons: on a first run no stage runs "again"."""
+    raw = tiny_pipeline(base_dir, alpaca_file, tmp_path / "out")
+    spec = parse_pipeline(raw)
+    first = plan(spec, {"stages": {}})
+    assert [(s.action, s.reason) for s in first] == [("run", "new")] * 3
+    done = {"status": "done", "output": {"path": str(tmp_path)}}
+    manifest = {"stages": {s.stage.name: {**done, "hash": s.hash} for s in first}}
+    raw["shared"]["train"]["lr"] = 1e-3  # sft changes; the stages reading it run again
+    reasons = [s.reason for s in plan(parse_pipeline(raw), manifest)]
+    assert reasons == [
+        "changed (config, input or code)",
+        "its input sft runs again",
+        "its input sft runs again",
+    ]
+
+
 @pytest.mark.xdist_group("quickstart")
 def test_a_pipeline_killed_mid_stage_resumes_to_the_same_result(base_dir, alpaca_file, tmp_path) -> None:
     whole = tiny_pipeline(base_dir, alpaca_file, tmp_path / "whole", steps=24, save_steps=6)

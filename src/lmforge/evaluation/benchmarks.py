@@ -454,18 +454,18 @@ def _item(question: Question, cue: str) -> str:
     return f"{question.question}{options}\n{cue}"
 
 
-def build_prompt(kind: Kind, subject: str, shots: list[Question], question: Question) -> str:
-    """The k-shot prompt for `question`, ending where the answer letter goes (see the module docstring)."""
+def _framing(kind: Kind, subject: str) -> tuple[str, str, str]:
+    """(header, answer cue, gap between a shot's cue and its answer letter)."""
     kind = _check_kind(kind)
     name = subject_name(kind, subject)
     if kind == "mmlu":
-        header, cue, gap = (
-            f"The following are multiple choice questions (with answers) about {name}.\n\n",
-            "Answer:",
-            " ",
-        )
-    else:
-        header, cue, gap = f"以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n", "答案：", ""
+        return f"The following are multiple choice questions (with answers) about {name}.\n\n", "Answer:", " "
+    return f"以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n", "答案：", ""
+
+
+def build_prompt(kind: Kind, subject: str, shots: list[Question], question: Question) -> str:
+    """The k-shot prompt for `question`, ending where the answer letter goes (see the module docstring)."""
+    header, cue, gap = _framing(kind, subject)
     parts = [header]
     for shot in shots:
         if shot.answer not in LETTERS:
@@ -475,6 +475,12 @@ def build_prompt(kind: Kind, subject: str, shots: list[Question], question: Ques
         parts.append(f"{_item(shot, cue)}{gap}{shot.answer}\n\n")
     parts.append(_item(question, cue))
     return "".join(parts)
+
+
+def answer_part(kind: Kind, question: Question) -> str:
+    """The end of `question`'s prompt that cropping keeps: its options and the answer cue."""
+    _, cue, _ = _framing(kind, question.subject)
+    return _item(question, cue)[len(question.question) :]
 
 
 def shots_for(dev: list[Question], k: int) -> list[Question]:

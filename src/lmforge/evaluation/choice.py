@@ -7,11 +7,17 @@ Two ways to read the model's answer:
   spelling ("A" or " A", each kept only if it is one token that decodes to the letter), so
   tokenizers that attach the space to the letter and those that don't both work. Never invalid.
 * `generate`: greedy generation of a few tokens; the answer is the first standalone A-D letter
-  (no letter counts as wrong). Slower, but it is what a chat user sees.
+  (no letter counts as wrong, and `no_letter` reports how often). Slower, but it is what a chat
+  user sees.
 
 `chat_template: true` puts the whole k-shot prompt in one user turn of the model's chat template
-(the answer letter is then read right after the assistant header). k-shot prompts that do not
-fit the model's context lose shots from the front until they do.
+(the answer letter is then read right after the assistant header).
+
+A prompt that does not fit the model's context loses shots from the front until it does, as
+MMLU's reference `evaluate.py` does; a question that does not fit even alone is cut from the left
+(its header and the start of its text), as lm-evaluation-harness crops, but unlike the harness
+its options and answer cue are always kept: only when those alone do not fit is the task refused.
+The questions that lost shots (`fewer_shots`) or text (`cropped`) are counted in the metrics.
 """
 
 from __future__ import annotations
@@ -47,15 +53,40 @@ class ChoiceResult:
     per_category: dict[str, dict] = field(default_factory=dict)  # category -> n, correct, accuracy
     rows: list[dict] = field(default_factory=list)  # one per question: where, subject, answer, predicted
     example_prompt: str = ""
+    fewer_shots: int = 0  # questions scored with fewer shots than asked, to fit the context
+    cropped: int = 0  # questions whose own text was cut from the left to fit the context
+    no_letter: float | None = None  # `generate` scoring: share of answers naming no option letter
 
     def metrics(self) -> dict:
-        return {
+        metrics = {
             "accuracy": self.accuracy,
             "subject_macro": self.subject_macro,
             "questions": self.questions,
+            "fewer_shots": self.fewer_shots,
+            "cropped": self.cropped,
             "per_category": {c: v["accuracy"] for c, v in self.per_category.items()},
             "per_subject": {s: v["accuracy"] for s, v in self.per_subject.items()},
         }
+        return metrics if self.no_letter is None else {**metrics, "no_letter": self.no_letter}
+
+    def fitting_note(self, context: int) -> str | None:
+        """A line saying how many prompts were shortened to fit `context` tokens (None if none)."""
+        if not (self.fewer_shots or self.cropped):
+            return None
+        return (
+            f"{self.fewer_shots} of {self.questions} questions lost shots and {self.cropped} were cropped "
+            f"from the left to fit the model's context of {context} tokens"
+        )
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One question's prompt as the model sees it, and what fitting it into the context cost."""
+
+    text: str
+    ids: list[int]
+    dropped_shots: int  # shots taken off the front
+    cropped: bool  # the question's own text was cut from the left
 
 
 def letter_candidates(tokenizer, letters: tuple[str, ...] = benchmarks.LETTERS) -> list[list[int]]:
@@ -95,16 +126,40 @@ def fitted_prompt(
     shots: list[benchmarks.Question],
     question: benchmarks.Question,
     room: int,
-) -> tuple[str, list[int]]:
-    """The prompt with as many of the shots as fit in `room` tokens (dropping from the front)."""
+) -> Prompt:
+    """The prompt with as many of the shots as fit in `room` tokens (dropping from the front); with
+    none left, the question cropped from the left (see the module docstring)."""
     for first in range(len(shots) + 1):
         text = benchmarks.build_prompt(task.benchmark, subject, shots[first:], question)
         ids = render(engine, text, task.chat_template)
         if len(ids) <= room:
-            return text, ids
-    raise ValueError(
-        f"{question.where}: the question alone is {len(ids)} tokens; the model's context is {room}"
-    )
+            return Prompt(text, ids, dropped_shots=first, cropped=False)
+    kept = benchmarks.answer_part(task.benchmark, question)
+    text, ids = cropped_prompt(engine, task.chat_template, text, kept, question.where, room)
+    return Prompt(text, ids, dropped_shots=len(shots), cropped=True)
+
+
+def cropped_prompt(
+    engine: Engine, chat_template: bool, text: str, kept: str, where: str, room: int
+) -> tuple[str, list[int]]:
+    """The longest end of `text` that fits in `room` tokens and still holds all of `kept` (its end),
+    found by bisecting the cut position."""
+    fits, cut = len(text) - len(kept), 0  # text[fits:] must fit; text[cut:] does not
+    ids = render(engine, text[fits:], chat_template)
+    if len(ids) > room:
+        raise ValueError(
+            f"{where}: the question's options and answer cue alone are {len(ids)} tokens, more than the "
+            f"{room} the model's context leaves for a prompt; shorten or drop this row, or evaluate a "
+            "model with a longer context"
+        )
+    while fits - cut > 1:
+        middle = (fits + cut) // 2
+        middle_ids = render(engine, text[middle:], chat_template)
+        if len(middle_ids) <= room:
+            fits, ids = middle, middle_ids
+        else:
+            cut = middle
+    return text[fits:], ids
 
 
 @torch.inference_mode()
@@ -176,7 +231,7 @@ def evaluate_choices(engine: Engine, task: MultipleChoiceTask, quiet: bool = Tru
     if split == "dev" and task.shots:
         raise ValueError("split: dev with shots > 0 would show questions their own answers; use shots: 0")
     room = context_length(engine.model, cap=None) - (16 if task.scoring == "generate" else 1)
-    prompts: list[tuple[str, list[int]]] = []
+    prompts: list[Prompt] = []
     questions: list[benchmarks.Question] = []
     for subject, items in scored.items():
         shots = benchmarks.shots_for(dev.get(subject, []), task.shots) if task.shots else []
@@ -190,12 +245,24 @@ def evaluate_choices(engine: Engine, task: MultipleChoiceTask, quiet: bool = Tru
             questions.append(question)
     with Progress(disable=quiet, transient=True) as progress:
         if task.scoring == "logits":
-            predicted = predict_by_logits(engine, [ids for _, ids in prompts], task.batch_size, progress)
+            predicted = predict_by_logits(engine, [p.ids for p in prompts], task.batch_size, progress)
         else:
             predicted = predict_by_generation(
-                engine, [t for t, _ in prompts], task.chat_template, task.batch_size
+                engine, [p.text for p in prompts], task.chat_template, task.batch_size
             )
-    return tally(task.benchmark, questions, predicted, prompts[0][0] if prompts else "")
+    result = tally(task.benchmark, questions, predicted, prompts[0].text if prompts else "")
+    record_fitting(result, prompts)
+    if task.scoring == "generate" and predicted:
+        result.no_letter = predicted.count("") / len(predicted)
+    return result
+
+
+def record_fitting(result: ChoiceResult, prompts: list[Prompt]) -> None:
+    """Count, and mark in each question's row, the prompts shortened to fit the context."""
+    for row, prompt in zip(result.rows, prompts, strict=True):
+        row.update(dropped_shots=prompt.dropped_shots, cropped=prompt.cropped)
+    result.fewer_shots = sum(p.dropped_shots > 0 for p in prompts)
+    result.cropped = sum(p.cropped for p in prompts)
 
 
 def tally(

@@ -3,7 +3,8 @@
 For users who have the harness's data sets (downloaded once, or in the HF cache with
 HF_DATASETS_OFFLINE=1): lmforge hands the model (and adapter) to `lm_eval.simple_evaluate` with
 its `hf` model type and keeps each task's numeric metrics. Everything else in `lmforge eval`
-works without the harness.
+works without the harness. `device: auto` is resolved here, as lmforge's own tasks resolve it
+(cuda when visible, else cpu): lm-eval's `hf` model has no `auto` and falls back to cuda.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import importlib
 
 from lmforge.config.eval import EvalModel, HarnessTask
+from lmforge.config.model import ModelConfig
+from lmforge.models.hardware import choose_hardware
 
 
 def harness_args(model: EvalModel, task: HarnessTask) -> dict:
@@ -25,8 +28,15 @@ def harness_args(model: EvalModel, task: HarnessTask) -> dict:
         "num_fewshot": task.shots,
         "batch_size": task.batch_size,
         "limit": task.limit,
-        "device": None if model.device == "auto" else model.device,
+        "device": harness_device(model),
     }
+
+
+def harness_device(model: EvalModel) -> str:
+    """The model's device, with `auto` resolved by lmforge's hardware choice (cuda or cpu)."""
+    if model.device != "auto":
+        return model.device
+    return choose_hardware(ModelConfig(name_or_path=model.path)).device
 
 
 def run_harness(model: EvalModel, task: HarnessTask) -> dict:

@@ -3,8 +3,10 @@
 
 Models are columns in the order the config lists them (base, SFT, DPO, ...), so each column's
 change against the one before it is what that stage did. For every task: its headline metrics
-side by side with that change; for suites, per-category pass rates, paraphrase consistency, the
-queries each stage newly passed or failed, and every answer side by side.
+side by side with that change; for multiple choice, every subject's accuracy; for suites,
+per-category pass rates, paraphrase consistency, the queries each stage newly passed or failed,
+and every answer side by side. Plots keep their legend outside the axes, so it covers no bar;
+perplexity is drawn on a log axis (a base model's hundreds beside a tuned model's units).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 from pathlib import Path
 
 from lmforge.config.eval import EvalConfig
+from lmforge.evaluation.benchmarks import category_of
 
 HIGHER, LOWER, NEUTRAL = "higher", "lower", "neutral"
 
@@ -34,7 +37,10 @@ def headline(kind: str, metrics: dict) -> list[tuple[str, float | None, str]]:
             ("accuracy", metrics["accuracy"], HIGHER),
             ("subject macro", metrics["subject_macro"], HIGHER),
         ]
-        return rows + [(f"{c}", v, HIGHER) for c, v in metrics["per_category"].items()]
+        rows += [(f"{c}", v, HIGHER) for c, v in metrics["per_category"].items()]
+        counts = [("no letter (generate)", "no_letter", LOWER), ("fewer shots", "fewer_shots", NEUTRAL)]
+        counts.append(("cropped questions", "cropped", NEUTRAL))
+        return rows + [(label, metrics[key], better) for label, key, better in counts if key in metrics]
     if kind == "generation":
         names = ("exact_match", "rouge1", "rouge2", "rougeL", "bleu", "bertscore_f1")
         return [(n, metrics[n], HIGHER) for n in names if n in metrics]
@@ -58,8 +64,10 @@ def headline(kind: str, metrics: dict) -> list[tuple[str, float | None, str]]:
                 ("paraphrase accuracy", sum(g["accuracy"] for g in groups) / len(groups), HIGHER),
             ]
         return rows
-    if kind == "harness":
-        return [(f"{t} {m}", v, HIGHER) for t, ms in metrics.items() for m, v in ms.items()]
+    if kind == "harness":  # sample_len is how many documents the task scored, not a score
+        return [
+            (f"{t} {m}", v, HIGHER) for t, ms in metrics.items() for m, v in ms.items() if m != "sample_len"
+        ]
     return []
 
 
@@ -82,8 +90,23 @@ def _delta(value: float | None, before: float | None, better: str) -> str:
 
 def task_table(results: dict, task) -> tuple[list[str], list[list[str]]]:
     """Header and rows: one row per headline metric, one column per model (with its change)."""
+    return side_by_side(results, task, lambda metrics: headline(task.kind, metrics), "metric")
+
+
+def subject_table(results: dict, task) -> tuple[list[str], list[list[str]]]:
+    """A multiple-choice task's accuracy per subject (with its category), one column per model."""
+
+    def subjects(metrics: dict) -> list[tuple[str, float | None, str]]:
+        per_subject = metrics.get("per_subject", {})
+        return [(f"{s} ({category_of(task.benchmark, s)})", v, HIGHER) for s, v in per_subject.items()]
+
+    return side_by_side(results, task, subjects, "subject (category)")
+
+
+def side_by_side(results: dict, task, lines_of, first: str) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per label `lines_of(metrics)` gives, one column per model."""
     models = [m for m in results if task.name in results[m]]
-    lines = {m: headline(task.kind, results[m][task.name]) for m in models}
+    lines = {m: lines_of(results[m][task.name]) for m in models}
     labels = list(dict.fromkeys(label for m in models for label, _, _ in lines[m]))
     rows = []
     for label in labels:
@@ -94,7 +117,7 @@ def task_table(results: dict, task) -> tuple[list[str], list[list[str]]]:
             row.append(fmt(value) + _delta(value, before, better))
             before = value
         rows.append(row)
-    return ["metric", *models], rows
+    return [first, *models], rows
 
 
 def suite_rows(out: Path, models: list[str], task_name: str) -> dict[str, list[dict]]:
@@ -140,26 +163,35 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def plot_task(results: dict, task, path: Path) -> Path | None:
-    """Grouped bars: the task's headline metrics in [0, 1] (or its first metric), one bar per model."""
+def plotted(task, lines: dict[str, dict[str, float | None]]) -> list[str]:
+    """The labels a task's plot shows: perplexity alone for perplexity tasks, else the headline
+    metrics in [0, 1] (at most 12), else the first one."""
+    if task.kind == "perplexity":
+        return ["perplexity"]
+    labels = list(dict.fromkeys(lab for values in lines.values() for lab in values))
+    bounded = [lab for lab in labels if all(0 <= (values.get(lab) or 0) <= 1 for values in lines.values())]
+    return bounded[:12] or labels[:1]
+
+
+def draw_task(results: dict, task):
+    """Grouped bars of the task's plotted metrics, one bar per model (a matplotlib Figure, or None
+    when there is nothing to draw); the legend sits right of the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = [m for m in results if task.name in results[m]]
-    if not models:
-        return None
     lines = {
         m: {lab: v for lab, v, b in headline(task.kind, results[m][task.name]) if b != NEUTRAL}
         for m in models
     }
-    labels = list(dict.fromkeys(lab for m in models for lab in lines[m]))
-    bounded = [lab for lab in labels if all(0 <= (lines[m].get(lab) or 0) <= 1 for m in models)]
-    labels = bounded[:12] or labels[:1]
+    labels = plotted(task, lines) if models else []
     if not labels:
         return None
-    fig, ax = plt.subplots(figsize=(min(12.0, max(4.0, 0.3 * len(labels) * len(models) + 2)), 3.2))
+    fig, ax = plt.subplots(
+        figsize=(min(12.0, max(4.0, 0.3 * len(labels) * len(models) + 2)) + 1.5, 3.2), layout="constrained"
+    )
     width = 0.8 / len(models)
     for i, m in enumerate(models):
         xs = [j + i * width for j in range(len(labels))]
@@ -167,9 +199,21 @@ def plot_task(results: dict, task, path: Path) -> Path | None:
     ax.set_xticks(
         [j + 0.4 - width / 2 for j in range(len(labels))], labels, rotation=20, ha="right", fontsize=8
     )
+    if task.kind == "perplexity":  # >= 1, so bars rise from 1
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=1)
     ax.set_title(f"{task.name} ({task.kind})", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
+
+
+def plot_task(results: dict, task, path: Path) -> Path | None:
+    """`draw_task`'s figure saved as a PNG at `path` (None when there is nothing to draw)."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_task(results, task)
+    if fig is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -195,6 +239,10 @@ def write_report(config: EvalConfig, results: dict, out: Path) -> tuple[Path, Pa
             md += [f"![{task.name}](plots/{plot.name})", ""]
             data = base64.b64encode(plot.read_bytes()).decode()
             page.append(f'<p><img alt="{html.escape(task.name)}" src="data:image/png;base64,{data}"></p>')
+        if task.kind == "multiple_choice":
+            header, rows = subject_table(results, task)
+            md += ["Accuracy per subject:", "", md_table(header, rows), ""]
+            page += ["<h3>Accuracy per subject</h3>", html_table(header, rows)]
         if task.kind == "reasoning":
             for model in models:
                 failures = results[model].get(task.name, {}).get("failures", [])

@@ -162,8 +162,12 @@ def run_task(
         return vars(result), None
     if task.kind == "multiple_choice":
         from lmforge.evaluation.choice import evaluate_choices
+        from lmforge.evaluation.perplexity import context_length
 
         result = evaluate_choices(engine, task, quiet)
+        note = result.fitting_note(context_length(engine.model, cap=None))
+        if note and not quiet:
+            console.print(f"[yellow]{model.name} / {task.name}: {note}[/]")
         return {**result.metrics(), "example_prompt": result.example_prompt}, result.rows
     if task.kind == "generation":
         from lmforge.inference.predict import predict

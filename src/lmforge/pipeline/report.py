@@ -1,5 +1,6 @@
 """The pipeline report (output_dir/report.md and report.html): per stage its kind, status, time
-and metrics side by side, the loss curves of the training stages, and each eval stage's tables."""
+and metrics side by side, the loss curves of the training stages, and each eval stage's tables
+(with every subject's accuracy for multiple-choice tasks)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import json
 from pathlib import Path
 
 from lmforge.artifacts import write_atomic
-from lmforge.evaluation.report import fmt, html_table, md_table, task_table
+from lmforge.evaluation.report import fmt, html_table, md_table, subject_table, task_table
 from lmforge.pipeline.spec import TRAINING, PipelineSpec
 
 
@@ -93,6 +94,10 @@ def write_pipeline_report(spec: PipelineSpec, manifest: dict) -> tuple[Path, Pat
             head, table = task_table(record["metrics"], task)
             md += [f"### {task.name}", "", md_table(head, table), ""]
             page += [f"<h3>{html.escape(task.name)}</h3>", html_table(head, table)]
+            if task.kind == "multiple_choice":
+                head, table = subject_table(record["metrics"], task)
+                md += ["Accuracy per subject:", "", md_table(head, table), ""]
+                page += [f"<h4>{html.escape(task.name)}: accuracy per subject</h4>", html_table(head, table)]
         md.append(f"Full report: {stage.name}/report.html\n")
     md_path, html_path = spec.output_dir / "report.md", spec.output_dir / "report.html"
     write_atomic(md_path, "\n".join(md) + "\n")

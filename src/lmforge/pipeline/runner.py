@@ -190,14 +190,14 @@ def plan(spec: PipelineSpec, manifest: dict, start: str | None = None, only: str
             action, reason = "skip", "unchanged"
         elif cut and not reran:
             action, reason = "resume", f"{record['status']} before: resume from its last checkpoint"
+        elif not record:  # a first run: its inputs run too, but nothing runs "again"
+            action, reason = "run", "new"
         elif reran:
             action, reason = "run", f"its input {reran[0]} runs again"
         elif same:
             action, reason = "run", "its output is missing"
-        elif record:
-            action, reason = "run", "changed (config, input or code)"
         else:
-            action, reason = "run", "new"
+            action, reason = "run", "changed (config, input or code)"
         actions[stage.name] = action
         steps.append(Step(stage, digest, action, reason, resolved, files, output))
     missing = [s for s in steps if s.action == "missing"]
