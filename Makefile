@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.lmforge-installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup tools demo test lint format bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# Programs some tests run beside Python: Go (the Ollama Modelfile's template through Go's own
+# text/template). Installed with apt where this user can; otherwise those tests skip and say why.
+APT_PACKAGES := golang-go
+tools:
+	@command -v go >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q $(APT_PACKAGES) >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(APT_PACKAGES) >/dev/null 2>&1; }; }; } || \
+	  echo "note: could not install $(APT_PACKAGES); the tests that need them will skip"
+
 demo: setup
 	$(BIN)/lmforge quickstart
 
@@ -25,7 +34,19 @@ lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
-test: lint
+# llama.cpp's Python binding, built from source (about 5 minutes on 2 cores; PyPI has no CPU
+# wheel), so tests/export/test_llama_cpp.py runs lmforge's GGUF files in llama.cpp itself.
+LLAMA_CPP   := llama-cpp-python==0.3.36
+LLAMA_STAMP := $(VENV)/.llama-cpp-installed
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+               -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE)" \
+	  $(BIN)/python -m pip install -q "$(LLAMA_CPP)" || \
+	  echo "note: $(LLAMA_CPP) did not build; tests/export/test_llama_cpp.py will skip"
+	touch $@
+
+test: lint tools $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15
 
 format: setup

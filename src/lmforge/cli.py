@@ -236,13 +236,20 @@ def export(
     out: Annotated[Path, typer.Option(help="The .gguf file (or a folder to put it in).")],
     type_: Annotated[str, typer.Option("--type", help="Tensor type: f16, bf16, f32 or q8_0.")] = "f16",
     modelfile: Annotated[bool, typer.Option(help="Also write an Ollama Modelfile beside it.")] = True,
+    pre_tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            help="llama.cpp pre-tokenizer to write when none splits text as the tokenizer does "
+            "(export refuses otherwise; a warning says what differs)."
+        ),
+    ] = None,
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Export a merged model to GGUF (llama.cpp, Ollama), with an Ollama Modelfile."""
     from lmforge.export.gguf import export_gguf, write_modelfile
 
     try:
-        path = export_gguf(model, out, type_)
+        path = export_gguf(model, out, type_, pre_tokenizer=pre_tokenizer)
         written = write_modelfile(path, model) if modelfile else None
     except USER_ERRORS as exc:
         _fail(exc, traceback)

@@ -8,16 +8,18 @@ import importlib.util
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from lmforge.data.templates import TEMPLATES, Conversation
+from lmforge.data.templates import TEMPLATES, Conversation, named_equivalent
 from lmforge.export.gguf import (
+    PRE_TOKENIZER_PROBES,
     export_gguf,
     go_template,
     permute_qk,
@@ -308,13 +310,16 @@ def test_llama3_rope_scaling_writes_rope_freqs(tmp_path, tokenizer):
     assert factors.min() == 1.0 and factors.max() == 8.0  # both ends of the blend are present
 
 
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
 def test_llama3_pre_tokenizer_is_recognised(tmp_path, base_dir):
     model_dir = shutil.copytree(base_dir, tmp_path / "llama3-tok")
     tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
-    regex = (
-        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-        r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-    )
+    regex = LLAMA3_REGEX
     tokenizer_json["pre_tokenizer"] = {
         "type": "Sequence",
         "pretokenizers": [
@@ -326,7 +331,86 @@ def test_llama3_pre_tokenizer_is_recognised(tmp_path, base_dir):
     meta = read_gguf_summary(export_gguf(model_dir, tmp_path / "m.gguf"))["metadata"]
     assert meta["tokenizer.ggml.pre"] == "llama-bpe"
     tiny = read_gguf_summary(export_gguf(base_dir, tmp_path / "b.gguf"))["metadata"]
-    assert tiny["tokenizer.ggml.pre"] == "default"  # digits split one by one: no llama.cpp name
+    assert tiny["tokenizer.ggml.pre"] == "starcoder"  # digits one by one, then GPT-2's regex
+
+
+def with_pre_tokenizer(base_dir, path, pre_tokenizer):
+    model_dir = shutil.copytree(base_dir, path)
+    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer_json["pre_tokenizer"] = pre_tokenizer
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    return model_dir
+
+
+def gguf_tokenizer(path):
+    """A tokenizer built from the GGUF's own tokenizer metadata (tokens, merges, the pre-tokenizer
+    its `tokenizer.ggml.pre` names), as llama.cpp builds its vocabulary from the file."""
+    from tokenizers import Tokenizer, models
+
+    from lmforge.export.gguf import _reference_pre_tokenizers
+
+    meta = read_gguf_summary(path)["metadata"]
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    tok.pre_tokenizer = _reference_pre_tokenizers()[meta["tokenizer.ggml.pre"]]
+    return tok
+
+
+STRESS = [
+    *PRE_TOKENIZER_PROBES,
+    "add 17 and 25 -> 42",
+    "Q: what is 12 * 34?\nA: 408",
+    "  two leading, two trailing  ",
+    "\n\n\t mixed \r\n whitespace \t\t",
+    "It's ISN'T they've WE'LL",
+    "tab\tseparated\tvalues\t1\t2\t3",
+    "emoji \U0001f600 and accents \u00e9\u00e8 and CJK \u4e2d\u6587",
+]
+
+
+@pytest.mark.parametrize(
+    "pre_tokenizer",
+    [
+        None,  # lmforge's own tiny tokenizer: Digits(individual) + ByteLevel
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+        {
+            "type": "Sequence",
+            "pretokenizers": [
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": LLAMA3_REGEX},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
+    ],
+    ids=["lmforge-tiny", "gpt-2", "llama-3"],
+)
+def test_the_gguf_vocabulary_tokenizes_a_stress_set_as_the_hf_tokenizer(tmp_path, base_dir, pre_tokenizer):
+    model_dir = (
+        base_dir if pre_tokenizer is None else with_pre_tokenizer(base_dir, tmp_path / "m", pre_tokenizer)
+    )
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    ours = gguf_tokenizer(export_gguf(model_dir, tmp_path / "m.gguf"))
+    for text in STRESS:
+        assert ours.encode(text).ids == hf(text, add_special_tokens=False)["input_ids"], text
+
+
+def test_a_pre_tokenizer_llama_cpp_cannot_reproduce_is_refused_unless_named(tmp_path, base_dir, capsys):
+    # a prefix space before the first word: no llama.cpp BPE pre-tokenizer adds one
+    prefixed = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    model_dir = with_pre_tokenizer(base_dir, tmp_path / "m", prefixed)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ValueError, match=r"llama.cpp would tokenize.*--pre-tokenizer NAME"):
+        export_gguf(model_dir, out)
+    assert not out.exists()
+    export_gguf(model_dir, out, pre_tokenizer="gpt-2")
+    assert read_gguf_summary(out)["metadata"]["tokenizer.ggml.pre"] == "gpt-2"
+    said = " ".join(capsys.readouterr().err.split())
+    assert "warning" in said and "tokenize some text differently" in said
 
 
 def byte_fallback_copy(base_dir, path):
@@ -477,14 +561,68 @@ def test_modelfile_for_chatml(tmp_path, base_dir):
     assert 'SYSTEM """You are Qwen' in write_modelfile(gguf_path, model_dir).read_text()
 
 
-def test_modelfile_for_a_tokenizer_template_asks_for_one_by_hand(tmp_path, base_dir):
-    model_dir = shutil.copytree(base_dir, tmp_path / "model")
+OFFICIAL_TEMPLATES = Path(__file__).parents[1] / "data" / "chat_templates"
+# The BOS/EOS strings each family's real tokenizer has, as tests/data/test_official_templates.py
+OFFICIAL_SPECIAL = {
+    "llama2": ("<s>", "</s>"),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
+    "mistral": ("<s>", "</s>"),
+    "mistral-2023": ("<s>", "</s>"),
+    "qwen2.5": (None, "<|im_end|>"),
+    "qwen2-vl": (None, "<|im_end|>"),
+    "deepseek-r1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+}
+
+
+def with_jinja(base_dir, path, jinja: str, bos: str | None, eos: str):
+    """A copy of the tiny model whose tokenizer has `jinja` as its only chat template."""
+    model_dir = shutil.copytree(base_dir, path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.bos_token, tokenizer.eos_token, tokenizer.chat_template = bos, eos, jinja
+    tokenizer.save_pretrained(model_dir)
+    return model_dir, tokenizer
+
+
+@pytest.mark.parametrize("family", sorted(OFFICIAL_SPECIAL))
+def test_a_jinja_only_model_gets_the_template_of_its_family(tmp_path, base_dir, family):
+    """Each family's official Jinja template (as its tokenizer ships it) is recognised as the
+    named template that renders the same prompts, and the Modelfile gets that template's TEMPLATE
+    and stop token instead of a request to write one."""
+    jinja = (OFFICIAL_TEMPLATES / f"{family}.jinja").read_text(encoding="utf-8")
+    model_dir, tokenizer = with_jinja(base_dir, tmp_path / "model", jinja, *OFFICIAL_SPECIAL[family])
+    assert named_equivalent(tokenizer).name == family
+    gguf_path = export_gguf(model_dir, tmp_path / "tiny.gguf", "f32")
+    modelfile = write_modelfile(gguf_path, model_dir).read_text()
+    template = TEMPLATES[family]
+    add_bos = read_gguf_summary(gguf_path)["metadata"]["tokenizer.ggml.add_bos_token"]
+    expected = go_template(template, tokenizer.bos_token or "", tokenizer.eos_token, add_bos)
+    assert modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0] == expected
+    assert f"PARAMETER stop {json.dumps(template.stop_token(tokenizer), ensure_ascii=False)}" in modelfile
+    assert "by hand" not in modelfile
+
+
+def test_a_jinja_template_of_no_known_family_asks_for_one_by_hand(tmp_path, base_dir):
+    jinja = (
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+        "{% if add_generation_prompt %}<bot>{% endif %}"
+    )
+    model_dir, tokenizer = with_jinja(base_dir, tmp_path / "model", jinja, "<s>", "</s>")
+    assert named_equivalent(tokenizer) is None
     (model_dir / TEMPLATE_FILE).write_text("tokenizer\n")
     gguf_path = export_gguf(model_dir, tmp_path / "out" / "tiny.gguf")
     modelfile = write_modelfile(gguf_path, model_dir, tmp_path / "Modelfile").read_text()
     assert f"FROM {gguf_path.resolve()}" in modelfile  # not beside the GGUF: absolute path
+    assert "renders as none of lmforge's named templates" in modelfile
     assert "TEMPLATE" not in modelfile.replace("add a TEMPLATE by hand", "")
     assert 'PARAMETER stop "</s>"' in modelfile
+
+
+def test_the_modelfile_sets_num_ctx_to_the_trained_context(tmp_path, tokenizer):
+    """Ollama's default context (2048 or more) would exceed a model trained for 96 positions."""
+    model_dir = save_llama(tmp_path / "short", tokenizer, max_position_embeddings=96)
+    (model_dir / TEMPLATE_FILE).write_text("chatml\n")
+    modelfile = write_modelfile(export_gguf(model_dir, tmp_path / "m.gguf", "f32"), model_dir).read_text()
+    assert "PARAMETER num_ctx 96" in modelfile.splitlines()
 
 
 GO_RENDER = """package main
@@ -561,3 +699,20 @@ def test_go_templates_render_lmforge_generation_prompts(tmp_path, tokenizer):
     mismatches = [(case, got) for case, got in zip(expected, rendered, strict=True) if case[2] != got]
     assert not mismatches
     assert len(rendered) >= 9 * 2 * 3  # nine templates, both BOS modes, three conversations
+
+
+def test_the_cli_refuses_in_one_line_and_exports_with_pre_tokenizer(tmp_path, base_dir):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    prefixed = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    model_dir = with_pre_tokenizer(base_dir, tmp_path / "m", prefixed)
+    args = ["export", "--model", str(model_dir), "--out", str(tmp_path / "m.gguf"), "--no-modelfile"]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "--pre-tokenizer NAME" in " ".join(refused.output.split())
+    forced = CliRunner().invoke(app, [*args, "--pre-tokenizer", "gpt-2"])
+    assert forced.exit_code == 0, forced.output
+    assert "warning" in forced.output
+    assert read_gguf_summary(tmp_path / "m.gguf")["metadata"]["tokenizer.ggml.pre"] == "gpt-2"

@@ -3,6 +3,7 @@ and resume a stage killed mid-way to the same final metrics as an uninterrupted 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -290,3 +291,37 @@ def test_hardware_auto_is_a_pipeline_section():
     spec = parse_pipeline(raw)
     assert training_config(spec, spec.stages[0], None).hardware == "auto"
     assert training_config(spec, spec.stages[1], None).hardware == "manual"
+
+
+def test_an_export_stage_refuses_a_pre_tokenizer_llama_cpp_lacks_unless_it_names_one(base_dir, tmp_path):
+    """As `lmforge export --pre-tokenizer`: the stage's `pre_tokenizer` is what lets it export."""
+    from gguf import GGUFReader
+
+    from lmforge.export.gguf import GGUFExportError
+    from lmforge.pipeline.runner import execute
+
+    model = shutil.copytree(base_dir, tmp_path / "model")
+    tokenizer_json = json.loads((model / "tokenizer.json").read_text())
+    tokenizer_json["pre_tokenizer"] = {"type": "Whitespace"}  # no llama.cpp pre-tokenizer splits so
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    manifest = {"stages": {"m": {"status": "done", "output": {"kind": "model", "path": str(model)}}}}
+
+    def export_step(**options):
+        raw = {
+            "output_dir": str(tmp_path / "out"),
+            "shared": {"model": {"name_or_path": str(base_dir)}},
+            "stages": [
+                stage("m", "pretrain", adapter={"method": "none"}, data={"path": "d.json"}),
+                stage("gguf", "export", **options),
+            ],
+        }
+        spec = parse_pipeline(raw)
+        return spec, next(s for s in plan(spec, manifest) if s.stage.name == "gguf")
+
+    spec, step = export_step(type="f32", modelfile=False)
+    with pytest.raises(GGUFExportError, match="--pre-tokenizer NAME"):
+        execute(spec, step, manifest, quiet=True)
+    spec, step = export_step(type="f32", modelfile=False, pre_tokenizer="default")
+    execute(spec, step, manifest, quiet=True)
+    pre = GGUFReader(step.output.path).fields["tokenizer.ggml.pre"].contents()
+    assert pre == "default"

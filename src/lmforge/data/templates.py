@@ -473,3 +473,39 @@ def pick_template(
     if chosen is None and tokenizer is not None and getattr(tokenizer, "chat_template", None):
         chosen = "tokenizer"
     return get_template(chosen or "chatml")
+
+
+# Generation prompts that tell the named templates apart: with a system prompt or none, after no
+# earlier turn or after several.
+_PROBES = (
+    Conversation([("What is 2+2?", "")]),
+    Conversation([("What is 2+2?", "")], system="Be brief."),
+    Conversation([("hello", "hi there"), ("and you?", "fine"), ("bye", "")]),
+    Conversation([("a", "b"), ("c", "")], system="S"),
+)
+
+
+def named_equivalent(tokenizer: PreTrainedTokenizerBase) -> ChatTemplate | None:
+    """The named template whose generation prompts equal those of the tokenizer's Jinja
+    `chat_template` on a few probe conversations, or None when no named template's do. A Jinja
+    template that refuses a system prompt is compared on the probes without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    expected: list[tuple[Conversation, str]] = []
+    for conversation in _PROBES:
+        messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
+        for user, assistant in conversation.turns:
+            messages.append({"role": "user", "content": user})
+            if assistant:
+                messages.append({"role": "assistant", "content": assistant})
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception:  # jinja2's TemplateError, raised by the template itself (e.g. no system role)
+            continue
+        expected.append((conversation, text))
+    if not expected:
+        return None
+    for template in dict.fromkeys(TEMPLATES.values()):
+        if all(template.generation_prompt(c, tokenizer) == text for c, text in expected):
+            return template
+    return None

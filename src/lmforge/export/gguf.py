@@ -10,15 +10,20 @@ Departures from it:
   (q4_K_M and friends) need llama.cpp's `llama-quantize`, run on the f16 file.
 - Tensors are streamed: the header is written from the safetensors metadata, then one tensor
   is loaded, converted and written at a time, so memory stays near the largest tensor.
-- `tokenizer.ggml.pre` is read off the tokenizer's pre-tokenizer regex (Llama-3, Qwen2,
-  GPT-2 are recognised) rather than from a hash of a tokenized test string; anything else is
-  written as "default", which llama.cpp accepts but may pre-split text slightly differently.
+- `tokenizer.ggml.pre` is the llama.cpp pre-tokenizer that splits a set of probe texts
+  (`PRE_TOKENIZER_PROBES`) exactly as the tokenizer's own pre-tokenizer does, whatever its JSON
+  form: llama-bpe (Llama-3, DeepSeek-R1-Distill-Llama), qwen2 (Qwen2/2.5, Qwen2-VL, R1-Distill-Qwen),
+  gpt-2 (GPT-2, GPT-NeoX, OLMo, Phi-2) and starcoder (StarCoder, SmolLM, lmforge's own tokenizer:
+  digits one by one). llama.cpp's converter hashes a tokenized test string instead. A tokenizer
+  none of them reproduces is refused, as llama.cpp's converter refuses it, unless the caller names
+  the pre-tokenizer to write (`--pre-tokenizer`), which is then written with a warning.
 
-Unverified here: no llama.cpp or Ollama is available to this project's tests, so loading the
-file in llama.cpp and the Modelfile in Ollama is not checked. The tests read the file back with
-gguf's own reader and compare it with the Hugging Face weights, config and tokenizer, check the
-Q/K permutation against both rotary conventions, and (where a Go toolchain is present) render
-the Modelfile template with Go's text/template against lmforge's own chat templates.
+Checked against llama.cpp itself where llama-cpp-python is installed (`make test` builds it):
+tests/export/test_llama_cpp.py loads f32, f16 and q8_0 files and compares logits and greedy tokens
+with transformers, and llama.cpp's tokenizer with the Hugging Face one on a stress set. Ollama is
+not run: the Modelfile's TEMPLATE is rendered with Go's own text/template (where Go is installed)
+against lmforge's chat templates. tests/export/test_gguf.py also reads every file back with
+gguf's reader and compares it with the Hugging Face weights, config and tokenizer.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
 from lmforge.artifacts import atomic_file, write_atomic
-from lmforge.data.templates import ChatTemplate, get_template
+from lmforge.data.templates import ChatTemplate, get_template, named_equivalent
 from lmforge.models.loading import saved_template_name
 
 console = Console(stderr=True)
@@ -78,12 +83,62 @@ _GLOBAL_TENSORS = {
 }
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
-# Pre-tokenizer regexes of well-known byte-level BPE tokenizers -> llama.cpp's name for them.
+# llama.cpp's byte-level BPE pre-tokenizers lmforge writes, each as the Hugging Face
+# pre-tokenizer that splits text as llama.cpp's does (its regex list in src/llama-vocab.cpp).
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-_KNOWN_SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2"}
+# Text that tells the pre-tokenizers apart: digit runs, contractions in both cases, runs of
+# spaces, tabs and newlines, punctuation runs, arrows, formulas, code, accents, CJK, emoji.
+PRE_TOKENIZER_PROBES = (
+    "x^2 + 3x - 5 = 0",
+    "a -> b  ->  c\t->\n->",
+    "1234567 and 3.14159, 2024-12-04; 1,000,000",
+    "I'm sure you've seen it, DON'T you? We'll, they'd, it's",
+    "   leading spaces, trailing spaces   ",
+    "line one\nline two\r\n\n\n  indented\ttab\t\tdone",
+    "def f(x):\n    return x**2  # square!!!",
+    "caf\u00e9 na\u00efve \u00c5ngstr\u00f6m \u0441\u043b\u043e\u0432\u043e",
+    "\u4f60\u597d\u4e16\u754c \U0001f600\U0001f680 \u00bd \u2167",
+    "abc123def 45ghi ...?!  ---  ''\"\"",
+    "add 4 and 2 -> 6",
+)
+
+
+def _reference_pre_tokenizers() -> dict:
+    from tokenizers import Regex, pre_tokenizers
+
+    def split_then_bytes(regex: str):
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), "isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return {
+        "llama-bpe": split_then_bytes(_LLAMA3_SPLIT),
+        "qwen2": split_then_bytes(_LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")),
+        "gpt-2": gpt2,
+        # StarCoder, SmolLM, Command-R and lmforge's own tiny tokenizer: digits one by one, then GPT-2.
+        "starcoder": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2]),
+    }
+
+
+def _pieces(pre_tokenizer, text: str) -> list[str]:
+    return [piece for piece, _ in pre_tokenizer.pre_tokenize_str(text)] if pre_tokenizer else [text]
+
+
+def llama_cpp_pre_tokenizer(tokenizer) -> str | None:
+    """llama.cpp's name for the pre-tokenizer that splits every probe text exactly as this fast
+    tokenizer's own does, or None when none of those lmforge knows does."""
+    own = tokenizer.backend_tokenizer.pre_tokenizer
+    for name, reference in _reference_pre_tokenizers().items():
+        if all(_pieces(own, text) == _pieces(reference, text) for text in PRE_TOKENIZER_PROBES):
+            return name
+    return None
 
 
 class GGUFExportError(ValueError):
@@ -367,17 +422,6 @@ def _add_hparams(writer: gguf.GGUFWriter, hp: _HParams, name: str, out_type: str
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _bpe_pre(pre_tokenizer: dict[str, Any] | None) -> str:
-    """llama.cpp's name for a byte-level BPE pre-tokenizer, read off its split regex."""
-    parts = (pre_tokenizer or {}).get("pretokenizers") or ([pre_tokenizer] if pre_tokenizer else [])
-    splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
-    if len(splits) == 1 and splits[0] in _KNOWN_SPLITS:
-        return _KNOWN_SPLITS[splits[0]]
-    if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
-        return "gpt-2"
-    return "default"
-
-
 def _merges(tokenizer_json: dict[str, Any]) -> list[str]:
     merges = tokenizer_json["model"].get("merges") or []
     if merges and not isinstance(merges[0], str):  # [left, right] pairs (tokenizers >= 0.20)
@@ -386,7 +430,29 @@ def _merges(tokenizer_json: dict[str, Any]) -> list[str]:
     return merges
 
 
-def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hp: _HParams, quiet: bool) -> None:
+def _chosen_pre_tokenizer(tokenizer, model_dir: Path, forced: str | None) -> str:
+    """The `tokenizer.ggml.pre` to write: the one that splits as the tokenizer does; an explicit
+    `forced` name is written as given, with a warning when it is not that one."""
+    found = llama_cpp_pre_tokenizer(tokenizer)
+    if forced is None and found is None:
+        raise GGUFExportError(
+            f"{model_dir}: its tokenizer's pre-tokenizer splits text like none of llama.cpp's that "
+            f"lmforge maps ({', '.join(_reference_pre_tokenizers())}), so llama.cpp would tokenize "
+            "text differently from the model's training (llama.cpp's own converter refuses too). To "
+            "export anyway, name the llama.cpp pre-tokenizer to write: --pre-tokenizer NAME (e.g. default)"
+        )
+    if forced is not None and forced != found:
+        like = f"splits text like {found!r}" if found else "splits text like none lmforge maps"
+        console.print(
+            f"[yellow]warning[/]: writing tokenizer.ggml.pre = {forced!r} for {model_dir}, whose "
+            f"tokenizer {like}: llama.cpp will tokenize some text differently from the model's training"
+        )
+    return forced or found
+
+
+def _add_tokenizer(
+    writer: gguf.GGUFWriter, model_dir: Path, hp: _HParams, pre_tokenizer: str | None = None
+) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as exc:
@@ -406,12 +472,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, hp: _HParams, quiet
     if byte_level:
         tokens, types = _bpe_vocab(tokenizer, hp.vocab_size, model_dir)
         writer.add_tokenizer_model("gpt2")
-        pre = _bpe_pre(tokenizer_json.get("pre_tokenizer"))
-        if pre == "default" and not quiet:
-            console.print(
-                f"[yellow]tokenizer pre-splitting of {model_dir} not recognised; written as `default`[/]"
-            )
-        writer.add_tokenizer_pre(pre)
+        writer.add_tokenizer_pre(_chosen_pre_tokenizer(tokenizer, model_dir, pre_tokenizer))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(_merges(tokenizer_json))
@@ -499,10 +560,18 @@ def _sentencepiece_vocab(
 # --------------------------------------------------------------------------- export
 
 
-def export_gguf(model_dir: str | Path, out: str | Path, out_type: str = "f16", quiet: bool = True) -> Path:
+def export_gguf(
+    model_dir: str | Path,
+    out: str | Path,
+    out_type: str = "f16",
+    quiet: bool = True,
+    pre_tokenizer: str | None = None,
+) -> Path:
     """Write a merged Hugging Face llama/mistral/qwen2 model folder as one GGUF file (atomically).
 
     `out` is the .gguf path, or an existing folder to write `<model>-<out_type>.gguf` into.
+    `pre_tokenizer`: llama.cpp's pre-tokenizer name to write instead of the one found to split as
+    the tokenizer does (needed, with a warning, when none does).
     """
     if out_type not in GGUF_TYPES:
         raise GGUFExportError(f"unknown GGUF type `{out_type}`; choose one of {', '.join(GGUF_TYPES)}")
@@ -523,7 +592,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, out_type: str = "f16", q
         writer = gguf.GGUFWriter(tmp, hp.arch)
         try:
             _add_hparams(writer, hp, name, out_type)
-            _add_tokenizer(writer, model_dir, hp, quiet)
+            _add_tokenizer(writer, model_dir, hp, pre_tokenizer)
             sizes = {}
             for tensor in plan:
                 block, type_size = gguf.GGML_QUANT_SIZES[tensor.qtype]
@@ -633,19 +702,22 @@ def _quoted_block(keyword: str, text: str, where: Path) -> str:
 
 def write_modelfile(gguf_path: Path, model_dir: Path, out: Path | None = None) -> Path:
     """An Ollama Modelfile beside the GGUF file: FROM, TEMPLATE (translated from the model's lmforge
-    chat template), SYSTEM for a template's default system prompt, and PARAMETER stop."""
+    chat template, or from the named template its Jinja `chat_template` renders exactly as),
+    SYSTEM for a template's default system prompt, PARAMETER num_ctx (the context the model was
+    trained for, from the GGUF) and PARAMETER stop."""
     gguf_path, model_dir = Path(gguf_path), Path(model_dir)
     if not gguf_path.is_file():
         raise GGUFExportError(f"{gguf_path} does not exist; export the model first (export_gguf)")
     out = Path(out) if out is not None else gguf_path.with_name(MODELFILE)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
-    add_bos = bool(read_gguf_summary(gguf_path)["metadata"].get("tokenizer.ggml.add_bos_token", False))
+    metadata = read_gguf_summary(gguf_path)["metadata"]
+    add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+    n_ctx = metadata.get(f"{metadata.get('general.architecture', 'llama')}.context_length")
     beside = gguf_path.resolve().parent == out.resolve().parent
     source = f"./{gguf_path.name}" if beside else str(gguf_path.resolve())
     lines = [f"# Ollama Modelfile written by lmforge for {model_dir}", f"FROM {source}"]
-    name = saved_template_name(str(model_dir))
-    template = get_template(name) if name else None
+    template = _modelfile_template(model_dir, tokenizer)
     if isinstance(template, ChatTemplate):
         lines.append(_quoted_block("TEMPLATE", go_template(template, bos, eos, add_bos), model_dir))
         if template.default_system:
@@ -653,17 +725,29 @@ def write_modelfile(gguf_path: Path, model_dir: Path, out: Path | None = None) -
         stops = [template.stop_token(tokenizer)]
     else:
         why = (
-            "its own Jinja chat template"
-            if template is not None or tokenizer.chat_template
+            "its own Jinja chat template, which renders as none of lmforge's named templates"
+            if tokenizer.chat_template
             else "no chat template"
         )
         lines += [
-            f"# The model has {why}, which lmforge cannot translate to Ollama's Go template:",
+            f"# The model has {why}, so lmforge cannot translate it to Ollama's Go template:",
             "# add a TEMPLATE by hand (Go template syntax: see Ollama's docs/template.md).",
         ]
         stops = [eos]
+    if n_ctx:  # Ollama's default (2048 or 4096) may exceed what the model was trained for
+        lines.append(f"PARAMETER num_ctx {int(n_ctx)}")
     lines += [
         f"PARAMETER stop {json.dumps(stop, ensure_ascii=False)}" for stop in dict.fromkeys(stops) if stop
     ]
     write_atomic(out, "\n".join(lines) + "\n")
     return out
+
+
+def _modelfile_template(model_dir: Path, tokenizer) -> ChatTemplate | None:
+    """The lmforge template saved with the model; for a model that names none, or names the
+    tokenizer's own Jinja template, the named template that renders as that Jinja does."""
+    name = saved_template_name(str(model_dir))
+    template = get_template(name) if name else None
+    if isinstance(template, ChatTemplate):
+        return template
+    return named_equivalent(tokenizer)

@@ -380,7 +380,7 @@ def execute(spec: PipelineSpec, step: Step, manifest: dict, quiet: bool) -> dict
         from lmforge.export.gguf import export_gguf, write_modelfile
 
         options = ExportOptions.model_validate(stage.body)
-        path = export_gguf(upstream.path, step.output.path, options.type)
+        path = export_gguf(upstream.path, step.output.path, options.type, pre_tokenizer=options.pre_tokenizer)
         if options.modelfile:
             write_modelfile(path, Path(upstream.path))
         return {"bytes": path.stat().st_size}

@@ -74,6 +74,11 @@ class ExportOptions(Section):
     format: Literal["gguf"] = Field("gguf", description="Export format.")
     type: Literal["f16", "bf16", "f32", "q8_0"] = Field("f16", description="GGUF tensor type.")
     modelfile: bool = Field(True, description="Also write an Ollama Modelfile.")
+    pre_tokenizer: str | None = Field(
+        None,
+        description="llama.cpp pre-tokenizer to write when none splits text as the tokenizer does "
+        "(export refuses otherwise; a warning says what differs).",
+    )
 
 
 class PredictOptions(Section):
@@ -290,6 +295,10 @@ class Output:
     adapter_method: str | None = None
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def planned_output(spec: PipelineSpec, stage: StageSpec, upstream: Output | None) -> Output:
     """Where a stage's result will be and what it is (from the configs alone)."""
     folder = spec.output_dir / stage.name
@@ -376,7 +385,11 @@ def _check_flow(spec: PipelineSpec) -> None:
                 got = (
                     "nothing"
                     if upstream is None
-                    else ("a quantized model" if upstream.quantized else f"a {upstream.kind}")
+                    else (
+                        "a quantized model"
+                        if upstream.quantized
+                        else f"{_article(upstream.kind)} {upstream.kind}"
+                    )
                 )
                 raise ConfigError(
                     f"{stage.where}: {stage.kind} needs a full 16-bit model as `from` (a merge, pretrain or "
