@@ -14,9 +14,10 @@ ROOT = Path(__file__).resolve().parents[1] / "src" / "lmforge"
 # versions, model cards); lab (the decoder architecture); adapters; models; data; losses, optim;
 # training (what drivers share); inference; evaluation; export; methods (every stage, the
 # dispatcher); pipeline; the front ends (cli, wizard).
-LOW = {"config", "artifacts"}
+LOW = {"config", "artifacts", "distributed"}
 ALLOWED: dict[str, set[str]] = {
     "config": set(),
+    "distributed": set(),  # which process this is: read from the launcher's environment
     "artifacts": {"config"},
     "lab": LOW,
     "adapters": LOW,

@@ -98,16 +98,19 @@ def save_artifact(
     card_extra: str = "",
     image_processor=None,
     max_shard_size: str | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save a model or adapter (safetensors) + tokenizer + template + card (+ a vision-language
     model's image processor), atomically. `max_shard_size` (e.g. "5GB") splits the weights into
-    `model-0000i-of-0000n.safetensors` files plus an index; None keeps transformers' default."""
+    `model-0000i-of-0000n.safetensors` files plus an index; None keeps transformers' default.
+    `state_dict`: the weights to write when the model's own are shards (FSDP, ZeRO-3)."""
     with atomic_folder(Path(dest)) as tmp:
-        _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_processor, max_shard_size)
+        weights = {"max_shard_size": max_shard_size, "state_dict": state_dict}
+        _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_processor, weights)
     return Path(dest)
 
 
-def _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_processor, max_shard_size) -> None:
+def _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_processor, weights: dict) -> None:
     """Write the artifact's files into the temporary folder."""
     stop_id = tokenizer.convert_tokens_to_ids(template.stop_token(tokenizer))
     generation_config = getattr(model, "generation_config", None)
@@ -120,8 +123,7 @@ def _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_proce
         # Convert PiSSA (trained against the residual base) to a LoRA of the original base.
         init = Path(config.train.output_dir) / "pissa_init"
         extra["path_initial_model_for_weight_conversion"] = str(init)
-    if max_shard_size is not None:
-        extra["max_shard_size"] = max_shard_size
+    extra.update({key: value for key, value in weights.items() if value is not None})
     model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.chat_template = template.jinja(tokenizer)
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lmforge import methods
+from lmforge import distributed, methods
 from lmforge.config import ConfigError, dump_config, iter_keys, load_config
 
 app = typer.Typer(
@@ -48,7 +48,8 @@ def _fail(exc: BaseException, traceback: bool) -> None:
     """One clear line for errors a user can cause; full traceback only when asked."""
     if traceback:
         raise exc
-    console.print(f"[bold red]error[/]: {escape(str(exc))}", soft_wrap=True)
+    where = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
+    console.print(f"[bold red]error[/]{where}: {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -67,19 +68,62 @@ def train(
             "(train.resume=fresh); by default a rerun continues the same run's latest checkpoint."
         ),
     ] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Processes on this machine (one per GPU): hands the run to torch's launcher "
+            "(torchrun) and prints its command; train.distributed picks DDP, FSDP or DeepSpeed.",
+        ),
+    ] = 1,
+    nnodes: Annotated[int, typer.Option(min=1, help="Machines in the run (with --nproc each).")] = 1,
+    node_rank: Annotated[int, typer.Option(min=0, help="This machine's index (0: the first).")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Address of machine 0 (several machines).")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="Port on machine 0 (several machines).")] = 29500,
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Run one training stage (sft, pretrain, dpo, orpo, simpo, kto, reward, grpo, ppo) from a YAML config."""
+    if (nproc > 1 or nnodes > 1) and distributed.world_size() == 1:
+        import shlex
+        import subprocess
+
+        where = (nnodes, node_rank, master_addr, master_port)
+        args = [str(config), *(overrides or []), *(["--fresh"] if fresh else [])]
+        command = launch_command(nproc, *where, [*args, *(["--traceback"] if traceback else [])])
+        shown = ["torchrun", *command[3:]]  # the same launcher, as its own command
+        console.print(f"[bold]launching[/]: {shlex.join(shown)}", soft_wrap=True)
+        raise typer.Exit(subprocess.call(command))
     try:
         cfg = load_config(config, [*(overrides or []), *(["train.resume=fresh"] if fresh else [])])
         result = methods.run(cfg)
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return
+    if not distributed.is_main():
+        return
     console.print(
         f"[bold green]done[/]: {result.steps} steps, train loss {result.train_loss:.4f}, "
         f"{result.artifact.name}/ in {result.output_dir}"
     )
+
+
+def launch_command(
+    nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int, train_args: list[str]
+) -> list[str]:
+    """torch's elastic launcher running `python -m lmforge train TRAIN_ARGS` in `nproc` processes
+    per machine: on one machine with a free port of its own choosing (--standalone), on several at
+    machine 0's address and port."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if nnodes == 1:
+        command.append("--standalone")
+    else:
+        command += [
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={master_addr}",
+            f"--master-port={master_port}",
+        ]
+    return [*command, "-m", "lmforge", "train", *train_args]
 
 
 @data_app.command("check")

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from lmforge.adapters.moe_dora import MoeDoraModel, MoeDoraSettings, is_moe_dora_folder
 from lmforge.config.adapter import QUANTIZED_OK, AdapterConfig
+from lmforge.distributed import is_main
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 FFN = ("gate_proj", "up_proj", "down_proj")
@@ -412,7 +413,8 @@ def attach_adapter(
         if init_dir is None:
             raise ValueError("adapter.init pissa needs a folder for the initial adapter")
         wrapped.peft_config["default"].init_lora_weights = True  # saved as a plain-LoRA start
-        wrapped.save_pretrained(init_dir)
+        if is_main():  # one writer when several processes run (each computes the same start)
+            wrapped.save_pretrained(init_dir)
         wrapped.peft_config["default"].init_lora_weights = "pissa_niter_4"
     return wrapped
 

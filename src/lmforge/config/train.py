@@ -10,6 +10,55 @@ from lmforge.config.base import Section
 from lmforge.config.optim import OptimizerName, optimizer_args
 
 
+class DistributedConfig(Section):
+    """How the Trainer spreads a run over the processes a launcher started (docs/distributed.md).
+    In one process it changes nothing."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="ddp: a full copy per device; fsdp: FSDP2, parameters, gradients and optimizer "
+        "states sharded (CUDA); deepspeed: ZeRO stage `zero_stage` (pip install deepspeed).",
+    )
+    zero_stage: Literal[2, 3] = Field(
+        2, description="deepspeed: 2 shards gradients and optimizer states, 3 the parameters too."
+    )
+    offload: Literal["none", "optimizer", "all"] = Field(
+        "none",
+        description="fsdp/deepspeed: keep optimizer states (optimizer) or also parameters (all) in CPU "
+        "memory, for models that do not fit otherwise (slower).",
+    )
+    fsdp: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsdp: extra keys of transformers' fsdp_config (e.g. {reshard_after_forward: false}).",
+    )
+    config_file: str | None = Field(
+        None,
+        description="deepspeed: a DeepSpeed JSON config used unchanged instead of the one lmforge writes.",
+    )
+
+    @model_validator(mode="after")
+    def _strategy_keys(self) -> DistributedConfig:
+        if self.strategy != "deepspeed" and (self.zero_stage != 2 or self.config_file):
+            raise ValueError("train.distributed.zero_stage and config_file apply to strategy deepspeed")
+        if self.strategy == "ddp" and self.offload != "none":
+            raise ValueError(
+                "train.distributed.offload applies to strategy fsdp or deepspeed; ddp keeps all on the device"
+            )
+        if self.strategy == "fsdp" and self.offload == "optimizer":
+            raise ValueError(
+                "train.distributed.offload optimizer is DeepSpeed's; FSDP2 offloads parameters, "
+                "gradients and optimizer states together: use offload all"
+            )
+        if self.strategy != "fsdp" and self.fsdp:
+            raise ValueError("train.distributed.fsdp applies to strategy fsdp")
+        if self.strategy == "deepspeed" and self.zero_stage == 2 and self.offload == "all":
+            raise ValueError(
+                "train.distributed.offload all (parameters too) needs zero_stage 3; ZeRO-2 offloads "
+                "the optimizer only"
+            )
+        return self
+
+
 class TrainConfig(Section):
     output_dir: str = Field("runs/sft", description="Folder for checkpoints, logs and the result.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (ignored if max_steps > 0).")
@@ -83,6 +132,10 @@ class TrainConfig(Section):
     )
     tensorboard: bool = Field(True, description="Write TensorBoard event files under output_dir/runs.")
     progress: bool = Field(True, description="Show a progress bar with tokens/s and ETA.")
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig,
+        description="Several processes (torchrun, accelerate launch, lmforge train --nproc): the strategy.",
+    )
 
     @model_validator(mode="after")
     def _optimizer_and_schedule(self) -> TrainConfig:

@@ -33,8 +33,14 @@ def driver_name(config: RunConfig) -> str:
 
 
 def run(config: RunConfig, quiet: bool = False) -> StageResult:
-    """Train one stage: `hardware: auto` filled in, then the stage's driver."""
-    from lmforge.models.hardware import apply_hardware
+    """Train one stage: `hardware: auto` filled in, then the stage's driver. Launched as one of
+    several processes (docs/distributed.md), it joins their group first and prints only in the
+    main one."""
+    from lmforge import distributed
+    from lmforge.models.hardware import apply_hardware, choose_hardware
 
-    config = apply_hardware(config)  # hardware: auto fills in device, dtype, 4-bit, optimizer
+    distributed.check_launch()
+    quiet = quiet or not distributed.is_main()
+    config = apply_hardware(config, quiet)  # hardware: auto fills in device, dtype, 4-bit, optimizer
+    distributed.start(choose_hardware(config.model).device)
     return importlib.import_module(f"lmforge.methods.{driver_name(config)}").run(config, quiet)

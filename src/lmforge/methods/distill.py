@@ -23,6 +23,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from lmforge import distributed
 from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.config.model import ModelConfig
@@ -81,12 +82,15 @@ def on_teacher_answers(config: RunConfig, quiet: bool) -> StageResult:
             "data": config.data.model_copy(update={"path": "", "datasets": [source], "eval_path": None}),
         }
     )
-    start_run(on_answers)  # refused before the teacher runs when the folder holds another run
-    if config.train.resume in ("fresh", "none"):  # starting over asks the teacher again
-        answers.unlink(missing_ok=True)
-    teacher_answers(config, output_dir, quiet)
+    with distributed.main_first() as main:  # the main process asks the teacher; the others read
+        if main:
+            start_run(on_answers)  # refused before the teacher runs when the folder holds another run
+            if config.train.resume in ("fresh", "none"):  # starting over asks the teacher again
+                answers.unlink(missing_ok=True)
+            teacher_answers(config, output_dir, quiet)
     result = sft.run(on_answers, quiet)
-    write_resolved_config(config, output_dir)
+    if main:
+        write_resolved_config(config, output_dir)
     return result
 
 

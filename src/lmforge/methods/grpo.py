@@ -54,7 +54,8 @@ class SamplesCallback(TrainerCallback):
         self.path, self.every, self.sources = path, every, sources
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.every and state.global_step % self.every == 0 and self.sources[0].last:
+        due = self.every and state.global_step % self.every == 0
+        if due and state.is_world_process_zero and self.sources[0].last:  # the main process's samples
             write_samples(self.path, state.global_step, self.sources)
 
 

@@ -41,6 +41,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
+from lmforge import distributed
 from lmforge.adapters.build import final_adapter
 from lmforge.artifacts import save_artifact
 from lmforge.config import RunConfig
@@ -64,6 +65,12 @@ def check(config: RunConfig) -> None:
     method, ppo = config.method, config.method.ppo
     if method.name != "ppo":
         raise ValueError(f"methods.ppo cannot run method.name={method.name}")
+    if distributed.world_size() > 1:
+        raise ValueError(
+            "lmforge's PPO loop runs in one process for now (its rollouts and statistics are not "
+            "gathered across processes); run it without a launcher, or use GRPO, which trains on "
+            "several"
+        )
     if config.train.optimizer not in ("adamw", "adamw_torch", "adamw_torch_fused"):
         raise ValueError(
             f"ppo's own loop steps policy and critic with AdamW; train.optimizer {config.train.optimizer} "

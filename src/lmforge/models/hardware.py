@@ -448,7 +448,7 @@ def hardware_report(probe: HardwareProbe, decisions: list[Decision]) -> dict[str
     }
 
 
-def apply_hardware(config: RunConfig) -> RunConfig:
+def apply_hardware(config: RunConfig, quiet: bool = False) -> RunConfig:
     """`hardware: auto`: probe this machine, decide, print each decision with its reason, and keep
     the report on the config (written to hardware.json beside config.yaml). `manual`: unchanged."""
     if config.hardware != "auto":
@@ -459,6 +459,6 @@ def apply_hardware(config: RunConfig) -> RunConfig:
     probe = probe_hardware(config)
     resolved, decisions = auto_hardware(config, probe)
     console = Console(stderr=True)
-    for decision in decisions:
+    for decision in decisions if not quiet else []:
         console.print(f"[bold]hardware auto[/]: {escape(decision.describe())}", soft_wrap=True)
     return resolved.with_hardware_report(hardware_report(probe, decisions))

@@ -32,6 +32,7 @@ from transformers import (
 import lmforge.lab  # noqa: F401  (registers lab models with the Auto classes)
 from lmforge.artifacts import TEMPLATE_FILE
 from lmforge.config.model import ModelConfig
+from lmforge.distributed import device_for
 from lmforge.models.hardware import Hardware, choose_hardware
 from lmforge.models.location import model_location
 
@@ -303,11 +304,11 @@ def _load(
             trust_remote_code=config.trust_remote_code,
             dtype=hardware.dtype,
             attn_implementation=_attention(config, hardware, auto_class),
-            device_map={"": hardware.device} if quant is not None else None,
+            device_map={"": device_for(hardware.device)} if quant is not None else None,
             use_safetensors=True,
         )
     if quant is None:
-        model.to(hardware.device)
+        model.to(device_for(hardware.device))  # this process's own GPU when several run
     model.config.use_cache = not for_training
     return model, hardware
 

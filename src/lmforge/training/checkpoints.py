@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -25,8 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
+from lmforge import distributed
 from lmforge.artifacts import atomic_folder, write_atomic
 from lmforge.config import RunConfig
+from lmforge.config.train import DistributedConfig
 from lmforge.training.compat import losses_so_far
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -56,12 +57,22 @@ def run_id(config: RunConfig) -> str:
 def tracked(config: RunConfig) -> dict:
     raw = config.model_dump(mode="json")
     raw["train"] = {k: v for k, v in raw["train"].items() if k not in UNTRACKED}
+    if raw["train"].get("distributed") == DistributedConfig().model_dump(mode="json"):
+        del raw["train"]["distributed"]  # the default: runs from before the key existed keep their id
     return raw
 
 
 def mark_complete(checkpoint: Path, step: int, run: str | None = None, loss_sum: float | None = None) -> None:
-    """Written last, atomically: a checkpoint without it was interrupted mid-save."""
-    marker = {"step": step, "time": time.time(), "run": run, "loss_sum": loss_sum}
+    """Written last, atomically: a checkpoint without it was interrupted mid-save. It records how
+    many processes wrote it: a run resumes only with as many (each reloads its own data position
+    and random state)."""
+    marker = {
+        "step": step,
+        "time": time.time(),
+        "run": run,
+        "loss_sum": loss_sum,
+        "world_size": distributed.world_size(),
+    }
     write_atomic(checkpoint / COMPLETE_MARKER, json.dumps(marker))
 
 
@@ -110,7 +121,9 @@ class CompleteCheckpointCallback(TrainerCallback):
             self.resumed.setdefault("step", state.global_step)
 
     def on_save(self, args, state, control, **kw):
-        # Trainer calls on_save after every file of the checkpoint is written.
+        # Trainer calls on_save after every file of this process's part of the checkpoint is
+        # written; the marker waits for every process's part (their random states, shards).
+        distributed.barrier()
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not (checkpoint.is_dir() and state.is_world_process_zero):
             return
@@ -160,9 +173,10 @@ def resolve_resume(output_dir: str | Path, resume: str, run: str | None = None) 
         found = complete_checkpoints(output_dir)
         if not found:
             return None
-        theirs = read_marker(found[-1]).get("run")
-        if run and theirs and theirs != run:
+        marker = read_marker(found[-1])
+        if run and marker.get("run") and marker["run"] != run:
             raise ValueError(_other_run(Path(output_dir), f"{found[-1].name} of another run"))
+        _same_world(found[-1], marker)
         return str(found[-1])
     path = Path(resume)
     if not path.is_dir():
@@ -172,7 +186,19 @@ def resolve_resume(output_dir: str | Path, resume: str, run: str | None = None) 
             f"train.resume: {path} is not a complete checkpoint (no {COMPLETE_MARKER}: the run was "
             "interrupted while saving it); use train.resume=auto to take the latest complete one"
         )
+    _same_world(path, read_marker(path))
     return str(path)
+
+
+def _same_world(checkpoint: Path, marker: dict) -> None:
+    """Refuse resuming with another number of processes than wrote the checkpoint."""
+    wrote, now = marker.get("world_size", 1), distributed.world_size()
+    if wrote != now:
+        raise ValueError(
+            f"{checkpoint} was written by {wrote} process(es) and this run has {now}: each process "
+            f"resumes its own place in the data, so resume with {wrote} (e.g. --nproc {wrote}), or "
+            "start over with train.resume=fresh"
+        )
 
 
 def start_run(config: RunConfig) -> str | None:
@@ -182,7 +208,7 @@ def start_run(config: RunConfig) -> str | None:
     metrics.jsonl and loss.png show one run; resuming trims metrics.jsonl to the checkpoint's step.
     A folder holding another run (its run.json) is refused unless the run starts over."""
     output_dir, resume, this = Path(config.train.output_dir), config.train.resume, run_id(config)
-    writer = os.environ.get("LOCAL_RANK", "0") == "0"  # one process per machine changes files
+    writer = distributed.is_main()  # one process changes files (machines may share the folder)
     if resume == "auto" and _holds_results(output_dir):
         recorded = _recorded(output_dir)
         if recorded is not None and recorded.get("run") != this:

@@ -11,6 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
+from lmforge import distributed
 from lmforge.adapters.build import attach_adapter, final_adapter
 from lmforge.artifacts import save_artifact, write_resolved_config
 from lmforge.config import RunConfig
@@ -49,9 +50,11 @@ def begin_stage(config: RunConfig, check: Callable[[RunConfig], None]) -> Path:
     is returned."""
     check(config)
     check_stage(config)
-    start_run(config)
     output_dir = Path(config.train.output_dir)
-    write_resolved_config(config, output_dir)
+    if distributed.is_main():  # the others wait: they read what it writes
+        start_run(config)
+        write_resolved_config(config, output_dir)
+    distributed.barrier()
     return output_dir
 
 
@@ -133,7 +136,8 @@ def _load(config: RunConfig, task: str, quiet: bool, tokenizer, labels) -> tuple
         hardware = choose_hardware(config.model)
         if not quiet:
             console.print(f"[bold]hardware[/]: {hardware.describe()}")
-        model = new_model(config.model.arch, tokenizer, hardware.attn_implementation).to(hardware.device)
+        model = new_model(config.model.arch, tokenizer, hardware.attn_implementation)
+        model = model.to(distributed.device_for(hardware.device))
         model.config.use_cache = False
         return model, hardware
     if task in ("causal", "reward"):
@@ -164,7 +168,10 @@ def train_and_save(
     output_dir/`folder` (default: adapter or model). A preference stage's frozen reference copy
     of the adapter is not saved (`final_adapter`)."""
     output_dir = Path(config.train.output_dir)
-    resume = resolve_resume(output_dir, config.train.resume, run_id(config))
+    # Decided once, by the main process: every process resumes from the same checkpoint.
+    resume = distributed.broadcast(
+        resolve_resume(output_dir, config.train.resume, run_id(config)) if distributed.is_main() else None
+    )
     if resume and not quiet:
         console.print(f"[bold]resuming[/] from {resume} (train.resume: {config.train.resume})")
     result = trainer.train(resume_from_checkpoint=resume)
@@ -172,20 +179,35 @@ def train_and_save(
     if evaluate:
         metrics.update(final_evaluation(trainer))
     kind = "adapter" if config.adapter.method != "none" else "model"
-    artifact = save_artifact(
-        final_adapter(trainer.model),
-        tokenizer,
-        template,
-        output_dir / (folder or kind),
-        kind,
-        config,
-        card_extra,
-        image_processor,
-    )
+    artifact = output_dir / (folder or kind)
+    state_dict = sharded_state_dict(trainer, config)  # collective: every process takes part
+    if distributed.is_main():
+        save_artifact(
+            final_adapter(trainer.model),
+            tokenizer,
+            template,
+            artifact,
+            kind,
+            config,
+            card_extra,
+            image_processor,
+            state_dict=state_dict,
+        )
+    distributed.barrier()
     if not quiet:
         console.print(f"[bold green]saved[/] {kind} to {artifact}")
     loss = metrics.get("train_loss", result.training_loss)
     return StageResult(output_dir, artifact, loss, result.global_step, stats, metrics)
+
+
+def sharded_state_dict(trainer, config: RunConfig) -> dict | None:
+    """The whole model's state, gathered from every process, when the strategy shards parameters
+    (FSDP, ZeRO-3); None when each process holds them all (one process, DDP, ZeRO-2)."""
+    spread = config.train.distributed
+    sharded = spread.strategy == "fsdp" or (spread.strategy == "deepspeed" and spread.zero_stage == 3)
+    if distributed.world_size() <= 1 or not sharded:
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 
 
 def final_evaluation(trainer) -> dict[str, float]:

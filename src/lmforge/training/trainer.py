@@ -14,6 +14,8 @@ default of averaging it away.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from datasets import Dataset
 from transformers import (
@@ -29,6 +31,7 @@ from trl import SFTConfig, SFTTrainer
 from lmforge.config import RunConfig
 from lmforge.config.train import TrainConfig
 from lmforge.data.tokenize import PackedRowsCollator, PaddingFreeRowsCollator
+from lmforge.distributed import world_size
 from lmforge.losses.ce import summed_cross_entropy
 from lmforge.models.hardware import Hardware
 from lmforge.optim import build_optimizer
@@ -131,6 +134,59 @@ def common_arguments(train: TrainConfig, hardware: Hardware, has_eval: bool) -> 
         "remove_unused_columns": False,
         "save_only_model": False,
         "dataloader_num_workers": 0,
+        **distributed_arguments(train, hardware),
+    }
+
+
+def distributed_arguments(train: TrainConfig, hardware: Hardware) -> dict:
+    """train.distributed as TrainingArguments keywords: gloo between CPU processes, FSDP2's
+    fsdp_config, or the DeepSpeed config (docs/distributed.md). One process is left as it is,
+    but for DeepSpeed (ZeRO offload helps one GPU too)."""
+    spread = train.distributed
+    arguments: dict = {}
+    if world_size() > 1 and hardware.device == "cpu":
+        arguments["ddp_backend"] = "gloo"
+    if spread.strategy == "fsdp":
+        if hardware.device == "cpu":
+            raise ValueError(
+                "train.distributed.strategy fsdp needs CUDA devices: accelerate runs several CPU "
+                "processes as DDP whatever is asked, so the run would not be sharded. Use strategy "
+                "ddp on CPU (or deepspeed, whose CPU backend shards)"
+            )
+        fsdp_config = {
+            "version": 2,
+            "state_dict_type": "SHARDED_STATE_DICT",
+            "cpu_offload": spread.offload == "all",
+        }
+        arguments.update(fsdp=True, fsdp_config={**fsdp_config, **spread.fsdp})
+    if spread.strategy == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ValueError(
+                "train.distributed.strategy deepspeed needs DeepSpeed: pip install 'lmforge[deepspeed]'"
+            )
+        arguments["deepspeed"] = spread.config_file or deepspeed_config(spread)
+    return arguments
+
+
+def deepspeed_config(spread) -> dict:
+    """The DeepSpeed config of a ZeRO stage and offload; `auto` values are filled in by
+    transformers from the TrainingArguments (batch size, accumulation, clipping, precision), so
+    `train:` stays the one place they are set."""
+    zero: dict = {"stage": spread.zero_stage, "overlap_comm": False}
+    if spread.offload != "none":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if spread.offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    if spread.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "zero_optimization": zero,
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "fp16": {"enabled": "auto"},
     }
 
 

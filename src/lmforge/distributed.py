@@ -1,0 +1,107 @@
+"""Which process this is when a launcher runs several, and the few collectives lmforge's own
+files need.
+
+lmforge never starts processes or talks between them itself: torchrun (torch's elastic launcher,
+which `lmforge train --nproc N` hands over to), `accelerate launch` or a cluster's scheduler start
+one process per device and set RANK / WORLD_SIZE / LOCAL_RANK; the Trainer (through accelerate)
+wraps the model for DDP, FSDP or DeepSpeed and shards the data. What is left to lmforge: only the
+main process (global rank 0) prints, writes the run's files and saves results, and the others
+wait for it where they read what it wrote (`barrier`, `main_first`). Everything here reads the
+environment, so it works before any process group exists and in one process (rank 0 of 1).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+def rank() -> int:
+    """This process's global rank (0 when not launched as one of several)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine: which of the machine's GPUs it uses."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """True in the one process that prints and writes (global rank 0)."""
+    return rank() == 0
+
+
+def device_for(device: str) -> str:
+    """The device this process puts its model on: its own GPU (cuda:LOCAL_RANK) when several run."""
+    return f"cuda:{local_rank()}" if device == "cuda" and world_size() > 1 else device
+
+
+def check_launch() -> None:
+    """Refuse a launch that asked for several processes but started one. `accelerate launch --cpu`
+    (and `accelerate launch --num_processes N` on a machine without several GPUs) runs its
+    single-process launcher whatever N is: it sets MASTER_PORT for N > 1 but no WORLD_SIZE, and
+    the run would silently train alone."""
+    asked = "MASTER_PORT" in os.environ and "ACCELERATE_USE_CPU" in os.environ
+    if asked and "WORLD_SIZE" not in os.environ:
+        raise ValueError(
+            "accelerate launch started one process although several were asked for (its --cpu "
+            "launcher, and any launch on a machine without several GPUs, starts one). Launch with "
+            "`accelerate launch --multi_gpu --num_processes N -m lmforge train ...` (on CPU too), "
+            "`torchrun --nproc-per-node N -m lmforge train ...`, or `lmforge train CONFIG --nproc N`"
+        )
+
+
+def start(device: str) -> None:
+    """Join the launcher's process group now (no-op in one process), so lmforge can wait for the
+    main process before the Trainer exists; accelerate's own state, which the Trainer builds
+    later, reuses the group."""
+    check_launch()
+    if world_size() <= 1:
+        return
+    from accelerate import PartialState
+
+    PartialState(cpu=device == "cpu")
+
+
+def _group_ready() -> bool:
+    import torch.distributed as dist
+
+    return world_size() > 1 and dist.is_available() and dist.is_initialized()
+
+
+def barrier() -> None:
+    """Wait until every process gets here (no-op in one process)."""
+    if _group_ready():
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def broadcast(value: Any) -> Any:
+    """The main process's `value`, in every process (picklable values; no-op in one process)."""
+    if not _group_ready():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextmanager
+def main_first() -> Iterator[bool]:
+    """The main process runs the block first (e.g. writes a cache), then the others (reading it);
+    yields whether this is the main process."""
+    if not is_main():
+        barrier()
+    try:
+        yield is_main()
+    finally:
+        if is_main():
+            barrier()

@@ -1,0 +1,257 @@
+"""Several processes (docs/distributed.md): 2 CPU processes on gloo, launched by torch's elastic
+launcher (`lmforge train --nproc 2`), train exactly as one process with the same global batch;
+only the main process prints and writes; a run killed with kill -9 resumes to the uninterrupted
+run's result; two launchers on one machine posing as two nodes train as one 2-process run; and the
+launches that would silently train alone, or shard nothing, are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from helpers import sft_config
+from lmforge import distributed
+from lmforge.config import validate_config
+from lmforge.training.checkpoints import complete_checkpoints, mark_complete, resolve_resume
+
+STEPS = 24  # x 4 examples per step = 96 of the 100 records: no batch wraps around
+TOLERANCE = 1e-5  # all-reduce sums in another order than one process's batch: ~1e-7 relative
+
+
+def write_config(tmp_path: Path, base_dir: Path, data: Path, name: str, **train) -> Path:
+    config = sft_config(base_dir, data, tmp_path / name, max_steps=STEPS, **train)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def lmforge(*args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "lmforge", "train", *args]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
+    )
+
+
+def finished(process: subprocess.Popen, timeout: float = 300) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output
+    return output
+
+
+def losses(output_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+def adapter(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert len(losses(a)) == STEPS
+    assert losses(a) == pytest.approx(losses(b), rel=TOLERANCE, abs=TOLERANCE)
+    first, second = adapter(a), adapter(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, base_dir, alpaca_file) -> Path:
+    """One process, 4 examples per step."""
+    tmp_path = tmp_path_factory.mktemp("one")
+    finished(lmforge(str(write_config(tmp_path, base_dir, alpaca_file, "run", batch_size=4))))
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, base_dir, alpaca_file) -> tuple[Path, str]:
+    """Two processes of 2 examples each per step, checkpointing every 4 steps."""
+    tmp_path = tmp_path_factory.mktemp("two")
+    config = write_config(tmp_path, base_dir, alpaca_file, "run", batch_size=2, save_steps=4)
+    output = finished(lmforge(str(config), "--nproc", "2"))
+    return tmp_path / "run", output
+
+
+@pytest.mark.xdist_group("distributed")
+def test_two_processes_train_as_one_with_the_same_global_batch(one_process, two_processes) -> None:
+    """Every step's loss and the final adapter, within all-reduce rounding."""
+    output_dir, _ = two_processes
+    assert_same_run(output_dir, one_process)
+    marker = json.loads((complete_checkpoints(output_dir)[-1] / "LMFORGE_COMPLETE").read_text())
+    assert marker["world_size"] == 2
+    assert {p.name for p in complete_checkpoints(output_dir)[-1].glob("rng_state_*.pth")} == {
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    }  # marked complete with both processes' parts in it
+
+
+@pytest.mark.xdist_group("distributed")
+def test_only_the_main_process_prints(two_processes) -> None:
+    _, output = two_processes
+    assert "launching: torchrun --nproc-per-node=2 --standalone -m lmforge train" in output
+    for line in ("train data:", "parameters:", "saved adapter", "done: 24 steps"):
+        assert output.count(line) == 1, line
+    assert "error" not in output
+
+
+@pytest.mark.xdist_group("distributed")
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(
+    tmp_path, base_dir, alpaca_file, two_processes
+) -> None:
+    """kill -9 of the launcher and both processes once step 4's checkpoint is complete (20 steps
+    before the end); the same command again resumes there (train.resume: auto) and ends as the run
+    that was never killed."""
+    config = write_config(tmp_path, base_dir, alpaca_file, "run", batch_size=2, save_steps=4)
+    killed = lmforge(str(config), "--nproc", "2")
+    deadline = time.monotonic() + 300
+    while not complete_checkpoints(tmp_path / "run") and killed.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    # Every process of the job at once, as a scheduler kills it: torchrun starts its workers in
+    # sessions of their own, so they are not in the launcher's process group.
+    job = [killed.pid, *(child.pid for child in psutil.Process(killed.pid).children(recursive=True))]
+    for pid in job:
+        os.kill(pid, signal.SIGKILL)
+    killed.communicate()
+    assert not (tmp_path / "run" / "adapter").exists()  # killed before the end
+    output = finished(lmforge(str(config), "--nproc", "2"))
+    assert "resuming from" in output and output.count("resuming from") == 1
+    assert_same_run(tmp_path / "run", two_processes[0])
+
+
+@pytest.mark.xdist_group("distributed")
+def test_dpo_on_two_processes_trains_as_one_with_the_same_global_batch(tmp_path, base_dir) -> None:
+    """The preference stages' shared tail under DDP: DPO's losses and adapter, within rounding."""
+    pairs = [
+        {"instruction": f"add {a} and {b}", "chosen": str(a + b), "rejected": str(a + b + 1)}
+        for a in range(10)
+        for b in range(10)
+    ]
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(pairs))
+    runs = {}
+    for name, batch, launch in (("one", 4, []), ("two", 2, ["--nproc", "2"])):
+        config = sft_config(base_dir, data, tmp_path / name, max_steps=STEPS, lr=5e-3, batch_size=batch)
+        config["method"] = {"name": "dpo"}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        finished(lmforge(str(path), *launch))
+        runs[name] = tmp_path / name
+    assert_same_run(runs["two"], runs["one"])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.xdist_group("distributed")
+def test_two_launchers_as_two_nodes_train_as_one_two_process_run(
+    tmp_path, base_dir, alpaca_file, two_processes
+) -> None:
+    config = write_config(tmp_path, base_dir, alpaca_file, "run", batch_size=2, save_steps=4)
+    where = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    nodes = [lmforge(str(config), *where, "--node-rank", str(rank)) for rank in (0, 1)]
+    outputs = [finished(node) for node in nodes]
+    assert "--nnodes=2 --node-rank=0 --master-addr=127.0.0.1" in outputs[0]
+    assert "done: 24 steps" in outputs[0] and "done:" not in outputs[1]  # node 1 holds rank 1 only
+    assert_same_run(tmp_path / "run", two_processes[0])
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tmp_path, monkeypatch) -> None:
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    mark_complete(checkpoint, 4, "run")
+    assert resolve_resume(tmp_path, "auto", "run") == str(checkpoint)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match=r"written by 2 process\(es\) and this run has 1.*--nproc 2"):
+        resolve_resume(tmp_path, "auto", "run")
+    with pytest.raises(ValueError, match="written by 2"):
+        resolve_resume(tmp_path, str(checkpoint), "run")
+
+
+def test_a_launch_that_started_one_process_of_several_is_refused(monkeypatch) -> None:
+    """`accelerate launch --cpu --num_processes 2` sets these and starts one process."""
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match=r"started one process.*--multi_gpu --num_processes N"):
+        distributed.check_launch()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # its multi-process launcher sets WORLD_SIZE
+    distributed.check_launch()
+
+
+def test_rank_and_device_come_from_the_launcher(monkeypatch) -> None:
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.device_for("cuda") == "cuda"
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert not distributed.is_main() and distributed.device_for("cuda") == "cuda:1"
+    assert distributed.device_for("cpu") == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("spread", "message"),
+    [
+        ({"strategy": "ddp", "offload": "optimizer"}, "offload applies to strategy fsdp or deepspeed"),
+        ({"strategy": "fsdp", "zero_stage": 3}, "zero_stage and config_file apply to strategy deepspeed"),
+        ({"strategy": "fsdp", "offload": "optimizer"}, "FSDP2 offloads parameters"),
+        ({"strategy": "deepspeed", "offload": "all"}, "needs zero_stage 3"),
+        ({"strategy": "ddp", "fsdp": {"reshard_after_forward": False}}, "fsdp applies to strategy fsdp"),
+        ({"strategy": "nccl"}, "strategy"),
+    ],
+)
+def test_distributed_settings_that_do_not_go_together_are_refused(tmp_path, spread, message) -> None:
+    raw = sft_config(Path("m"), Path("d.json"), tmp_path, distributed=spread)
+    with pytest.raises(Exception, match=message):
+        validate_config(raw)
+
+
+def test_fsdp_on_cpu_and_deepspeed_without_the_package_are_refused_with_the_fix(tmp_path, monkeypatch):
+    from lmforge.models.hardware import Hardware
+    from lmforge.training.trainer import distributed_arguments
+
+    cpu = Hardware(device="cpu", dtype=torch.float32, attn_implementation="sdpa", reasons=[])
+    fsdp = validate_config(sft_config(Path("m"), Path("d"), tmp_path, distributed={"strategy": "fsdp"}))
+    with pytest.raises(
+        ValueError, match="fsdp needs CUDA devices: accelerate runs several CPU processes as DDP"
+    ):
+        distributed_arguments(fsdp.train, cpu)
+    cuda = Hardware(device="cuda", dtype=torch.bfloat16, attn_implementation="sdpa", reasons=[])
+    arguments = distributed_arguments(fsdp.train, cuda)
+    assert arguments["fsdp"] is True and arguments["fsdp_config"]["version"] == 2
+    zero = {"strategy": "deepspeed", "zero_stage": 3, "offload": "all"}
+    deepspeed = validate_config(sft_config(Path("m"), Path("d"), tmp_path, distributed=zero))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    with pytest.raises(ValueError, match=r"pip install 'lmforge\[deepspeed\]'"):
+        distributed_arguments(deepspeed.train, cpu)
+
+
+def test_the_deepspeed_config_leaves_batch_and_precision_to_train(tmp_path) -> None:
+    from lmforge.training.trainer import deepspeed_config
+
+    zero = {"strategy": "deepspeed", "zero_stage": 3, "offload": "all"}
+    spread = validate_config(sft_config(Path("m"), Path("d"), tmp_path, distributed=zero)).train.distributed
+    config = deepspeed_config(spread)
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert config["train_micro_batch_size_per_gpu"] == "auto" and config["bf16"] == {"enabled": "auto"}
