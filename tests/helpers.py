@@ -73,3 +73,44 @@ def http(
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
+
+
+# Pre-tokenizers as the hub's tokenizer.json files write them: GPT-2's and Llama-3's (whose regex
+# Qwen2 shares but for single digits).
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GPT2_PRE = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+LLAMA3_PRE = {
+    "type": "Sequence",
+    "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+    ],
+}
+
+
+def with_pre_tokenizer(base_dir: Path, path: Path, pre_tokenizer: dict) -> Path:
+    """A copy of the tiny model whose tokenizer.json has `pre_tokenizer` (vocabulary and merges kept)."""
+    import shutil
+
+    model_dir = shutil.copytree(base_dir, path)
+    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer_json["pre_tokenizer"] = pre_tokenizer
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    return model_dir
+
+
+# The official chat templates (tests/data/chat_templates, sources in SOURCES.md) and the BOS/EOS
+# strings of each model's real tokenizer.
+OFFICIAL_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
+OFFICIAL_SPECIAL = {
+    "llama2": ("<s>", "</s>"),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
+    "mistral": ("<s>", "</s>"),
+    "mistral-2023": ("<s>", "</s>"),
+    "qwen2.5": (None, "<|im_end|>"),
+    "qwen2-vl": (None, "<|im_end|>"),
+    "deepseek-r1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+}

@@ -9,23 +9,13 @@ and the generation prompt (what inference sends).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 
+from helpers import OFFICIAL_SPECIAL, OFFICIAL_TEMPLATES
 from lmforge.data.templates import Conversation, get_template
 
-FIXTURES = Path(__file__).parent / "chat_templates"
-# BOS/EOS strings of each model's real tokenizer.
-SPECIAL = {
-    "llama2": ("<s>", "</s>"),
-    "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
-    "mistral": ("<s>", "</s>"),
-    "mistral-2023": ("<s>", "</s>"),
-    "qwen2.5": (None, "<|im_end|>"),
-    "qwen2-vl": (None, "<|im_end|>"),
-    "deepseek-r1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
-}
+FIXTURES, SPECIAL = OFFICIAL_TEMPLATES, OFFICIAL_SPECIAL
 # Text an official template writes after the final answer's stop token. It is not part of any
 # trained answer (generation stops at the stop token), so lmforge's render ends before it.
 TRAILER = {"qwen2.5": "\n", "qwen2-vl": "\n"}

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from gguf import GGMLQuantizationType, GGUFReader, quants
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from helpers import GPT2_PRE, LLAMA3_PRE, OFFICIAL_SPECIAL, OFFICIAL_TEMPLATES, with_pre_tokenizer
 from lmforge.data.templates import TEMPLATES, Conversation, named_equivalent
 from lmforge.export.gguf import (
     PRE_TOKENIZER_PROBES,
@@ -310,36 +310,12 @@ def test_llama3_rope_scaling_writes_rope_freqs(tmp_path, tokenizer):
     assert factors.min() == 1.0 and factors.max() == 8.0  # both ends of the blend are present
 
 
-LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-
-
 def test_llama3_pre_tokenizer_is_recognised(tmp_path, base_dir):
-    model_dir = shutil.copytree(base_dir, tmp_path / "llama3-tok")
-    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
-    regex = LLAMA3_REGEX
-    tokenizer_json["pre_tokenizer"] = {
-        "type": "Sequence",
-        "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-        ],
-    }
-    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    model_dir = with_pre_tokenizer(base_dir, tmp_path / "llama3-tok", LLAMA3_PRE)
     meta = read_gguf_summary(export_gguf(model_dir, tmp_path / "m.gguf"))["metadata"]
     assert meta["tokenizer.ggml.pre"] == "llama-bpe"
     tiny = read_gguf_summary(export_gguf(base_dir, tmp_path / "b.gguf"))["metadata"]
     assert tiny["tokenizer.ggml.pre"] == "starcoder"  # digits one by one, then GPT-2's regex
-
-
-def with_pre_tokenizer(base_dir, path, pre_tokenizer):
-    model_dir = shutil.copytree(base_dir, path)
-    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
-    tokenizer_json["pre_tokenizer"] = pre_tokenizer
-    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    return model_dir
 
 
 def gguf_tokenizer(path):
@@ -371,22 +347,7 @@ STRESS = [
 
 @pytest.mark.parametrize(
     "pre_tokenizer",
-    [
-        None,  # lmforge's own tiny tokenizer: Digits(individual) + ByteLevel
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
-        {
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": {"Regex": LLAMA3_REGEX},
-                    "behavior": "Isolated",
-                    "invert": False,
-                },
-                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-            ],
-        },
-    ],
+    [None, GPT2_PRE, LLAMA3_PRE],  # None: lmforge's own tiny tokenizer, Digits(individual) + ByteLevel
     ids=["lmforge-tiny", "gpt-2", "llama-3"],
 )
 def test_the_gguf_vocabulary_tokenizes_a_stress_set_as_the_hf_tokenizer(tmp_path, base_dir, pre_tokenizer):
@@ -559,19 +520,6 @@ def test_modelfile_for_chatml(tmp_path, base_dir):
 
     (model_dir / TEMPLATE_FILE).write_text("qwen2.5\n")
     assert 'SYSTEM """You are Qwen' in write_modelfile(gguf_path, model_dir).read_text()
-
-
-OFFICIAL_TEMPLATES = Path(__file__).parents[1] / "data" / "chat_templates"
-# The BOS/EOS strings each family's real tokenizer has, as tests/data/test_official_templates.py
-OFFICIAL_SPECIAL = {
-    "llama2": ("<s>", "</s>"),
-    "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
-    "mistral": ("<s>", "</s>"),
-    "mistral-2023": ("<s>", "</s>"),
-    "qwen2.5": (None, "<|im_end|>"),
-    "qwen2-vl": (None, "<|im_end|>"),
-    "deepseek-r1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
-}
 
 
 def with_jinja(base_dir, path, jinja: str, bos: str | None, eos: str):

@@ -18,8 +18,6 @@ differs by 1.9e-4, which is why the cache is f32 here: the tolerances then measu
 from __future__ import annotations
 
 import itertools
-import json
-import shutil
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -28,6 +26,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+from helpers import GPT2_PRE, LLAMA3_PRE, with_pre_tokenizer
 from lmforge.export.gguf import PRE_TOKENIZER_PROBES, export_gguf
 from lmforge.models.tiny import build_tiny_llama, save_tiny
 
@@ -192,18 +191,6 @@ def test_gqa_llama_and_qwen2_compute_as_in_transformers(tmp_path, tokenizer, bui
         assert np.abs(llama_logits(llm, tokens) - expected).max() <= LOGIT_TOL["f32"]
 
 
-LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-GPT2_PRE = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-LLAMA3_PRE = {
-    "type": "Sequence",
-    "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
-    ],
-}
 STRESS = [
     *PRE_TOKENIZER_PROBES,
     " ->",
@@ -224,15 +211,6 @@ STRESS = [
     " ",
 ]
 CHAT = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\nreason\n</think>\n\nanswer<|im_end|>"
-
-
-def with_pre_tokenizer(base_dir, path, pre_tokenizer):
-    """A copy of the tiny model whose tokenizer.json has `pre_tokenizer` (vocabulary and merges kept)."""
-    model_dir = shutil.copytree(base_dir, path)
-    tokenizer_json = json.loads((model_dir / "tokenizer.json").read_text())
-    tokenizer_json["pre_tokenizer"] = pre_tokenizer
-    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    return model_dir
 
 
 @pytest.mark.parametrize(

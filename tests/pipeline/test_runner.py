@@ -3,7 +3,6 @@ and resume a stage killed mid-way to the same final metrics as an uninterrupted 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import with_pre_tokenizer
 from lmforge.config import ConfigError
 from lmforge.pipeline.runner import load_manifest, plan, run_pipeline
 from lmforge.pipeline.spec import parse_pipeline
@@ -300,10 +300,8 @@ def test_an_export_stage_refuses_a_pre_tokenizer_llama_cpp_lacks_unless_it_names
     from lmforge.export.gguf import GGUFExportError
     from lmforge.pipeline.runner import execute
 
-    model = shutil.copytree(base_dir, tmp_path / "model")
-    tokenizer_json = json.loads((model / "tokenizer.json").read_text())
-    tokenizer_json["pre_tokenizer"] = {"type": "Whitespace"}  # no llama.cpp pre-tokenizer splits so
-    (model / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    # No llama.cpp pre-tokenizer splits text as Whitespace does.
+    model = with_pre_tokenizer(base_dir, tmp_path / "model", {"type": "Whitespace"})
     manifest = {"stages": {"m": {"status": "done", "output": {"kind": "model", "path": str(model)}}}}
 
     def export_step(**options):
