@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -80,6 +81,7 @@ def train(
     node_rank: Annotated[int, typer.Option(min=0, help="This machine's index (0: the first).")] = 0,
     master_addr: Annotated[str, typer.Option(help="Address of machine 0 (several machines).")] = "127.0.0.1",
     master_port: Annotated[int, typer.Option(help="Port on machine 0 (several machines).")] = 29500,
+    result_file: Annotated[Path | None, typer.Option(hidden=True)] = None,  # the pipeline reads it
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Run one training stage (sft, pretrain, dpo, orpo, simpo, kto, reward, grpo, ppo) from a YAML config."""
@@ -89,7 +91,8 @@ def train(
 
         where = (nnodes, node_rank, master_addr, master_port)
         args = [str(config), *(overrides or []), *(["--fresh"] if fresh else [])]
-        command = launch_command(nproc, *where, [*args, *(["--traceback"] if traceback else [])])
+        args += ["--result-file", str(result_file)] if result_file else []
+        command = distributed.launch_command(nproc, *where, [*args, *(["--traceback"] if traceback else [])])
         shown = ["torchrun", *command[3:]]  # the same launcher, as its own command
         console.print(f"[bold]launching[/]: {shlex.join(shown)}", soft_wrap=True)
         raise typer.Exit(subprocess.call(command))
@@ -101,29 +104,15 @@ def train(
         return
     if not distributed.is_main():
         return
+    if result_file is not None:
+        from lmforge.artifacts import write_atomic
+
+        fields = {"train_loss": result.train_loss, "steps": result.steps, "metrics": result.metrics}
+        write_atomic(result_file, json.dumps(fields))
     console.print(
         f"[bold green]done[/]: {result.steps} steps, train loss {result.train_loss:.4f}, "
         f"{result.artifact.name}/ in {result.output_dir}"
     )
-
-
-def launch_command(
-    nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int, train_args: list[str]
-) -> list[str]:
-    """torch's elastic launcher running `python -m lmforge train TRAIN_ARGS` in `nproc` processes
-    per machine: on one machine with a free port of its own choosing (--standalone), on several at
-    machine 0's address and port."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
-    if nnodes == 1:
-        command.append("--standalone")
-    else:
-        command += [
-            f"--nnodes={nnodes}",
-            f"--node-rank={node_rank}",
-            f"--master-addr={master_addr}",
-            f"--master-port={master_port}",
-        ]
-    return [*command, "-m", "lmforge", "train", *train_args]
 
 
 @data_app.command("check")

@@ -13,6 +13,7 @@ environment, so it works before any process group exists and in one process (ran
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -105,3 +106,22 @@ def main_first() -> Iterator[bool]:
     finally:
         if is_main():
             barrier()
+
+
+def launch_command(
+    nproc: int, nnodes: int, node_rank: int, master_addr: str, master_port: int, train_args: list[str]
+) -> list[str]:
+    """torch's elastic launcher running `python -m lmforge train TRAIN_ARGS` in `nproc` processes
+    per machine: on one machine with a free port of its own choosing (--standalone), on several at
+    machine 0's address and port."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if nnodes == 1:
+        command.append("--standalone")
+    else:
+        command += [
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            f"--master-addr={master_addr}",
+            f"--master-port={master_port}",
+        ]
+    return [*command, "-m", "lmforge", "train", *train_args]

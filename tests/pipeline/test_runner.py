@@ -323,3 +323,34 @@ def test_an_export_stage_refuses_a_pre_tokenizer_llama_cpp_lacks_unless_it_names
     execute(spec, step, manifest, quiet=True)
     pre = GGUFReader(step.output.path).fields["tokenizer.ggml.pre"].contents()
     assert pre == "default"
+
+
+@pytest.mark.xdist_group("distributed")
+def test_a_stage_with_nproc_runs_on_that_many_processes(base_dir, alpaca_file, tmp_path) -> None:
+    """A training stage's `nproc: 2` (batch 4 each) trains as the stage in one process (batch 8)."""
+    runs = {}
+    for name, nproc, batch in (("one", 1, 8), ("two", 2, 4)):
+        raw = tiny_pipeline(base_dir, alpaca_file, tmp_path / name)
+        raw["stages"] = [{**raw["stages"][0], "nproc": nproc}]
+        raw["shared"]["train"]["batch_size"] = batch
+        runs[name] = run_pipeline(parse_pipeline(raw), quiet=True)["stages"]["sft"]
+    assert runs["two"]["status"] == "done" and runs["two"]["metrics"]["steps"] == 12
+    assert runs["two"]["metrics"]["train_loss"] == pytest.approx(
+        runs["one"]["metrics"]["train_loss"], rel=1e-5
+    )
+    assert (tmp_path / "two" / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("nproc", "message"), [(0, "1 or more"), ("2", "whole number"), (2, "a merge stage")]
+)
+def test_nproc_is_a_count_of_a_training_stage(tmp_path, nproc, message) -> None:
+    raw = {
+        "output_dir": str(tmp_path),
+        "shared": {"model": {"name_or_path": "m"}},
+        "stages": [stage("sft", "sft", data={"path": "d.json"}), stage("m", "merge", nproc=nproc)],
+    }
+    if nproc != 2:
+        raw["stages"][0]["nproc"], raw["stages"][1] = nproc, stage("m", "merge")
+    with pytest.raises(ConfigError, match=message):
+        parse_pipeline(raw)

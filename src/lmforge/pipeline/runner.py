@@ -338,6 +338,25 @@ def _run_steps(spec: PipelineSpec, steps: list[Step], manifest: dict, quiet: boo
         _save_manifest(spec, manifest)
 
 
+def launched(config, nproc: int, folder: Path) -> dict:
+    """A training stage run by torch's launcher in `nproc` processes (`lmforge train`, as a user
+    would launch it); its metrics from the result file the main process writes."""
+    from lmforge.config import dump_config
+    from lmforge.distributed import launch_command
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path, result_path = folder / ".launch.yaml", folder / ".launch-result.json"
+    result_path.unlink(missing_ok=True)
+    write_atomic(config_path, dump_config(config))
+    command = launch_command(
+        nproc, 1, 0, "127.0.0.1", 0, [str(config_path), "--result-file", str(result_path)]
+    )
+    if subprocess.call(command) != 0 or not result_path.is_file():
+        raise RuntimeError(f"the stage's {nproc} processes failed (their errors are above)")
+    result = json.loads(result_path.read_text(encoding="utf-8"))
+    return {"train_loss": result["train_loss"], "steps": result["steps"], **result["metrics"]}
+
+
 def execute(spec: PipelineSpec, step: Step, manifest: dict, quiet: bool) -> dict:
     """Run one stage; returns its metrics."""
     stage, folder = step.stage, spec.output_dir / step.stage.name
@@ -350,8 +369,11 @@ def execute(spec: PipelineSpec, step: Step, manifest: dict, quiet: bool) -> dict
         raw = dict(step.resolved)
         raw["train"] = {**raw["train"], "resume": "auto" if step.action == "resume" else "none"}
         resumed_from = resolve_resume(folder, "auto") if step.action == "resume" else None
-        result = methods.run(validate_config(raw, stage.where))
-        metrics = {"train_loss": result.train_loss, "steps": result.steps, **result.metrics}
+        if stage.nproc > 1:
+            metrics = launched(validate_config(raw, stage.where), stage.nproc, folder)
+        else:
+            result = methods.run(validate_config(raw, stage.where))
+            metrics = {"train_loss": result.train_loss, "steps": result.steps, **result.metrics}
         return {**metrics, "resumed_from": Path(resumed_from).name} if resumed_from else metrics
     if stage.kind == "merge":
         from lmforge.export.merge import merge_adapter

@@ -105,6 +105,7 @@ class StageSpec:
     source: str | None  # the stage it takes its input from
     body: dict[str, Any]  # the stage's own keys (sections for training, options otherwise)
     where: str  # "pipeline.yaml: stages[2] (dpo)"
+    nproc: int = 1  # a training stage's processes (torch's launcher runs it when more than 1)
 
 
 @dataclass
@@ -203,7 +204,8 @@ def parse_pipeline(raw: dict[str, Any], source: str = "pipeline") -> PipelineSpe
         makers = [s.name for s in stages if s.kind in (*TRAINING, "merge", "quantize")]
         default_from = makers[-1] if makers and kind != "eval" else None
         source_name = entry.pop("from", default_from)
-        stages.append(StageSpec(index, stage_name, kind, source_name, entry, where))
+        nproc = _nproc(entry.pop("nproc", 1), kind, where)
+        stages.append(StageSpec(index, stage_name, kind, source_name, entry, where, nproc))
     names = [s.name for s in stages]
     for stage in stages:
         _check_reference(stage, stages, names)
@@ -223,6 +225,14 @@ def parse_pipeline(raw: dict[str, Any], source: str = "pipeline") -> PipelineSpe
         _check_body(stage)
     _check_flow(spec)
     return spec
+
+
+def _nproc(value: Any, kind: str, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{where}: `nproc` must be a whole number of processes, 1 or more (got {value!r})")
+    if value > 1 and kind not in TRAINING:
+        raise ConfigError(f"{where}: `nproc` applies to training stages; a {kind} stage runs in one process")
+    return value
 
 
 def _check_reference(stage: StageSpec, stages: list[StageSpec], names: list[str]) -> None:
