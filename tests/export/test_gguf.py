@@ -549,6 +549,21 @@ def test_a_jinja_only_model_gets_the_template_of_its_family(tmp_path, base_dir, 
     assert "by hand" not in modelfile
 
 
+# ChatML as most ChatML models' tokenizers ship it (and as transformers' chat-template docs write it).
+CHATML_JINJA = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_plain_chatml_jinja_template_is_chatml(tmp_path, base_dir):
+    model_dir, tokenizer = with_jinja(base_dir, tmp_path / "model", CHATML_JINJA, None, "<|im_end|>")
+    assert named_equivalent(tokenizer).name == "chatml"
+    modelfile = write_modelfile(export_gguf(model_dir, tmp_path / "m.gguf", "f32"), model_dir).read_text()
+    assert "<|im_start|>user\n{{ $m.Content }}<|im_end|>\n<|im_start|>assistant\n" in modelfile
+
+
 def test_a_jinja_template_of_no_known_family_asks_for_one_by_hand(tmp_path, base_dir):
     jinja = (
         "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
