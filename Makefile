@@ -46,7 +46,15 @@ $(LLAMA_STAMP): $(STAMP)
 	  echo "note: $(LLAMA_CPP) did not build; tests/export/test_llama_cpp.py will skip"
 	touch $@
 
-test: lint tools $(LLAMA_STAMP)
+# DeepSpeed (pure Python; its CPU communication op is compiled on first use, about 45 s) for
+# the ZeRO tests in tests/training/test_distributed.py.
+DEEPSPEED_STAMP := $(VENV)/.deepspeed-installed
+$(DEEPSPEED_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[deepspeed]" || \
+	  echo "note: deepspeed did not install; the ZeRO tests will skip"
+	touch $@
+
+test: lint tools $(LLAMA_STAMP) $(DEEPSPEED_STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15
 
 format: setup

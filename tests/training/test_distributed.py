@@ -156,6 +156,21 @@ def test_dpo_on_two_processes_trains_as_one_with_the_same_global_batch(tmp_path,
     assert_same_run(runs["two"], runs["one"])
 
 
+@pytest.mark.xdist_group("distributed")
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_deepspeed_zero_on_two_processes_trains_as_one(
+    tmp_path, base_dir, alpaca_file, one_process, zero_stage
+):
+    """DeepSpeed's CPU backend (gloo): ZeRO-2 shards gradients and optimizer states, ZeRO-3 the
+    parameters too (the adapter is gathered from both processes to be saved)."""
+    pytest.importorskip("deepspeed", reason="pip install 'lmforge[deepspeed]' (make test installs it)")
+    spread = {"strategy": "deepspeed", "zero_stage": zero_stage}
+    config = write_config(tmp_path, base_dir, alpaca_file, "run", batch_size=2, distributed=spread)
+    output = finished(lmforge(str(config), "--nproc", "2"))
+    assert output.count("done: 24 steps") == 1
+    assert_same_run(tmp_path / "run", one_process)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
