@@ -337,6 +337,11 @@ def stage_trainer(
     """A `trainer_class` (any transformers or trl trainer) with lmforge's optimizer and callbacks
     (`callbacks` added after them) and `kwargs`; the Trainer's printer is off: metrics go to
     metrics.jsonl and the progress bar."""
+    args = kwargs.get("args")
+    if args is not None and world_size() > 1:
+        # DDP's search for parameters a step did not use costs a graph walk per step and warns on
+        # every process when there are none; only MoE-DoRA's top-k routing leaves some unused.
+        args.ddp_find_unused_parameters = config.adapter.method == "moe_dora"
     trainer = lmforge_trainer(trainer_class)(
         model=model,
         callbacks=[*stage_callbacks(config, model, stage, quiet), *callbacks],
