@@ -540,6 +540,13 @@ class _Gate:
 
         try:
             await self.app(scope, replay, tracked)
+        except asyncio.CancelledError:
+            if not self.served.stopping.is_set():
+                raise
+            # Shutting down: uvicorn cancels what is still open once its grace (or a second
+            # signal) ends. The generation was already stopped, and the connection closes with
+            # the server: nothing to answer, and no traceback to log.
+            return
         except Exception as error:
             log.error("%s %s failed: %s", scope["method"], scope["path"], error, exc_info=error)
             if not started:
