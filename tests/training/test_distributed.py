@@ -30,8 +30,11 @@ STEPS = 24  # x 4 examples per step = 96 of the 100 records: no batch wraps arou
 TOLERANCE = 1e-5  # all-reduce sums in another order than one process's batch: ~1e-7 relative
 
 
-def write_config(tmp_path: Path, base_dir: Path, data: Path, name: str, **train) -> Path:
+def write_config(tmp_path: Path, base_dir: Path, data: Path, name: str, full: bool = False, **train) -> Path:
+    """An SFT config of STEPS steps, LoRA or (`full`) a full fine-tune."""
     config = sft_config(base_dir, data, tmp_path / name, max_steps=STEPS, **train)
+    if full:
+        config["adapter"] = {"method": "none"}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -59,6 +62,9 @@ def losses(output_dir: Path) -> list[float]:
 
 
 def adapter(output_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained weights saved: the adapter's, or a full fine-tune's whole model."""
+    if (output_dir / "model").exists():
+        return load_file(output_dir / "model" / "model.safetensors")
     return load_file(output_dir / "adapter" / "adapter_model.safetensors")
 
 
@@ -119,8 +125,16 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(
     that was never killed."""
     config = write_config(tmp_path, base_dir, alpaca_file, "run", batch_size=2, save_steps=4)
     killed = lmforge(str(config), "--nproc", "2")
+    kill_after_first_checkpoint(killed, tmp_path / "run")
+    output = finished(lmforge(str(config), "--nproc", "2"))
+    assert "resuming from" in output and output.count("resuming from") == 1
+    assert_same_run(tmp_path / "run", two_processes[0])
+
+
+def kill_after_first_checkpoint(killed: subprocess.Popen, output_dir: Path) -> None:
+    """kill -9 the launcher and every process it started once a checkpoint is complete."""
     deadline = time.monotonic() + 300
-    while not complete_checkpoints(tmp_path / "run") and killed.poll() is None:
+    while not complete_checkpoints(output_dir) and killed.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.05)
     # Every process of the job at once, as a scheduler kills it: torchrun starts its workers in
@@ -129,10 +143,7 @@ def test_a_killed_two_process_run_resumes_to_the_uninterrupted_result(
     for pid in job:
         os.kill(pid, signal.SIGKILL)
     killed.communicate()
-    assert not (tmp_path / "run" / "adapter").exists()  # killed before the end
-    output = finished(lmforge(str(config), "--nproc", "2"))
-    assert "resuming from" in output and output.count("resuming from") == 1
-    assert_same_run(tmp_path / "run", two_processes[0])
+    assert not (output_dir / "adapter").exists()  # killed before the end
 
 
 @pytest.mark.xdist_group("distributed")
@@ -241,19 +252,18 @@ def test_distributed_settings_that_do_not_go_together_are_refused(tmp_path, spre
         validate_config(raw)
 
 
-def test_fsdp_on_cpu_and_deepspeed_without_the_package_are_refused_with_the_fix(tmp_path, monkeypatch):
+def test_fsdp2_settings_and_deepspeed_without_the_package_refused_with_the_fix(tmp_path, monkeypatch):
     from lmforge.models.hardware import Hardware
     from lmforge.training.trainer import distributed_arguments
 
     cpu = Hardware(device="cpu", dtype=torch.float32, attn_implementation="sdpa", reasons=[])
-    fsdp = validate_config(sft_config(Path("m"), Path("d"), tmp_path, distributed={"strategy": "fsdp"}))
-    with pytest.raises(
-        ValueError, match="fsdp needs CUDA devices: accelerate runs several CPU processes as DDP"
-    ):
-        distributed_arguments(fsdp.train, cpu)
+    spread = {"strategy": "fsdp", "offload": "all", "fsdp": {"reshard_after_forward": False}}
+    fsdp = validate_config(sft_config(Path("m"), Path("d"), tmp_path, distributed=spread))
     cuda = Hardware(device="cuda", dtype=torch.bfloat16, attn_implementation="sdpa", reasons=[])
     arguments = distributed_arguments(fsdp.train, cuda)
     assert arguments["fsdp"] is True and arguments["fsdp_config"]["version"] == 2
+    assert arguments["fsdp_config"]["cpu_offload"] is True
+    assert arguments["fsdp_config"]["reshard_after_forward"] is False  # the user's own keys win
     zero = {"strategy": "deepspeed", "zero_stage": 3, "offload": "all"}
     deepspeed = validate_config(sft_config(Path("m"), Path("d"), tmp_path, distributed=zero))
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
@@ -270,3 +280,55 @@ def test_the_deepspeed_config_leaves_batch_and_precision_to_train(tmp_path) -> N
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert config["train_micro_batch_size_per_gpu"] == "auto" and config["bf16"] == {"enabled": "auto"}
+
+
+@pytest.mark.xdist_group("distributed")
+def test_fsdp2_on_two_processes_trains_lora_as_one_and_resumes_from_its_shards(
+    tmp_path, base_dir, alpaca_file, one_process
+) -> None:
+    """FSDP2 (torch's fully_shard, on gloo): each process holds half of every parameter; its
+    checkpoints are sharded (one file per process, torch.distributed.checkpoint). Killed with
+    kill -9 after the first, the run resumes from the shards to the one-process result."""
+    spread = {"strategy": "fsdp"}
+    config = write_config(
+        tmp_path, base_dir, alpaca_file, "run", batch_size=2, save_steps=4, distributed=spread
+    )
+    kill_after_first_checkpoint(lmforge(str(config), "--nproc", "2"), tmp_path / "run")
+    shards = complete_checkpoints(tmp_path / "run")[0] / "pytorch_model_fsdp_0"
+    assert {p.name for p in shards.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+    output = finished(lmforge(str(config), "--nproc", "2"))
+    assert output.count("resuming from") == 1 and output.count("done: 24 steps") == 1
+    assert_same_run(tmp_path / "run", one_process)
+
+
+@pytest.mark.xdist_group("distributed")
+def test_fsdp2_on_two_processes_trains_a_full_fine_tune_as_one(tmp_path, base_dir, alpaca_file) -> None:
+    """Every weight of the model sharded, trained and gathered into one model.safetensors."""
+    for name, batch, launch in (("one", 4, []), ("two", 2, ["--nproc", "2"])):
+        spread = {"strategy": "fsdp" if launch else "ddp"}
+        config = write_config(
+            tmp_path, base_dir, alpaca_file, name, full=True, batch_size=batch, lr=1e-4, distributed=spread
+        )
+        finished(lmforge(str(config), *launch))
+    assert_same_run(tmp_path / "two", tmp_path / "one")
+
+
+def test_qlora_weights_are_stored_so_fsdp2_and_zero3_can_shard_them(tmp_path) -> None:
+    """4-bit weights are stored in the compute dtype when the strategy shards parameters (uint8
+    otherwise); 8-bit weights, which cannot be sharded, are refused with the choices that work."""
+    from lmforge.models.hardware import Hardware
+    from lmforge.models.loading import quantization_config
+    from lmforge.training.stage import check_stage
+
+    cuda = Hardware(device="cuda", dtype=torch.bfloat16, attn_implementation="sdpa", reasons=[])
+    for spread, storage in (({"strategy": "ddp"}, torch.uint8), ({"strategy": "fsdp"}, torch.bfloat16)):
+        raw = sft_config(Path("m"), Path("d"), tmp_path, distributed=spread)
+        raw["model"]["quantization"] = "4bit"
+        config = validate_config(raw)
+        sharded = config.train.distributed.shards_parameters
+        assert quantization_config(config.model, cuda, sharded).bnb_4bit_quant_storage == storage
+    zero3 = {"strategy": "deepspeed", "zero_stage": 3}
+    raw = sft_config(Path("m"), Path("d"), tmp_path, distributed=zero3)
+    raw["model"]["quantization"] = "8bit"
+    with pytest.raises(ValueError, match="8bit cannot be sharded.*quantization 4bit.*or strategy ddp"):
+        check_stage(validate_config(raw))

@@ -56,6 +56,42 @@ def test_estimate_matches_the_hand_computation(head_only):
 
 
 @pytest.mark.parametrize(
+    ("spread", "expected"),
+    [
+        ({"strategy": "ddp"}, (800, 400, 1600)),
+        ({"strategy": "deepspeed", "zero_stage": 2}, (800, 100, 400)),
+        ({"strategy": "deepspeed", "zero_stage": 2, "offload": "optimizer"}, (800, 100, 0)),
+        ({"strategy": "deepspeed", "zero_stage": 3}, (200, 100, 400)),
+        ({"strategy": "deepspeed", "zero_stage": 3, "offload": "all"}, (0, 100, 0)),
+        ({"strategy": "fsdp"}, (200, 100, 400)),
+    ],
+)
+def test_each_process_holds_its_strategys_share(tmp_path, spread, expected):
+    """(weights, gradients, optimizer) per process of 4, as docs/distributed.md's table says;
+    activations are each process's own batch."""
+    from lmforge.training.callbacks import MemoryEstimate
+
+    train = validate_config(sft_config("m", "d.json", tmp_path, distributed=spread)).train
+    estimate = MemoryEstimate(800, 400, 1600, 50).per_process(train.distributed, 4)
+    assert (estimate.weights, estimate.gradients, estimate.optimizer, estimate.activations) == (*expected, 50)
+    assert MemoryEstimate(800, 400, 1600, 50).per_process(train.distributed, 1).weights == 800
+
+
+def test_a_zero3_partitioned_parameter_counts_at_its_whole_size(head_only):
+    """DeepSpeed ZeRO-3 leaves each process an empty tensor and the size in ds_numel/ds_shape."""
+    whole = estimate_memory(head_only, "adafactor")
+    for param in head_only.parameters():
+        param.ds_numel, param.ds_shape = param.numel(), param.shape
+        param.data = torch.empty(0)
+    partitioned = estimate_memory(head_only, "adafactor")
+    assert (partitioned.weights, partitioned.gradients, partitioned.optimizer) == (
+        whole.weights,
+        whole.gradients,
+        whole.optimizer,
+    )
+
+
+@pytest.mark.parametrize(
     ("optimizer", "momentum", "expected"),
     [
         ("adamw", False, 2 * 80 * 4),

@@ -17,7 +17,7 @@ class DistributedConfig(Section):
     strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
         description="ddp: a full copy per device; fsdp: FSDP2, parameters, gradients and optimizer "
-        "states sharded (CUDA); deepspeed: ZeRO stage `zero_stage` (pip install deepspeed).",
+        "states sharded; deepspeed: ZeRO stage `zero_stage` (pip install deepspeed).",
     )
     zero_stage: Literal[2, 3] = Field(
         2, description="deepspeed: 2 shards gradients and optimizer states, 3 the parameters too."
@@ -35,6 +35,11 @@ class DistributedConfig(Section):
         None,
         description="deepspeed: a DeepSpeed JSON config used unchanged instead of the one lmforge writes.",
     )
+
+    @property
+    def shards_parameters(self) -> bool:
+        """Whether each process holds only a share of the parameters (FSDP2, ZeRO-3)."""
+        return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)
 
     @model_validator(mode="after")
     def _strategy_keys(self) -> DistributedConfig:

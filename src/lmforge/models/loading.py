@@ -135,7 +135,10 @@ def saved_template_name(name_or_path: str) -> str | None:
     return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
 
-def quantization_config(config: ModelConfig, hardware: Hardware):  # -> BitsAndBytesConfig | None
+def quantization_config(config: ModelConfig, hardware: Hardware, sharded: bool = False):
+    """bitsandbytes' config for model.quantization (None without). 4-bit weights are stored as
+    uint8 (one layout on CPU and CUDA), or in the compute dtype when FSDP2 or ZeRO-3 shards them
+    (`sharded`): they flatten and split only along with the 16-bit parameters around them."""
     if config.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -147,8 +150,7 @@ def quantization_config(config: ModelConfig, hardware: Hardware):  # -> BitsAndB
         bnb_4bit_quant_type=config.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=config.bnb_4bit_double_quant,
         bnb_4bit_compute_dtype=hardware.dtype,
-        # Keep 4-bit storage dtype consistent on CPU, where bf16 compute may be unavailable.
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=hardware.dtype if sharded else torch.uint8,
     )
 
 
@@ -192,11 +194,13 @@ def load_causal_lm(
     hardware: Hardware | None = None,
     quiet: bool = False,
     reward: bool = False,
+    sharded: bool = False,
 ) -> tuple[PreTrainedModel, Hardware]:
     """Load the model with the hardware choice applied; KV cache off for training, on otherwise.
 
     `reward=True` loads it as a sequence classifier with one output (a reward model: the
-    backbone's weights plus a new scalar head, `score`).
+    backbone's weights plus a new scalar head, `score`). `sharded`: FSDP2 or ZeRO-3 will shard
+    it (see `quantization_config`).
     """
     if is_encoder_decoder(config):
         raise ValueError(
@@ -210,7 +214,7 @@ def load_causal_lm(
 
         auto_class = AutoModelForImageTextToText
     extra: dict = {"num_labels": 1} if reward else {}
-    return _load(config, auto_class, for_training, hardware, quiet, extra, head_swap=reward)
+    return _load(config, auto_class, for_training, hardware, quiet, extra, reward, sharded)
 
 
 def load_seq2seq_lm(
@@ -284,13 +288,14 @@ def _load(
     quiet: bool,
     extra: dict,
     head_swap: bool = False,
+    sharded: bool = False,
 ) -> tuple[PreTrainedModel, Hardware]:
     """`auto_class.from_pretrained` with the hardware choice and quantization applied; the KV
     cache off for training, on otherwise."""
     hardware = hardware or choose_hardware(config)
     if not quiet:
         console.print(f"[bold]hardware[/]: {hardware.describe()}")
-    quant = quantization_config(config, hardware)
+    quant = quantization_config(config, hardware, sharded)
     extra = dict(extra)
     if quant is not None:
         # Only when asked: an explicit `quantization_config=None` would overwrite the config.json

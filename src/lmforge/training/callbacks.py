@@ -22,7 +22,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from transformers import TrainerCallback
 
 from lmforge.artifacts import atomic_file
-from lmforge.config.train import TrainConfig
+from lmforge.config.train import DistributedConfig, TrainConfig
+from lmforge.distributed import world_size
 
 MB = 1024**2  # the memory report's "mb" is MiB
 console = Console(stderr=True)
@@ -217,6 +218,18 @@ class MemoryEstimate:
         record = {f"estimated_{part}_mb": round(getattr(self, part) / MB, 1) for part in parts}
         return {"estimated_peak_mb": round(self.total / MB, 1), **record}
 
+    def per_process(self, spread: DistributedConfig, processes: int) -> MemoryEstimate:
+        """What each of `processes` holds under `spread` (docs/distributed.md): DDP all of it;
+        ZeRO-2 1/N of gradients and optimizer states; FSDP2 and ZeRO-3 1/N of the weights too
+        (activations stay per process); offloaded states (and weights) in CPU memory instead."""
+        if processes <= 1 or spread.strategy == "ddp":
+            return self
+        optimizer = 0 if spread.offload != "none" else self.optimizer // processes
+        weights = self.weights // processes if spread.shards_parameters else self.weights
+        if spread.offload == "all":
+            weights = 0
+        return MemoryEstimate(weights, self.gradients // processes, optimizer, self.activations)
+
     def describe(self) -> str:
         def mb(n: int) -> str:
             return f"{n / MB:,.1f} MB"
@@ -225,6 +238,12 @@ class MemoryEstimate:
             f"~{mb(self.total)} (weights {mb(self.weights)} + gradients {mb(self.gradients)} + "
             f"optimizer {mb(self.optimizer)} + activations {mb(self.activations)})"
         )
+
+
+def _numel(param: torch.Tensor) -> int:
+    """A parameter's whole size, also when DeepSpeed ZeRO-3 has partitioned it away (its local
+    tensor is then empty; `ds_numel` keeps the size). FSDP2's DTensors report theirs."""
+    return getattr(param, "ds_numel", param.numel())
 
 
 def optimizer_state_bytes(model: torch.nn.Module, optimizer_name: str, momentum: bool = False) -> int:
@@ -242,11 +261,12 @@ def optimizer_state_bytes(model: torch.nn.Module, optimizer_name: str, momentum:
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        numel, size = param.numel(), param.element_size()
+        numel, size = _numel(param), param.element_size()
+        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partition's is empty
         if optimizer_name in ("adamw_8bit", "paged_adamw_8bit"):
             total += 2 * numel if numel >= BNB_MIN_8BIT_SIZE else 8 * numel
-        elif optimizer_name == "adafactor" and param.ndim >= 2:
-            rows, cols = param.shape[-2], param.shape[-1]
+        elif optimizer_name == "adafactor" and len(shape) >= 2:
+            rows, cols = shape[-2], shape[-1]
             total += (numel // cols + numel // rows) * size
         elif optimizer_name == "adafactor" or (optimizer_name == "sgd" and momentum) or id(param) in muon_ids:
             total += numel * size
@@ -291,8 +311,8 @@ def estimate_memory(
     teacher model, and the temporary buffers of the kernels.
     """
     params = list(model.parameters())
-    weights = sum(param.numel() * param.element_size() for param in params)
-    gradients = sum(param.numel() * param.element_size() for param in params if param.requires_grad)
+    weights = sum(_numel(param) * param.element_size() for param in params)
+    gradients = sum(_numel(param) * param.element_size() for param in params if param.requires_grad)
     optimizer = optimizer_state_bytes(model, optimizer_name, momentum)
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -385,9 +405,10 @@ class MemoryReport:
             self.seq_len,
             self.train.gradient_checkpointing,
             momentum=bool(getattr(options, "momentum", 0)),
-        )
+        ).per_process(self.train.distributed, world_size())
         if not self.quiet:
-            console.print(f"[bold]memory[/]: estimated peak {self.estimate.describe()}")
+            each = " per process" if world_size() > 1 else ""
+            console.print(f"[bold]memory[/]: estimated peak{each} {self.estimate.describe()}")
 
     def end(self, device: torch.device, step: int, epoch: float | None, main: bool = True) -> None:
         if not main:

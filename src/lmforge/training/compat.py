@@ -2,7 +2,8 @@
 
 Each use below says what it relies on and the versions it was checked against (`CHECKED`);
 tests/training/test_compat.py runs each against the installed libraries and fails when one
-changes underneath, so an upgrade breaks a test here instead of a metric silently.
+changes underneath, so an upgrade breaks a test here instead of a metric silently
+(`shard_on_cpu` needs several processes: tests/training/test_distributed.py's FSDP2 runs).
 (`trl.experimental`'s ORPO and SimPO, public but unstable, sit in `training/trl_experimental.py`.)
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from transformers import Trainer
 
-CHECKED = {"trl": "1.16.0", "transformers": "5.23.0"}
+CHECKED = {"trl": "1.16.0", "transformers": "5.23.0", "accelerate": "1.15.0"}
 
 
 def log_metric(trainer: Trainer, mode: str, name: str, value: float) -> None:
@@ -52,3 +53,21 @@ def losses_so_far(trainer: Trainer) -> float:
     drained at each logging step (`_total_loss_scalar`) plus what has accumulated since
     (`_tr_loss`); this process's, as the Trainer's own final figure is."""
     return trainer._total_loss_scalar + float(trainer._tr_loss.item())
+
+
+def shard_on_cpu(trainer: Trainer) -> None:
+    """Run FSDP2 between CPU processes. accelerate (1.15) keeps FSDP only for accelerator devices:
+    on several CPU processes its state says MULTI_CPU and drops the FSDP plugin the Trainer built
+    from `fsdp_config`, so the model would be wrapped for DDP. torch's `fully_shard` works on CPU
+    with gloo; this sets the shared state to FSDP with the Trainer's own plugin, as accelerate sets
+    it on GPUs, before anything is prepared (the Trainer reads `is_fsdp_enabled` from then on).
+    Both shared states: each `AcceleratorState()` copies `PartialState`'s distributed_type."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    if trainer.args.fsdp_plugin_args is None or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    trainer.is_fsdp_enabled = True

@@ -63,6 +63,12 @@ def check_stage(config: RunConfig) -> None:
     machine or the checkpoint (the device the model will load on; a base stored quantized cannot be
     fully fine-tuned)."""
     check_full_finetune(config.model, config.adapter.method)
+    if config.model.quantization == "8bit" and config.train.distributed.shards_parameters:
+        raise ValueError(
+            "model.quantization 8bit cannot be sharded (bitsandbytes' int8 weights keep their scales "
+            "beside them): with train.distributed.strategy fsdp or deepspeed zero_stage 3 use "
+            "quantization 4bit (QLoRA, stored in the compute dtype so it shards), or strategy ddp"
+        )
     if config.train.optimizer in CUDA_ONLY and choose_hardware(config.model).device != "cuda":
         raise ValueError(
             f"train.optimizer {config.train.optimizer} keeps bitsandbytes' 8-bit/paged states on a CUDA GPU "
@@ -141,7 +147,8 @@ def _load(config: RunConfig, task: str, quiet: bool, tokenizer, labels) -> tuple
         model.config.use_cache = False
         return model, hardware
     if task in ("causal", "reward"):
-        return load_causal_lm(config.model, for_training=True, quiet=quiet, reward=task == "reward")
+        sharded = config.train.distributed.shards_parameters
+        return load_causal_lm(config.model, True, None, quiet, task == "reward", sharded)
     if task == "classify":
         assert labels is not None, "a classifier needs its labels"
         return load_classifier(config.model, labels, quiet=quiet)
@@ -203,9 +210,7 @@ def train_and_save(
 def sharded_state_dict(trainer, config: RunConfig) -> dict | None:
     """The whole model's state, gathered from every process, when the strategy shards parameters
     (FSDP, ZeRO-3); None when each process holds them all (one process, DDP, ZeRO-2)."""
-    spread = config.train.distributed
-    sharded = spread.strategy == "fsdp" or (spread.strategy == "deepspeed" and spread.zero_stage == 3)
-    if distributed.world_size() <= 1 or not sharded:
+    if distributed.world_size() <= 1 or not config.train.distributed.shards_parameters:
         return None
     return trainer.accelerator.get_state_dict(trainer.model_wrapped)
 

@@ -45,7 +45,7 @@ from lmforge.training.callbacks import (
     ProgressCallback,
 )
 from lmforge.training.checkpoints import CompleteCheckpointCallback, run_id
-from lmforge.training.compat import log_metric, model_loss
+from lmforge.training.compat import log_metric, model_loss, shard_on_cpu
 
 
 class ForgeTrainer(SFTTrainer):
@@ -147,12 +147,6 @@ def distributed_arguments(train: TrainConfig, hardware: Hardware) -> dict:
     if world_size() > 1 and hardware.device == "cpu":
         arguments["ddp_backend"] = "gloo"
     if spread.strategy == "fsdp":
-        if hardware.device == "cpu":
-            raise ValueError(
-                "train.distributed.strategy fsdp needs CUDA devices: accelerate runs several CPU "
-                "processes as DDP whatever is asked, so the run would not be sharded. Use strategy "
-                "ddp on CPU (or deepspeed, whose CPU backend shards)"
-            )
         fsdp_config = {
             "version": 2,
             "state_dict_type": "SHARDED_STATE_DICT",
@@ -379,6 +373,14 @@ class TokenCounting:
         return super().training_step(model, inputs, num_items_in_batch)
 
 
+class ShardsOnCpu:
+    """FSDP2 between CPU processes too (see `compat.shard_on_cpu`)."""
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        shard_on_cpu(self)
+
+
 class EndsAtMaxSteps:
     """transformers (5.23) checks `max_steps` only after a step, so a `train()` resumed from a
     checkpoint at `max_steps` ran one step more: rerunning a finished run (train.resume auto)
@@ -395,7 +397,7 @@ def lmforge_trainer(trainer_class: type) -> type:
     """`trainer_class` with `TokenCounting` and `EndsAtMaxSteps` in front (once)."""
     if issubclass(trainer_class, TokenCounting):
         return trainer_class
-    bases = (TokenCounting, EndsAtMaxSteps, trainer_class)
+    bases = (TokenCounting, EndsAtMaxSteps, ShardsOnCpu, trainer_class)
     return type(trainer_class.__name__, bases, {"__doc__": trainer_class.__doc__})
 
 
