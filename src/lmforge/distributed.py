@@ -95,6 +95,47 @@ def broadcast(value: Any) -> Any:
     return box[0]
 
 
+def sum_over_processes(tensor):
+    """`tensor` summed over every process (in place; itself in one process)."""
+    if _group_ready():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Each value's mean over the processes (every process passes the same keys)."""
+    if not _group_ready():
+        return values
+    import torch
+
+    keys = sorted(values)
+    summed = sum_over_processes(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return {k: float(v) / world_size() for k, v in zip(keys, summed.tolist(), strict=True)}
+
+
+def wrap_for_processes(module):
+    """`module` wrapped for DDP by accelerate when several processes run (its gradients are then
+    averaged over them at each backward); the module itself in one process."""
+    if not _group_ready():
+        return module
+    from accelerate import Accelerator
+
+    return Accelerator(device_placement=False).prepare_model(module)
+
+
+def gather(value: Any) -> list[Any]:
+    """Every process's `value` (picklable), in rank order, in every process ([value] in one)."""
+    if not _group_ready():
+        return [value]
+    import torch.distributed as dist
+
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 @contextmanager
 def main_first() -> Iterator[bool]:
     """The main process runs the block first (e.g. writes a cache), then the others (reading it);

@@ -13,10 +13,14 @@ until `missing_eos_penalty` charged completions that never stop, the standard fi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -38,32 +42,56 @@ def exact_match(model_dir: Path, adapter: Path, held: list[TaskExample]) -> floa
     return sum(is_correct(a, t) for a, t in zip(answers, held, strict=True)) / len(held)
 
 
+PPO = (
+    "ppo",
+    40,
+    {
+        "train": {"batch_size": 32, "lr": 5e-4},
+        "ppo": {
+            "rollout_batch_size": 8,
+            "mini_batch_size": 32,
+            "ppo_epochs": 2,
+            "kl_coef": 0.02,
+            "vf_coef": 0.5,
+            "missing_eos_penalty": 1.0,
+        },
+    },
+)
+
+
 @pytest.mark.parametrize(
     ("method", "steps", "options"),
     [
         ("grpo", 30, {"train": {"batch_size": 64, "lr": 3e-4}}),  # 8 prompts x 8 completions per step
-        (
-            "ppo",
-            40,
-            {
-                "train": {"batch_size": 32, "lr": 5e-4},
-                "ppo": {
-                    "rollout_batch_size": 8,
-                    "mini_batch_size": 32,
-                    "ppo_epochs": 2,
-                    "kl_coef": 0.02,
-                    "vf_coef": 0.5,
-                    "missing_eos_penalty": 1.0,
-                },
-            },
-        ),
+        PPO,
     ],
 )
 def test_online_rl_raises_the_reward(quickstart_run, quickstart_sft, tmp_path, method, steps, options):
     torch.set_num_threads(2)
     out, _ = quickstart_run
+    raw = rl_config(out, quickstart_sft, tmp_path, method, steps, options)
+    result = (grpo if method == "grpo" else ppo).run(validate_config(raw), quiet=True)
+    assert_learned(out, quickstart_sft, tmp_path, result.artifact, method, steps)
+
+
+def test_ppo_on_two_processes_raises_the_reward(quickstart_run, quickstart_sft, tmp_path):
+    """lmforge's own PPO loop under DDP (docs/distributed.md): the same task and settings, each of
+    2 processes rolling out 4 of the 8 prompts per update."""
+    out, _ = quickstart_run
+    method, steps, options = PPO
+    raw = rl_config(out, quickstart_sft, tmp_path, method, steps, options)
+    config = tmp_path / "ppo.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lmforge", "train", str(config), "--nproc", "2"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert_learned(out, quickstart_sft, tmp_path, tmp_path / "adapter", method, steps)
+
+
+def rl_config(out: Path, sft_adapter: Path, tmp_path: Path, method: str, steps: int, options: dict) -> dict:
     model_dir = out / "pretrain" / "model"
-    raw = {
+    return {
         "method": {
             "name": method,
             "rewards": [{"builtin": "exact_answer"}],
@@ -72,7 +100,7 @@ def test_online_rl_raises_the_reward(quickstart_run, quickstart_sft, tmp_path, m
             **({"ppo": options["ppo"]} if "ppo" in options else {}),
         },
         "model": {"name_or_path": str(model_dir)},
-        "adapter": {"r": 16, "alpha": 32, "dropout": 0.0, "path": str(quickstart_sft)},
+        "adapter": {"r": 16, "alpha": 32, "dropout": 0.0, "path": str(sft_adapter)},
         "data": {"path": str(out / "data" / "sft_train.json"), "template": "chatml", "max_length": 64},
         "train": {
             "output_dir": str(tmp_path),
@@ -85,7 +113,11 @@ def test_online_rl_raises_the_reward(quickstart_run, quickstart_sft, tmp_path, m
             **options["train"],
         },
     }
-    result = (grpo if method == "grpo" else ppo).run(validate_config(raw), quiet=True)
+
+
+def assert_learned(out: Path, sft_adapter: Path, tmp_path: Path, adapter: Path, method: str, steps: int):
+    """The sampled completions' mean reward rose; held-out greedy exact match did not fall."""
+    model_dir = out / "pretrain" / "model"
     rewards = [
         row["reward"]
         for row in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
@@ -98,8 +130,8 @@ def test_online_rl_raises_the_reward(quickstart_run, quickstart_sft, tmp_path, m
         for r in json.loads((out / "data" / "heldout.json").read_text())[:100]
     ]
     before, after = (
-        exact_match(model_dir, quickstart_sft, held),
-        exact_match(model_dir, result.artifact, held),
+        exact_match(model_dir, sft_adapter, held),
+        exact_match(model_dir, adapter, held),
     )
     summary = f"held-out EM {before:.2f} -> {after:.2f}"
     print(f"{method}: mean reward {first:.2f} (first 8 steps) -> {last:.2f} (last 8 steps); {summary}")

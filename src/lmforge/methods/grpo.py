@@ -29,12 +29,13 @@ from rich.console import Console
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from lmforge import distributed
 from lmforge.config import RunConfig
 from lmforge.data.formats import Example
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.inference.engine import stop_token_ids
-from lmforge.methods.rewards import RewardSource, build_rewards, write_samples
+from lmforge.methods.rewards import RewardSource, build_rewards, scored_batch, write_samples
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.preference import MoeAuxLoss, policy_model, prompt_messages, use_template
 from lmforge.training.stage import StageResult, begin_stage, optimizer_steps, resolve_template, train_and_save
@@ -48,15 +49,18 @@ class ForgeGRPOTrainer(MoeAuxLoss, GRPOTrainer):
 
 
 class SamplesCallback(TrainerCallback):
-    """Appends the last scored completions to `samples.jsonl` every `every` steps."""
+    """Appends the last scored completions to `samples.jsonl` every `every` steps: every
+    process's, in rank order, written by the main process."""
 
     def __init__(self, path: Path, every: int, sources: list[RewardSource]) -> None:
         self.path, self.every, self.sources = path, every, sources
 
     def on_step_end(self, args, state, control, **kwargs):
-        due = self.every and state.global_step % self.every == 0
-        if due and state.is_world_process_zero and self.sources[0].last:  # the main process's samples
-            write_samples(self.path, state.global_step, self.sources)
+        if not (self.every and state.global_step % self.every == 0):
+            return
+        batches = distributed.gather(scored_batch(self.sources))  # collective: every process calls it
+        if distributed.is_main() and any(batch["prompts"] for batch in batches):
+            write_samples(self.path, state.global_step, batches)
 
 
 def check(config: RunConfig) -> None:

@@ -49,7 +49,7 @@ from lmforge.data.formats import Example
 from lmforge.data.loader import load_examples
 from lmforge.data.tokenize import TokenizeStats
 from lmforge.inference.engine import stop_token_ids
-from lmforge.methods.rewards import build_rewards, weighted_total, write_samples
+from lmforge.methods.rewards import build_rewards, scored_batch, weighted_total, write_samples
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.callbacks import MemoryReport, plot_loss
 from lmforge.training.checkpoints import resolve_resume, run_id
@@ -65,11 +65,17 @@ def check(config: RunConfig) -> None:
     method, ppo = config.method, config.method.ppo
     if method.name != "ppo":
         raise ValueError(f"methods.ppo cannot run method.name={method.name}")
-    if distributed.world_size() > 1:
+    if config.train.distributed.strategy != "ddp":
         raise ValueError(
-            "lmforge's PPO loop runs in one process for now (its rollouts and statistics are not "
-            "gathered across processes); run it without a launcher, or use GRPO, which trains on "
-            "several"
+            "ppo's own loop runs on several processes as DDP (a copy of the adapted model on each): "
+            "train.distributed.strategy fsdp and deepspeed apply to the Trainer stages; use ddp"
+        )
+    processes = distributed.world_size()
+    if ppo.rollout_batch_size % processes or ppo.mini_batch_size % processes:
+        raise ValueError(
+            f"ppo.rollout_batch_size ({ppo.rollout_batch_size}) and ppo.mini_batch_size "
+            f"({ppo.mini_batch_size}) are split over the {processes} processes: make both multiples of "
+            f"{processes}"
         )
     if config.train.optimizer not in ("adamw", "adamw_torch", "adamw_torch_fused"):
         raise ValueError(
@@ -135,7 +141,10 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     loop = PPOLoop(
         model, critic_for(config, model), ppo, method.sampling.temperature, train, optimizer_steps, run
     )
-    resume = resolve_resume(output_dir, train.resume, run)
+    if distributed.world_size() > 1:
+        torch.manual_seed(train.seed + distributed.rank())  # each process samples its own completions
+    main = distributed.is_main()
+    resume = distributed.broadcast(resolve_resume(output_dir, train.resume, run) if main else None)
     if resume:
         loop.restore(Path(resume))
         if not quiet:
@@ -147,16 +156,16 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     rows = max(1, ppo.mini_batch_size // train.batch_size)
     memory = MemoryReport(model, train, seq_len, rows, quiet)
     record = loop.train(prompts, updates, sample, scorer, output_dir, not quiet and train.progress, memory)
-    plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png")
-
-    artifact = save_artifact(
-        final_adapter(model), tokenizer, template, output_dir / "adapter", "adapter", config
-    )
-    # The critic, to inspect or continue from: its value head (and a separate critic's adapter).
-    head = {k: v.contiguous() for k, v in loop.critic.head.state_dict().items()}
-    save_file(head, str(output_dir / "value_head.safetensors"))
-    if loop.critic.trunk is not None:
-        loop.critic.trunk.save_pretrained(str(output_dir / "critic"))
+    artifact = output_dir / "adapter"
+    if main:
+        plot_loss(output_dir / "metrics.jsonl", output_dir / "loss.png")
+        save_artifact(final_adapter(model), tokenizer, template, artifact, "adapter", config)
+        # The critic, to inspect or continue from: its value head (and a separate critic's adapter).
+        head = {k: v.contiguous() for k, v in loop.critic.head.state_dict().items()}
+        save_file(head, str(output_dir / "value_head.safetensors"))
+        if loop.critic.trunk is not None:
+            loop.critic.trunk.save_pretrained(str(output_dir / "critic"))
+    distributed.barrier()
     if not quiet:
         console.print(f"[bold green]saved[/] adapter to {artifact}")
     loss = record.get("loss", math.nan)
@@ -165,7 +174,8 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
 
 class RewardScorer:
     """Scores a rollout with `method.rewards` (and `ppo.missing_eos_penalty`); writes samples.jsonl
-    every `method.samples_every` updates."""
+    every `method.samples_every` updates. On several processes each scores its own completions;
+    the samples and each source's statistics are those of every process's."""
 
     def __init__(self, config: RunConfig) -> None:
         self.sources = build_rewards(config.method.rewards)
@@ -185,9 +195,12 @@ class RewardScorer:
         if self.penalty is not None:
             scores = scores - self.penalty * (~roll["stopped"]).float().cpu()
         if self.every and step % self.every == 0:
-            write_samples(self.samples, step, self.sources)
+            batches = distributed.gather(scored_batch(self.sources))
+            if distributed.is_main():
+                write_samples(self.samples, step, batches)
         metrics = {}
         for s in self.sources:
-            metrics[f"rewards/{s.spec.label}/mean"] = sum(s.last) / len(s.last)
-            metrics[f"rewards/{s.spec.label}/std"] = float(torch.tensor(s.last).std())
+            every = torch.tensor([x for part in distributed.gather(s.last) for x in part])
+            metrics[f"rewards/{s.spec.label}/mean"] = float(every.mean())
+            metrics[f"rewards/{s.spec.label}/std"] = float(every.std())
         return scores, metrics

@@ -222,16 +222,25 @@ def weighted_total(sources: list[RewardSource]) -> list[float]:
     return [sum(s.spec.weight * s.last[i] for s in sources) for i in range(len(sources[0].last))]
 
 
-def write_samples(path: Path, step: int, sources: list[RewardSource]) -> None:
-    """Append the last scored batch, one JSON line per completion: step, prompt, completion,
-    each source's reward and the weighted total."""
-    totals = weighted_total(sources)
-    first = sources[0]
+def scored_batch(sources: list[RewardSource]) -> dict[str, list]:
+    """The last batch the sources scored, as plain lists (to gather from every process): its
+    prompts, completions, each source's rewards and the weighted totals."""
+    return {
+        "prompts": sources[0].last_prompts,
+        "completions": sources[0].last_completions,
+        "rewards": {s.spec.label: s.last for s in sources},
+        "totals": weighted_total(sources),
+    }
+
+
+def write_samples(path: Path, step: int, batches: list[dict[str, list]]) -> None:
+    """Append scored batches (`scored_batch`), one JSON line per completion: step, prompt,
+    completion, each source's reward and the weighted total."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as out:
-        for i, (prompt, completion) in enumerate(
-            zip(first.last_prompts, first.last_completions, strict=True)
-        ):
-            rewards = {s.spec.label: s.last[i] for s in sources}
-            record = {"step": step, "prompt": prompt, "completion": completion, "rewards": rewards}
-            out.write(json.dumps({**record, "total": totals[i]}, ensure_ascii=False) + "\n")
+        for batch in batches:
+            pairs = zip(batch["prompts"], batch["completions"], strict=True)
+            for i, (prompt, completion) in enumerate(pairs):
+                rewards = {label: scores[i] for label, scores in batch["rewards"].items()}
+                record = {"step": step, "prompt": prompt, "completion": completion, "rewards": rewards}
+                out.write(json.dumps({**record, "total": batch["totals"][i]}, ensure_ascii=False) + "\n")

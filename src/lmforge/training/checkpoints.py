@@ -294,19 +294,29 @@ def save_loop_checkpoint(
 ) -> Path:
     """checkpoint-`step`/ of a loop lmforge runs itself (PPO's): each of `weights` as NAME.safetensors,
     optimizer and scheduler states, torch's and Python's RNGs and the loop's JSON `state`; written
-    in a temporary folder, renamed, then marked complete. Keeps the newest `limit` (0: all)."""
+    in a temporary folder, renamed, then marked complete. Keeps the newest `limit` (0: all).
+
+    On several processes (every one calls this) the main process writes all of that, each other
+    process adds its own torch RNG state (`rng_RANK.pt`), and only then is it marked complete."""
     final = Path(output_dir) / f"checkpoint-{step}"
-    with atomic_folder(final) as folder:
-        for name, tensors in weights.items():
-            save_file(tensors, str(folder / f"{name}.safetensors"))
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
-        torch.save(torch.get_rng_state(), folder / "rng.pt")
-        (folder / "loop.json").write_text(
-            json.dumps({**state, "python_rng": random.getstate()}), encoding="utf-8"
-        )
-    mark_complete(final, step, run)
-    rotate(Path(output_dir), limit)
+    rng = f"rng_{distributed.rank()}.pt"
+    if distributed.is_main():
+        with atomic_folder(final) as folder:
+            for name, tensors in weights.items():
+                save_file(tensors, str(folder / f"{name}.safetensors"))
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+            torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+            torch.save(torch.get_rng_state(), folder / rng)
+            (folder / "loop.json").write_text(
+                json.dumps({**state, "python_rng": random.getstate()}), encoding="utf-8"
+            )
+    distributed.barrier()
+    if not distributed.is_main():
+        torch.save(torch.get_rng_state(), final / rng)
+    distributed.barrier()
+    if distributed.is_main():
+        mark_complete(final, step, run)
+        rotate(Path(output_dir), limit)
     return final
 
 
@@ -321,7 +331,7 @@ def load_loop_checkpoint(
             params[key].data.copy_(value)
     optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-    torch.set_rng_state(torch.load(checkpoint / "rng.pt", weights_only=True))
+    torch.set_rng_state(torch.load(checkpoint / f"rng_{distributed.rank()}.pt", weights_only=True))
     state = json.loads((checkpoint / "loop.json").read_text(encoding="utf-8"))
     version, internal, gauss = state.pop("python_rng")
     random.setstate((version, tuple(internal), gauss))

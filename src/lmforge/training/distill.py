@@ -81,6 +81,10 @@ class DistillTrainer(ForgeTrainer):
             options.alpha,
             items,
         )
+        if items is not None and self.args.average_tokens_across_devices:
+            # As Trainer.compute_loss: items counts every process's tokens and DDP averages the
+            # processes' gradients, so each process's share is scaled back up (x1 in one process).
+            loss = loss * self.accelerator.num_processes
         mode = "train" if model.training else "eval"
         for name, value in parts.items():
             log_metric(self, mode, name, value)

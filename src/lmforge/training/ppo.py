@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import nn
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
+from lmforge import distributed
 from lmforge.config.rl import PpoOptions, SamplingOptions
 from lmforge.config.train import TrainConfig
 from lmforge.data.formats import Example
@@ -70,7 +71,7 @@ def forward(model, critic: Critic, ids, attention, prompt_len: int, temperature:
     entropy = losses.entropy_from_logits(logits)
     values = None
     if with_values:
-        if critic.trunk is None:
+        if getattr(critic, "module", critic).trunk is None:  # (DDP wraps the critic as .module)
             values = critic(hidden=out.hidden_states[-1][:, prompt_len - 1 : -1])
         else:
             values = critic(input_ids=ids, attention_mask=attention, position_ids=positions)[
@@ -134,7 +135,12 @@ class LoopState:
 
 class PPOLoop:
     """Policy + critic, one AdamW over both's trainable weights with the configured schedule over
-    `optimizer_steps`, the KL controller and the loop state; `step` runs one update."""
+    `optimizer_steps`, the KL controller and the loop state; `step` runs one update.
+
+    On several processes (docs/distributed.md) each rolls out its share of the prompts, policy and
+    critic are wrapped for DDP by accelerate (gradients averaged over the processes), advantages
+    are whitened and statistics averaged over the whole rollout, and the main process logs and
+    writes checkpoints (each process adds its random state)."""
 
     def __init__(
         self,
@@ -173,12 +179,18 @@ class PPOLoop:
         )
         self.state = LoopState()
         self.run = run  # the run id its checkpoints are marked with (training/checkpoints.run_id)
+        # What forward and backward go through: DDP wrappers on several processes.
+        self.policy = distributed.wrap_for_processes(model)
+        self.critic_net = distributed.wrap_for_processes(critic)
 
     def next_prompts(self, prompts: list[Example], count: int) -> list[Example]:
-        """The next `count` prompts of a shuffled pass (fewer at the end of one)."""
+        """This process's share of the next `count` prompts of a shuffled pass (fewer at the end of
+        one): every process draws the same prompts (the same seed) and keeps its own slice."""
         if not self.state.order:
             self.state.order = random.sample(range(len(prompts)), len(prompts))
-        return [prompts[self.state.order.pop()] for _ in range(min(count, len(self.state.order)))]
+        drawn = [prompts[self.state.order.pop()] for _ in range(min(count, len(self.state.order)))]
+        share = math.ceil(len(drawn) / distributed.world_size())
+        return drawn[distributed.rank() * share : (distributed.rank() + 1) * share]
 
     def step(self, roll: dict, scores: torch.Tensor) -> dict:
         """One update from a scored rollout: advantages, ppo_epochs of clipped updates, the KL
@@ -188,17 +200,20 @@ class PPOLoop:
         self.state.optimizer_step += stats.pop("optimizer_steps")
         if hasattr(getattr(self.model, "base_model", None), "update_and_allocate"):  # AdaLoRA's rank budget
             self.model.base_model.update_and_allocate(self.state.optimizer_step)
+        every = torch.cat(distributed.gather(scores.float().cpu()))  # the whole rollout's scores
+        stopped = distributed.sum_over_processes(roll["stopped"].float().sum().cpu())
+        tokens = distributed.sum_over_processes(torch.tensor(float(roll["tokens"])))
         record = {
             **stats,
-            "reward": float(scores.mean()),
-            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "completions/mean_length": roll["tokens"] / len(scores),
-            "completions/stopped": float(roll["stopped"].float().mean()),
+            "reward": float(every.mean()),
+            "reward_std": float(every.std()) if len(every) > 1 else 0.0,
+            "completions/mean_length": float(tokens) / len(every),
+            "completions/stopped": float(stopped) / len(every),
             "kl_coef": self.kl_ctl.value,
             "learning_rate": self.scheduler.get_last_lr()[0],
             "time/optimization": time.perf_counter() - started,
         }
-        self.kl_ctl.update(stats["kl"], len(scores))
+        self.kl_ctl.update(stats["kl"], len(every))
         return record
 
     def train(
@@ -218,9 +233,10 @@ class PPOLoop:
         train, record = self.train_config, {}
         started = time.time() - last_time(output_dir / "metrics.jsonl")  # a resumed run's clock goes on
         device = next(self.model.parameters()).device
-        board = tensorboard_writer(output_dir) if train.tensorboard else None
+        main = distributed.is_main()  # the one process that logs and shows progress
+        board = tensorboard_writer(output_dir) if train.tensorboard and main else None
         if memory is not None:
-            memory.start(device)
+            memory.start(device, main)
         progress = Progress(
             TextColumn("[bold]ppo"),
             BarColumn(),
@@ -228,7 +244,7 @@ class PPOLoop:
             TextColumn("reward {task.fields[reward]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
-            disable=not show_progress,
+            disable=not (show_progress and main),
             console=console,
         )
         with progress:
@@ -242,6 +258,7 @@ class PPOLoop:
                 t1 = time.perf_counter()
                 scores, reward_metrics = score(examples, roll, step)
                 t2 = time.perf_counter()
+                tokens = distributed.sum_over_processes(torch.tensor(float(roll["tokens"])))
                 record = {
                     "step": step,
                     "time": round(time.time() - started, 3),
@@ -249,9 +266,9 @@ class PPOLoop:
                     **reward_metrics,
                     "time/generation": t1 - t0,
                     "time/scoring": t2 - t1,
-                    "rollout_tokens_per_s": roll["tokens"] / (t1 - t0),
+                    "rollout_tokens_per_s": float(tokens) / (t1 - t0),
                 }
-                if step % train.logging_steps == 0 or step in (1, updates):
+                if main and (step % train.logging_steps == 0 or step in (1, updates)):
                     append_record(output_dir / "metrics.jsonl", record)
                     for key, value in record.items():
                         if board is not None and key not in ("step", "time"):
@@ -262,7 +279,7 @@ class PPOLoop:
         if board is not None:
             board.close()
         if memory is not None:
-            memory.end(device, self.state.step, None)
+            memory.end(device, self.state.step, None, main)
         return record
 
     def save(self, output_dir: Path, limit: int) -> None:
@@ -292,13 +309,14 @@ def trainable_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def update(loop: PPOLoop, roll: dict, scores: torch.Tensor) -> dict:
     """Advantages from one rollout, then ppo_epochs of clipped updates; returns the step's stats."""
-    model, critic, ppo, temperature = loop.model, loop.critic, loop.ppo, loop.temperature
+    model, ppo, temperature = loop.model, loop.ppo, loop.temperature
+    policy, critic = loop.policy, loop.critic_net  # DDP wrappers on several processes
     ids, attention, mask, prompt_len = roll["ids"], roll["attention"], roll["mask"], roll["prompt_len"]
     device = ids.device
     micro = loop.train_config.batch_size
 
     def run(idx, with_values: bool = True):
-        return forward(model, critic, ids[idx], attention[idx], prompt_len, temperature, with_values)
+        return forward(policy, critic, ids[idx], attention[idx], prompt_len, temperature, with_values)
 
     with torch.no_grad():
         old_logprobs, old_values, ref_logprobs = [], [], []
@@ -317,14 +335,15 @@ def update(loop: PPOLoop, roll: dict, scores: torch.Tensor) -> dict:
         )
         advantages, returns = losses.gae(rewards, old_values, mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
-            advantages = losses.masked_whiten(advantages, mask)
+            advantages = whiten_over_processes(advantages, mask)
     params = loop.optimizer.param_groups[0]["params"]
     totals: dict[str, list[float]] = {}
     steps = 0
+    mini_batch = ppo.mini_batch_size // distributed.world_size()  # this process's share of one
     for _ in range(ppo.ppo_epochs):
         permutation = torch.randperm(len(ids))
-        for start in range(0, len(ids), ppo.mini_batch_size):
-            chosen = permutation[start : start + ppo.mini_batch_size]
+        for start in range(0, len(ids), mini_batch):
+            chosen = permutation[start : start + mini_batch]
             loop.optimizer.zero_grad()
             for j in range(0, len(chosen), micro):
                 idx = chosen[j : j + micro].to(device)
@@ -360,6 +379,19 @@ def update(loop: PPOLoop, roll: dict, scores: torch.Tensor) -> dict:
     stats.update(
         kl=float((kl * mask).sum(-1).mean()),
         explained_variance=float(losses.explained_variance(old_values, returns, mask)),
-        optimizer_steps=steps,
     )
-    return stats
+    return {**distributed.mean_over_processes(stats), "optimizer_steps": steps}
+
+
+def whiten_over_processes(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """`losses.masked_whiten` over the whole rollout, every process's share of it: the mean and
+    the unbiased variance from sums over the processes (in one process, masked_whiten's own)."""
+    mask = mask.bool()
+    kept = torch.where(mask, x, torch.zeros_like(x))
+    sums = distributed.sum_over_processes(torch.stack([kept.sum(), mask.sum().to(x.dtype)]))
+    mean, n = sums[0] / sums[1], int(sums[1])
+    if n < 2:
+        raise ValueError(f"whitening needs at least 2 unmasked elements, got {n}")
+    centered = torch.where(mask, (x - mean) ** 2, torch.zeros_like(x))
+    var = distributed.sum_over_processes(centered.sum()) / n * n / (n - 1)  # as losses.masked_var
+    return torch.where(mask, (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))

@@ -59,7 +59,8 @@ class ForgeTrainer(SFTTrainer):
         mode = "train" if model.training else "eval"
         aux_loss = outputs.get("aux_loss") if hasattr(outputs, "get") else None
         if aux_loss is not None:  # MoE-DoRA's load-balancing term (already in the loss)
-            log_metric(self, mode, "moe_aux_loss", aux_loss.item())
+            aux = self.accelerator.reduce(aux_loss.detach(), reduction="mean")  # over the processes
+            log_metric(self, mode, "moe_aux_loss", aux.item())
         labels = inputs.get("labels")
         logits = getattr(outputs, "logits", None)
         if labels is not None and logits is not None:
@@ -67,10 +68,11 @@ class ForgeTrainer(SFTTrainer):
                 shifted = labels[..., 1:]
                 mask = shifted != -100
                 correct = (logits[..., :-1, :].argmax(-1) == shifted) & mask
-                valid = mask.sum()
+                # Every process's tokens (a collective: each process computes its loss here).
+                counts = torch.stack([correct.sum(), mask.sum()])
+                right, valid = self.accelerator.reduce(counts, reduction="sum").tolist()
                 if valid > 0:
-                    accuracy = (correct.sum() / valid).item()
-                    log_metric(self, mode, "mean_token_accuracy", accuracy)
+                    log_metric(self, mode, "mean_token_accuracy", right / valid)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
