@@ -512,3 +512,72 @@ def test_the_other_trainer_stages_on_two_processes_train_as_one(tmp_path, base_d
     first, second = (load_file(runs[name] / folder / "adapter_model.safetensors") for name in ("one", "two"))
     for key in first:
         assert (second[key] - first[key]).norm() <= weights_close * first[key].norm(), key
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT (2 layers, hidden 64) with its pre-training heads."""
+    from conftest import corpus
+    from lmforge.models.tiny import build_tiny_bert, build_tiny_encoder_tokenizer, save_tiny
+
+    tokenizer = build_tiny_encoder_tokenizer(corpus(), vocab_size=320)
+    return save_tiny(build_tiny_bert(tokenizer), tokenizer, tmp_path_factory.mktemp("tiny-bert"))
+
+
+def encoder_config(bert_dir: Path, data: Path, output_dir: Path, method: str, batch: int) -> dict:
+    return {
+        "model": {"name_or_path": str(bert_dir)},
+        "method": {"name": method},
+        "adapter": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"path": str(data), "max_length": 32},
+        "train": {
+            "output_dir": str(output_dir),
+            "max_steps": 8,
+            "batch_size": batch,
+            "lr": 3e-3,
+            "logging_steps": 1,
+            "progress": False,
+            "tensorboard": False,
+        },
+    }
+
+
+@pytest.mark.xdist_group("distributed")
+def test_classification_on_two_processes_trains_as_one_and_mlm_runs(tmp_path, bert_dir) -> None:
+    """The stages on transformers' own Trainer (classification, masked LM): a classifier's losses
+    and adapter as one process's; masked LM draws its masks on each process (the collator's
+    random masking), so its run is checked to train (loss falls), not compared."""
+    from conftest import WORDS
+
+    texts = [" ".join(WORDS[(i * 3 + j) % len(WORDS)] for j in range(6)) for i in range(64)]
+    labelled = tmp_path / "labelled.json"
+    labelled.write_text(json.dumps([{"text": t, "label": "yes" if "cat" in t else "no"} for t in texts]))
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps([{"text": t} for t in texts]))
+    runs = {}
+    for name, batch, launch in (("one", 8, []), ("two", 4, ["--nproc", "2"])):
+        path = tmp_path / f"{name}.yaml"
+        raw = encoder_config(bert_dir, labelled, tmp_path / name, "classify", batch)
+        path.write_text(yaml.safe_dump(raw))
+        finished(lmforge(str(path), *launch))
+        runs[name] = tmp_path / name
+    assert losses(runs["two"]) == pytest.approx(losses(runs["one"]), rel=TOLERANCE, abs=TOLERANCE)
+    assert_same_weights(runs["two"] / "adapter", runs["one"] / "adapter", 1e-4)
+
+    path = tmp_path / "mlm.yaml"
+    raw = encoder_config(bert_dir, plain, tmp_path / "mlm", "mlm", 4)
+    raw["train"].update(max_steps=40, lr=1e-2)
+    path.write_text(yaml.safe_dump(raw))
+    assert finished(lmforge(str(path), "--nproc", "2")).count("done: 40 steps") == 1
+    mlm = losses(tmp_path / "mlm")
+    assert sum(mlm[-8:]) / 8 < sum(mlm[:8]) / 8
+
+
+def test_an_epoch_takes_fewer_optimizer_steps_on_more_processes(tmp_path, monkeypatch) -> None:
+    """AdaLoRA's rank schedule is sized from this count."""
+    from lmforge.training.stage import optimizer_steps
+
+    config = validate_config(sft_config(Path("m"), Path("d"), tmp_path, max_steps=-1, batch_size=4, epochs=2))
+    assert optimizer_steps(config, 100) == 50
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert optimizer_steps(config, 100) == 26  # 13 global batches of 8 per epoch

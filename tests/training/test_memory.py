@@ -149,3 +149,16 @@ def test_the_progress_bar_and_the_memory_lines_share_one_console(tmp_path, base_
     bar = max(i for i, line in enumerate(lines) if "2/2 steps" in line)
     measured = next(i for i, line in enumerate(lines) if "memory: measured" in line)
     assert bar < measured and lines[measured].startswith("memory: measured"), lines
+
+
+def test_held_bytes_counts_this_processs_weights_and_optimizer_states(head_only):
+    """Measured on the tensors: 824 fp32 weights; AdamW's two moments of the 80 trained ones
+    (and its scalar step counter) once it has stepped."""
+    from lmforge.training.callbacks import held_bytes
+
+    optimizer = torch.optim.AdamW([p for p in head_only.parameters() if p.requires_grad])
+    assert held_bytes(head_only, optimizer) == {"weights": 824 * 4, "optimizer": 0}
+    head_only(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    optimizer.step()
+    wrapped = type("Wrapper", (), {"optimizer": optimizer})()  # as accelerate wraps it
+    assert held_bytes(head_only, wrapped) == {"weights": 824 * 4, "optimizer": 2 * 80 * 4 + 4}

@@ -332,6 +332,25 @@ def estimate_memory(
     return MemoryEstimate(weights, gradients, optimizer, activations)
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The part of `tensor` this process holds: an FSDP2 DTensor's shard, a ZeRO-3 parameter's
+    partition (`ds_tensor`), else the tensor."""
+    if hasattr(tensor, "to_local"):
+        return tensor.to_local()
+    return getattr(tensor, "ds_tensor", tensor)
+
+
+def held_bytes(model: torch.nn.Module, optimizer) -> dict[str, int]:
+    """Bytes of weights and optimizer states this process holds now (measured on its tensors,
+    shards only where a strategy shards them); the gradients are freed after each step."""
+    weights = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+    while optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
+        optimizer = getattr(optimizer, "optimizer", None)  # accelerate's and DeepSpeed's wrappers
+    states = getattr(optimizer, "state", {}) or {}
+    kept = [v for state in states.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return {"weights": weights, "optimizer": sum(_local(v).numel() * v.element_size() for v in kept)}
+
+
 def peak_rss_bytes() -> int | None:
     """This process's peak resident memory so far (None where it cannot be read)."""
     try:
@@ -371,8 +390,9 @@ PEAK_LABELS = {
 class MemoryReport:
     """The estimated peak memory printed when training starts; the measured peaks (process RSS,
     CUDA/XPU allocations during training) printed when it ends and appended to metrics.jsonl with
-    the estimate (`peak_rss_mb`, `peak_cuda_mb`, `estimated_peak_mb`, ...). Trainer stages run it
-    as `MemoryReportCallback`; PPO's loop calls `start` and `end` itself."""
+    the estimate (`peak_rss_mb`, `peak_cuda_mb`, `estimated_peak_mb`, ...) and what the main
+    process holds then (`held_weights_mb`, `held_optimizer_mb`: its shards under FSDP2/ZeRO-3).
+    Trainer stages run it as `MemoryReportCallback`; PPO's loop calls `start` and `end` itself."""
 
     def __init__(
         self,
@@ -410,12 +430,15 @@ class MemoryReport:
             each = " per process" if world_size() > 1 else ""
             console.print(f"[bold]memory[/]: estimated peak{each} {self.estimate.describe()}")
 
-    def end(self, device: torch.device, step: int, epoch: float | None, main: bool = True) -> None:
+    def end(
+        self, device: torch.device, step: int, epoch: float | None, main: bool = True, optimizer=None
+    ) -> None:
         if not main:
             return
         peaks = measured_peaks(device)
+        held = {f"held_{k}_mb": round(v / MB, 1) for k, v in held_bytes(self.model, optimizer).items()}
         estimate = self.estimate.as_record() if self.estimate else {}
-        append_record(self.path, {"step": step, "epoch": epoch, **peaks, **estimate})
+        append_record(self.path, {"step": step, "epoch": epoch, **peaks, **held, **estimate})
         if not self.quiet:
             measured = ", ".join(f"{PEAK_LABELS[key]} {value:,.1f} MB" for key, value in peaks.items())
             against = f" against the estimated ~{self.estimate.total / MB:,.1f} MB" if self.estimate else ""
@@ -431,5 +454,6 @@ class MemoryReportCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kw):
         self.report.start(args.device, state.is_world_process_zero)
 
-    def on_train_end(self, args, state, control, **kw):
-        self.report.end(args.device, state.global_step, state.epoch, state.is_world_process_zero)
+    def on_train_end(self, args, state, control, optimizer=None, **kw):
+        main = state.is_world_process_zero
+        self.report.end(args.device, state.global_step, state.epoch, main, optimizer)

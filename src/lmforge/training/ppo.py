@@ -279,7 +279,7 @@ class PPOLoop:
         if board is not None:
             board.close()
         if memory is not None:
-            memory.end(device, self.state.step, None, main)
+            memory.end(device, self.state.step, None, main, self.optimizer)
         return record
 
     def save(self, output_dir: Path, limit: int) -> None:

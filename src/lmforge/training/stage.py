@@ -226,10 +226,12 @@ def final_evaluation(trainer) -> dict[str, float]:
 
 
 def optimizer_steps(config: RunConfig, examples: int) -> int:
-    """How many optimizer steps the run takes: train.max_steps, or epochs over `examples`."""
+    """How many optimizer steps the run takes: train.max_steps, or epochs over `examples` in
+    global batches (batch_size x grad_accum x the processes running)."""
     if config.train.max_steps > 0:
         return config.train.max_steps
-    per_epoch = max(1, math.ceil(examples / (config.train.batch_size * config.train.grad_accum)))
+    batch = config.train.batch_size * config.train.grad_accum * distributed.world_size()
+    per_epoch = max(1, math.ceil(examples / batch))
     return max(1, math.ceil(per_epoch * config.train.epochs))
 
 
