@@ -41,8 +41,8 @@ def write_config(tmp_path: Path, base_dir: Path, data: Path, name: str, full: bo
     return path
 
 
-def lmforge(*args: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def lmforge(*args: str, extra_env: dict | None = None, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     command = [sys.executable, "-m", "lmforge", "train", *args]
@@ -581,3 +581,33 @@ def test_an_epoch_takes_fewer_optimizer_steps_on_more_processes(tmp_path, monkey
     assert optimizer_steps(config, 100) == 50
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert optimizer_steps(config, 100) == 26  # 13 global batches of 8 per epoch
+
+
+FAILING_REWARD = """
+import os
+
+def fails_on_rank_1(prompts, completions, **fields):
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("rank 1 cannot score")
+    return [0.0] * len(completions)
+"""
+
+
+@pytest.mark.xdist_group("distributed")
+def test_a_failing_process_ends_the_whole_job_with_its_error(tmp_path, base_dir, alpaca_file) -> None:
+    """A reward function that raises in process 1 only: the job ends (no hang waiting for the
+    failed process at the next collective), non-zero, with that process's error and rank."""
+    (tmp_path / "flaky_rewards.py").write_text(FAILING_REWARD)
+    raw = sft_config(base_dir, alpaca_file, tmp_path / "run", max_steps=4, batch_size=4)
+    raw["method"] = {
+        "name": "grpo",
+        "rewards": [{"function": "flaky_rewards:fails_on_rank_1"}],
+        "sampling": {"num_generations": 4, "max_completion_length": 4},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    job = lmforge(str(path), "--nproc", "2", extra_env={"PYTHONPATH": str(tmp_path)})
+    output, _ = job.communicate(timeout=180)
+    assert job.returncode != 0
+    assert "error (rank 1): reward fails_on_rank_1 raised RuntimeError: rank 1 cannot score" in output
+    assert not (tmp_path / "run" / "adapter").exists()
