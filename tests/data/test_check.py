@@ -151,3 +151,42 @@ def test_a_fatal_error_prints_only_the_error(tmp_path, args, message):
     assert message in result.output, result.output
     assert result.output.startswith("error:") and result.output.count("error:") == 1, result.output
     assert "data check (for a stage" not in result.output and "records in" not in result.output
+
+
+def test_check_counts_tool_calls_and_reports_malformed_tool_records(tmp_path, base_dir):
+    """Tool-use records (docs/tools.md): calls and results counted; arguments that are not JSON,
+    a call to a tool the record does not offer and a result with no call reported per record."""
+    tools = [{"name": "add", "parameters": {"type": "object"}}]
+
+    def chat(call_arguments, name="add", result=True):
+        messages = [
+            {"role": "user", "content": "2+3?"},
+            {"role": "assistant", "tool_calls": [{"function": {"name": name, "arguments": call_arguments}}]},
+        ]
+        return {
+            "tools": tools,
+            "messages": messages
+            + ([{"role": "tool", "content": "5"}] if result else [])
+            + [{"role": "assistant", "content": "5"}],
+        }
+
+    records = [
+        chat({"a": 2, "b": 3}),
+        chat('{"a": 2, "b": 3}'),
+        chat("{a: 2}"),  # not JSON
+        chat({"a": 2}, name="mul"),  # not among the tools
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "5"}]},  # no call
+    ]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    command = ["data", "check", str(path), "--model", str(base_dir), "--template", "qwen2.5"]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1, result.output
+    out = result.output
+    flat = " ".join(out.split())  # rich wraps long lines
+    assert "3 records · 3 calls · 3 results" in flat
+    assert "line 3: messages[1]: `tool_calls[0].arguments` is not valid JSON" in flat
+    assert "line 4 calls `mul` (turn 1), which is not among its tools (add)" in flat
+    assert "line 5: messages has a tool result with no tool call before it" in flat
+    line = next(line for line in out.splitlines() if "calls to a tool not in" in line)
+    assert "1" in line.split()

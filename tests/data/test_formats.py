@@ -13,6 +13,7 @@ from lmforge.config.data import Columns, DataConfig, Tags
 from lmforge.data.files import DataError, read_records
 from lmforge.data.formats import Example, problems, to_example
 from lmforge.data.loader import load_examples
+from lmforge.data.templates import ToolCall
 
 
 def write(tmp_path, name, content):
@@ -65,7 +66,7 @@ def test_custom_sharegpt_tags_and_tool_turns(tmp_path):
     record = {
         "dialog": [
             {"who": "person", "text": "call it"},
-            {"who": "tool_call", "text": "f()"},
+            {"who": "tool_call", "text": '{"name": "f", "arguments": {}}'},
             {"who": "tool", "text": "42"},
             {"who": "bot", "text": "it is 42"},
         ]
@@ -79,7 +80,13 @@ def test_custom_sharegpt_tags_and_tool_turns(tmp_path):
         function_tag="tool_call",
     )
     ex = to_example(record, "r", "sharegpt", Columns(messages="dialog"), tags)
-    assert ex.turns == (("call it", "f()"), ("42", "it is 42"))
+    # The call is the first answer's tool call and the tool's output the next turn's results
+    # (docs/tools.md), not assistant and user text.
+    assert ex.turns == (("call it", ""), ("", "it is 42"))
+    assert ex.calls == {0: (ToolCall("f", {}),)} and ex.results == {1: ("42",)}
+    record["dialog"][1]["text"] = "f()"
+    with pytest.raises(DataError, match=r"r: dialog\[1\]: `text` is not valid JSON"):
+        to_example(record, "r", "sharegpt", Columns(messages="dialog"), tags)
 
 
 @pytest.mark.parametrize(

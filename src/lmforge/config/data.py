@@ -26,7 +26,9 @@ class Columns(Section):
     chosen: str | None = Field(None, description="Preferred response (default `chosen`).")
     rejected: str | None = Field(None, description="Dispreferred response (default `rejected`).")
     kto_tag: str | None = Field(None, description="KTO desirability boolean (default `label` or `kto_tag`).")
-    tools: str | None = Field(None, description="Tool descriptions (read by LLaMA-Factory; not used yet).")
+    tools: str | None = Field(
+        None, description="The functions a record offers: a list or JSON string of schemas (default `tools`)."
+    )
 
 
 class Tags(Section):
@@ -37,8 +39,10 @@ class Tags(Section):
     user_tag: str = Field("human", description="Speaker name of the user.")
     assistant_tag: str = Field("gpt", description="Speaker name of the assistant.")
     system_tag: str = Field("system", description="Speaker name of a system message.")
-    observation_tag: str = Field("observation", description="Tool result speaker (treated as user).")
-    function_tag: str = Field("function_call", description="Tool call speaker (treated as assistant).")
+    observation_tag: str = Field("observation", description="Speaker of a tool's result (docs/tools.md).")
+    function_tag: str = Field(
+        "function_call", description="Speaker of the assistant's tool call; its text is the call's JSON."
+    )
 
 
 class DatasetSource(Section):

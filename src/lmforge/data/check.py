@@ -36,6 +36,9 @@ PROBLEM_NAMES = {
     "image_mismatch": "image/placeholder mismatches",
     "missing_image": "missing image files",
     "image_cut": "images cut by max_length",
+    "unknown_tool": "calls to a tool not in the record's tools",
+    "tools_unsupported": "tool records for a stage that drops them",
+    "template": "records the chat template cannot write",
 }
 
 
@@ -50,6 +53,9 @@ class CheckReport:
     truncated: int = 0
     no_trainable: int = 0
     samples: list[list[tuple[str, bool]]] = field(default_factory=list)  # (text, trained) pieces
+    tool_records: int = 0  # records offering tools or making calls
+    tool_calls: int = 0
+    tool_results: int = 0
 
     @property
     def errors(self) -> int:
@@ -162,12 +168,17 @@ def check_data(
                     continue
                 example = prepare(example, data, rng)
                 report.kinds[example.kind] += 1
+                report.tool_records += int(example.uses_tools)
+                report.tool_calls += sum(len(calls) for calls in example.calls.values())
+                report.tool_results += sum(len(results) for results in example.results.values())
                 found = problems(example, needs)
                 for code, message in found:
                     report.note(code, f"{where} {message}")
-                _measure(
-                    example, report, tokenizer, template, data.max_length, data.train_on, not found, vision
-                )
+                cut = data.max_length, data.train_on
+                try:
+                    _measure(example, report, tokenizer, template, *cut, not found, vision)
+                except ValueError as exc:  # the template cannot write it (tools without a tool format)
+                    report.note("template", f"{where}: {exc}")
         except DataError as exc:  # a file that cannot be read on: broken JSON file, bad encoding
             if not report.records[resolved.name]:
                 raise
@@ -182,6 +193,11 @@ def print_report(report: CheckReport, console: Console, unit: str = "tokens") ->
     for name, count in report.records.items():
         table.add_row(f"records in {name}", str(count))
     table.add_row("kinds", ", ".join(f"{k}: {v}" for k, v in report.kinds.items()) or "-")
+    if report.tool_records:
+        table.add_row(
+            "tool use",
+            f"{report.tool_records} records · {report.tool_calls} calls · {report.tool_results} results",
+        )
     if report.lengths:
         table.add_row(
             f"length ({unit})",

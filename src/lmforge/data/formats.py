@@ -6,9 +6,11 @@ Layouts (`data.format`):
   `kto_tag` for KTO; no `output` at all for a prompt-only record. Seq2seq pairs
   `{"source": …, "target": …}` read the same way (source = instruction, target = output).
 * sharegpt: a `conversations` list of `{from, value}` messages (role names configurable through
-  `tags`, LLaMA-Factory style); observation/function turns count as user/assistant.
+  `tags`, LLaMA-Factory style); a `function_call` turn is the assistant's tool call (its text the
+  call's JSON), an `observation` turn the tool's result; `tools` lists the functions offered.
 * messages: OpenAI-style `messages` of `{role, content}`; content may be a list of parts
-  (`{"type": "text", "text": …}` / `{"type": "image"}`).
+  (`{"type": "text", "text": …}` / `{"type": "image"}`); assistant messages may carry
+  `tool_calls` and `tool` messages their results (docs/tools.md).
 * prompt: TRL style `prompt` (string or messages) with `completion`, `chosen`/`rejected`, `label`,
   or nothing (prompt-only, for PPO/GRPO: the other fields become reference answers). GSM8K-style
   `question`/`answer` records read the same way: `question` is the prompt, `answer` the reference.
@@ -30,7 +32,8 @@ from typing import Any
 
 from lmforge.config.data import Columns, Tags
 from lmforge.data.files import DataError, inside
-from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
+from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation, ToolCall
+from lmforge.data.tools import read_function_call, read_tool_calls, read_tools, tool_name
 
 OPENAI_TAGS = Tags(
     role_tag="role", content_tag="content", user_tag="user", assistant_tag="assistant", observation_tag="tool"
@@ -56,6 +59,9 @@ class Example:
     class_label: Any = None  # classification: the record's `label` as given (see `class_label`)
     where: str = ""
     fields: tuple[str, ...] = field(default=(), compare=False)  # the record's keys, for messages
+    tools: tuple[dict[str, Any], ...] = ()  # tool use: see `Conversation`
+    calls: dict[int, tuple[ToolCall, ...]] = field(default_factory=dict)
+    results: dict[int, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def kind(self) -> str:
@@ -65,9 +71,13 @@ class Example:
             return "preference"
         if self.label is not None:
             return "kto"
-        if not self.turns[-1][1]:
+        if not self.turns[-1][1] and (len(self.turns) - 1) not in self.calls:
             return "prompt"
         return "sft"
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools or self.calls or self.results)
 
     @property
     def prompt(self) -> str:
@@ -82,7 +92,9 @@ class Example:
         turns = list(self.turns)
         if response is not None:
             turns[-1] = (turns[-1][0], response)
-        return Conversation(turns=turns, system=self.system)
+        return Conversation(
+            turns=turns, system=self.system, tools=self.tools, calls=self.calls, results=self.results
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,67 +168,117 @@ def detect_tags(messages: list[Any]) -> Tags:
     return OPENAI_TAGS if "role" in first else Tags()
 
 
-def _messages(value: Any, where: str, key: str, tags: Tags | None) -> list[tuple[str, str]]:
-    """(role, text) with role in system/user/assistant, from a message list in any tag style."""
+class Message(tuple):
+    """(role, text, calls): role is system, user, assistant or tool; calls an assistant's tool calls."""
+
+    def __new__(cls, role: str, text: str, calls: tuple[ToolCall, ...] = ()) -> Message:
+        return super().__new__(cls, (role, text, calls))
+
+
+def _messages(value: Any, where: str, key: str, tags: Tags | None) -> list[Message]:
+    """The messages of a list in any tag style, tool calls and results included."""
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: `{key}` must be a non-empty list of messages")
     tags = tags or detect_tags(value)
     roles = {
         tags.user_tag: "user",
-        tags.observation_tag: "user",
+        tags.observation_tag: "tool",
         tags.assistant_tag: "assistant",
-        tags.function_tag: "assistant",
+        tags.function_tag: "function_call",
         tags.system_tag: "system",
     }
     out = []
     for i, message in enumerate(value):
-        if not isinstance(message, dict) or tags.role_tag not in message or tags.content_tag not in message:
+        at = f"{where}: {key}[{i}]"
+        calls_given = isinstance(message, dict) and message.get("tool_calls") not in (None, [])
+        if (
+            not isinstance(message, dict)
+            or tags.role_tag not in message
+            or (tags.content_tag not in message and not calls_given)
+        ):
             raise DataError(
-                f"{where}: {key}[{i}] must be an object with `{tags.role_tag}` and `{tags.content_tag}` "
+                f"{at} must be an object with `{tags.role_tag}` and `{tags.content_tag}` "
                 "(set the dataset's tags if your messages use other keys)"
             )
         role = message[tags.role_tag]
         if not isinstance(role, str) or role not in roles:
             raise DataError(
-                f"{where}: {key}[{i}] has role `{role}`; expected one of {', '.join(map(str, roles))} "
+                f"{at} has role `{role}`; expected one of {', '.join(map(str, roles))} "
                 "(set the dataset's tags if your roles have other names)"
             )
-        out.append((roles[role], _message_text(message[tags.content_tag], f"{where}: {key}[{i}]")))
+        content = message.get(tags.content_tag)
+        if roles[role] == "function_call":  # LLaMA-Factory: the turn's text is the call's JSON
+            out.append(Message("assistant", "", read_function_call(content, at, tags.content_tag)))
+            continue
+        calls = (
+            read_tool_calls(message.get("tool_calls"), at, "tool_calls") if roles[role] == "assistant" else ()
+        )
+        text = "" if content is None and calls else _message_text(content, at)
+        out.append(Message(roles[role], text, calls))
     return out
 
 
-def _turns(messages: list[tuple[str, str]], where: str, key: str) -> tuple[str | None, list[tuple[str, str]]]:
-    """(system, turns) from role/text pairs; a trailing user message becomes a turn with no answer."""
-    system = None
+@dataclass
+class Turns:
+    """A message list as turns (`Example.turns`), with the tool calls and results of each."""
+
+    system: str | None
+    turns: list[tuple[str, str]]
+    calls: dict[int, tuple[ToolCall, ...]] = field(default_factory=dict)
+    results: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _turns(messages: list[Message], where: str, key: str) -> Turns:
+    """Turns from messages: a user message, or the tool results answering the previous turn's
+    calls, then the assistant's answer; a trailing user message (or results) becomes a turn with
+    no answer."""
+    out = Turns(None, [])
     if messages and messages[0][0] == "system":
-        system = messages[0][1]
+        out.system = messages[0][1]
         messages = messages[1:]
-    turns: list[tuple[str, str]] = []
     pending: str | None = None
-    for i, (role, text) in enumerate(messages):
+    results: list[str] = []
+    for i, (role, text, calls) in enumerate(messages):
         if role == "system":
             raise DataError(f"{where}: {key} has a system message after the start; only the first may be")
-        if role == "user":
-            if pending is not None:
+        if role == "tool":
+            if pending is not None or not (out.turns and (len(out.turns) - 1) in out.calls):
+                raise DataError(
+                    f"{where}: {key} has a tool result with no tool call before it (message {i}); a "
+                    "tool message follows an assistant message with `tool_calls` (or a function_call)"
+                )
+            results.append(text)
+            if len(results) > len(out.calls[len(out.turns) - 1]):
+                raise DataError(
+                    f"{where}: {key} has more tool results than the calls before them (message {i})"
+                )
+        elif role == "user":
+            if pending is not None or results:
                 raise DataError(
                     f"{where}: {key} has two user messages in a row (message {i}); user and assistant "
                     "must alternate"
                 )
             pending = text
         else:
-            if pending is None:
-                what = "two assistant messages in a row" if turns else "an assistant message first"
+            if pending is None and not results:
+                what = "two assistant messages in a row" if out.turns else "an assistant message first"
                 raise DataError(
                     f"{where}: {key} has {what} (message {i}); user and assistant must alternate, "
-                    "starting with the user"
+                    "starting with the user (tool results may stand for the user after a tool call)"
                 )
-            turns.append((pending, text))
-            pending = None
-    if pending is not None:
-        turns.append((pending, ""))
-    if not turns:
+            if results:
+                out.results[len(out.turns)] = tuple(results)
+            if calls:
+                out.calls[len(out.turns)] = calls
+            out.turns.append((pending or "", text))
+            pending, results = None, []
+    if results:
+        out.results[len(out.turns)] = tuple(results)
+    if pending is not None or results:
+        out.turns.append((pending or "", ""))
+    if not out.turns:
         raise DataError(f"{where}: `{key}` holds no user message")
-    return system, turns
+    return out
 
 
 def _response(value: Any, where: str, key: str, tags: Tags | None) -> str:
@@ -225,9 +287,9 @@ def _response(value: Any, where: str, key: str, tags: Tags | None) -> str:
         value = [value]
     if isinstance(value, list):
         parsed = _messages(value, where, key, tags)
-        if any(role != "assistant" for role, _ in parsed):
-            raise DataError(f"{where}: `{key}` must hold only assistant messages")
-        return "".join(text for _, text in parsed)
+        if any(role != "assistant" or calls for role, _, calls in parsed):
+            raise DataError(f"{where}: `{key}` must hold only assistant messages (without tool calls)")
+        return "".join(text for _, text, _ in parsed)
     return _text(value, where, key)
 
 
@@ -288,14 +350,14 @@ def _kto_label(record: dict[str, Any], key: str | None, where: str) -> bool | No
 def _finish(
     record: dict[str, Any],
     used: set[str],
-    turns: list[tuple[str, str]],
-    system: str | None,
+    parsed: Turns,
     columns: Columns,
     tags: Tags | None,
     where: str,
     root: Path | None,
 ) -> Example:
-    """Common tail: chosen/rejected, KTO label, images, reference fields."""
+    """Common tail: chosen/rejected, KTO label, images, tools, reference fields."""
+    turns, system = parsed.turns, parsed.system
     system_key = _column(record, columns.system, "system")
     if system_key is not None and record[system_key] not in (None, ""):
         system = _text(record[system_key], where, system_key)
@@ -317,7 +379,9 @@ def _finish(
     label = _kto_label(record, kto_key, where)
     image_key = _column(record, columns.images, "images", "image")
     images = _images(record, image_key, where, root)
-    used |= {k for k in (system_key, chosen_key, rejected_key, image_key, kto_key) if k}
+    tools_key = _column(record, columns.tools, "tools")
+    tools = read_tools(record[tools_key], where, tools_key) if tools_key else ()
+    used |= {k for k in (system_key, chosen_key, rejected_key, image_key, kto_key, tools_key) if k}
     reference = {k: v for k, v in record.items() if k not in used and v is not None}
     return Example(
         turns=tuple(turns),
@@ -327,6 +391,9 @@ def _finish(
         images=images,
         reference=reference,
         where=where,
+        tools=tools,
+        calls=parsed.calls,
+        results=parsed.results,
     )
 
 
@@ -354,7 +421,7 @@ def _alpaca(
         response = _text(record[response_key], where, response_key)
     turns.append((f"{instruction}\n{extra}" if extra else instruction, response))
     used = {prompt_key, query_key, history_key, response_key or ""}
-    return _finish(record, used, turns, None, columns, tags, where, root)
+    return _finish(record, used, Turns(None, turns), columns, tags, where, root)
 
 
 def _sharegpt(
@@ -363,8 +430,15 @@ def _sharegpt(
     key = _column(record, columns.messages, "conversations", "messages") or (
         columns.messages or "conversations"
     )
-    system, turns = _turns(_messages(record.get(key), where, key, tags), where, key)
-    return _finish(record, {key}, turns, system, columns, tags, where, root)
+    return _finish(
+        record,
+        {key},
+        _turns(_messages(record.get(key), where, key, tags), where, key),
+        columns,
+        tags,
+        where,
+        root,
+    )
 
 
 def _prompt_style(
@@ -378,16 +452,17 @@ def _prompt_style(
         return _implicit_prompt(record, columns, tags, where, root)
     value = record.get(prompt_key)
     if isinstance(value, list):
-        system, turns = _turns(_messages(value, where, prompt_key, tags), where, prompt_key)
-        if turns[-1][1]:
-            raise DataError(f"{where}: `{prompt_key}` must end with a user message")
+        parsed = _turns(_messages(value, where, prompt_key, tags), where, prompt_key)
+        if parsed.turns[-1][1] or (len(parsed.turns) - 1) in parsed.calls:
+            raise DataError(f"{where}: `{prompt_key}` must end with a user message (or tool results)")
     else:
-        system, turns = None, [(_text(value, where, prompt_key), "")]
+        parsed = Turns(None, [(_text(value, where, prompt_key), "")])
     response_key = _column(record, columns.response, "completion", "response")
     if response_key is not None and record[response_key] is not None:
+        turns = parsed.turns
         turns[-1] = (turns[-1][0], _response(record[response_key], where, response_key, tags))
         used.add(response_key)
-    return _finish(record, used, turns, system, columns, tags, where, root)
+    return _finish(record, used, parsed, columns, tags, where, root)
 
 
 def _implicit_prompt(
@@ -407,13 +482,12 @@ def _implicit_prompt(
             f"{where}: `chosen` and `rejected` must be the same conversation up to a user message, "
             "each ending with one assistant message (or give a separate `prompt`)"
         )
-    system, turns = _turns(chosen[:-1], where, "chosen")
-    turns[-1] = (turns[-1][0], chosen[-1][1])
+    parsed = _turns(chosen[:-1], where, "chosen")
+    parsed.turns[-1] = (parsed.turns[-1][0], chosen[-1][1])
     example = _finish(
         {k: v for k, v in record.items() if k not in ("chosen", "rejected")},
         set(),
-        turns,
-        system,
+        parsed,
         columns,
         tags,
         where,
@@ -506,10 +580,29 @@ def problems(example: Example, needs: str) -> list[tuple[str, str]]:
     """(code, message) for what makes this example unusable for a stage needing `needs` examples.
 
     Codes: wrong_kind, empty_response, identical_pair, empty_prompt, image_mismatch, missing_image,
-    missing_label, bad_label, empty_text.
+    missing_label, bad_label, empty_text, tools_unsupported, unknown_tool.
     """
     found: list[tuple[str, str]] = []
     kind = example.kind
+    if example.uses_tools and needs != "sft":
+        return [
+            (
+                "tools_unsupported",
+                "has tools, tool calls or tool results, which only method sft trains on so far "
+                "(docs/tools.md); this stage would drop them",
+            )
+        ]
+    offered = {tool_name(tool) for tool in example.tools}
+    for turn, calls in sorted(example.calls.items()):
+        for call in calls:
+            if example.tools and call.name not in offered:
+                found.append(
+                    (
+                        "unknown_tool",
+                        f"calls `{call.name}` (turn {turn + 1}), which is not among its tools "
+                        f"({', '.join(sorted(n for n in offered if n))}); add it to `tools` or fix the call",
+                    )
+                )
     if needs == "text":
         if kind == "text":
             return []

@@ -12,10 +12,12 @@ for every template, that both agree token for token.
 
 from __future__ import annotations
 
+import json
 import re
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -24,14 +26,96 @@ IMAGE_PLACEHOLDER = "<image>"  # where an image goes in a record's text
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """One function call an assistant turn makes: the function's name and its arguments (a JSON
+    object), and the call's id when the data gives one (OpenAI's `tool_calls[i].id`)."""
+
+    name: str
+    arguments: dict[str, Any]
+    id: str | None = None
+
+    def as_message(self) -> dict[str, Any]:
+        """The call as an OpenAI `tool_calls` entry (arguments as an object, as chat templates take)."""
+        function = {"name": self.name, "arguments": self.arguments}
+        call: dict[str, Any] = {"type": "function", "function": function}
+        return {"id": self.id, **call} if self.id else call
+
+
+@dataclass(frozen=True)
 class Conversation:
     """One normalised training record: an optional system prompt and (user, assistant) turns.
 
-    The last turn's assistant text may be empty for a generation prompt.
+    The last turn's assistant text may be empty for a generation prompt. Tool use (docs/tools.md):
+    `tools` are the JSON-schema functions offered to the model; `calls[i]` the function calls turn
+    i's answer makes after its text; `results[i]` the tool results that are turn i's user side
+    (what the tools returned for the previous turn's calls), in place of a user message.
     """
 
     turns: list[tuple[str, str]]
     system: str | None = None
+    tools: tuple[dict[str, Any], ...] = ()
+    calls: dict[int, tuple[ToolCall, ...]] = field(default_factory=dict)
+    results: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools or self.calls or self.results)
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation as OpenAI chat messages (what a Jinja chat template takes)."""
+        out: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
+        for i, (user, assistant) in enumerate(self.turns):
+            if i in self.results:
+                out += [{"role": "tool", "content": result} for result in self.results[i]]
+            else:
+                out.append({"role": "user", "content": user})
+            if i in self.calls:
+                calls = [call.as_message() for call in self.calls[i]]
+                out.append({"role": "assistant", "content": assistant, "tool_calls": calls})
+            elif assistant or i < len(self.turns) - 1:
+                out.append({"role": "assistant", "content": assistant})
+        return out
+
+
+def tool_json(value: Any) -> str:
+    """JSON as chat templates write it (transformers' `tojson`: no ASCII escaping, `, ` and `: `)."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a chat format writes tools, calls and results (Hermes-style: Qwen2.5's template).
+
+    The offered functions go in the system prompt (after the system text); each call is a
+    `<tool_call>` block of JSON after the answer's text; a turn of tool results is a user turn of
+    `<tool_response>` blocks."""
+
+    name: str = "hermes"
+
+    def system(self, system: str | None, tools: tuple[dict[str, Any], ...]) -> str:
+        listed = "".join("\n" + tool_json(tool) for tool in tools)
+        return (
+            (f"{system}\n\n" if system else "")
+            + "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+            + listed
+            + "\n</tools>\n\nFor each function call, return a json object with function name and "
+            "arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+            '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
+        )
+
+    def answer(self, content: str, calls: tuple[ToolCall, ...]) -> str:
+        blocks = [
+            f'<tool_call>\n{{"name": "{call.name}", "arguments": {tool_json(call.arguments)}}}\n</tool_call>'
+            for call in calls
+        ]
+        return "\n".join([content, *blocks] if content else blocks)
+
+    def results(self, results: tuple[str, ...]) -> str:
+        return "\n".join(f"<tool_response>\n{result}\n</tool_response>" for result in results)
+
+
+HERMES = ToolFormat()
 
 
 def split_encoding(
@@ -104,6 +188,7 @@ class ChatTemplate:
     image: str = IMAGE_PLACEHOLDER  # what a record's <image> placeholder becomes in the prompt
     generation_suffix: str = ""  # written after the prompt only when asking for an answer
     trim: bool = False  # strip whitespace around every message, as Llama-2's official template does
+    tools: ToolFormat | None = None  # how tools, calls and results are written (None: no tool format)
     aliases: tuple[str, ...] = field(default=())
 
     def _fill(self, pattern: str, tokenizer: PreTrainedTokenizerBase, content: str = "") -> str:
@@ -120,9 +205,22 @@ class ChatTemplate:
     ) -> list[tuple[str, str]]:
         """(prompt text, response text) per turn; joined they are the full conversation."""
         system = conversation.system if conversation.system is not None else self.default_system
+        if conversation.uses_tools:
+            if self.tools is None:
+                raise ValueError(
+                    f"data.template {self.name} has no format for tools and tool calls, and this data "
+                    "has them (docs/tools.md); use qwen2.5 or chatml (Hermes-style <tool_call>), or "
+                    "data.template: tokenizer with a tokenizer whose chat_template takes tools"
+                )
+            if conversation.tools:
+                system = self.tools.system(system, conversation.tools)
         pairs: list[tuple[str, str]] = []
         last = len(conversation.turns) - 1
         for i, (user, assistant) in enumerate(conversation.turns):
+            if i in conversation.results:
+                user = self.tools.results(conversation.results[i])  # type: ignore[union-attr]
+            if i in conversation.calls:
+                assistant = self.tools.answer(assistant, conversation.calls[i])  # type: ignore[union-attr]
             prompt = ""
             if i == 0:
                 prompt += self._fill(self.prefix, tokenizer)
@@ -187,6 +285,7 @@ class ChatTemplate:
             if self.strip_history_thinking
             else ""
         )
+        tool_system, tool_turn, tool_calls = self._tool_jinja()
         return (
             "{%- set system = none -%}"
             "{%- set msgs = messages -%}"
@@ -194,13 +293,15 @@ class ChatTemplate:
             "{%- set system = messages[0]['content'] -%}{%- set msgs = messages[1:] -%}"
             "{%- endif -%}"
             f"{{%- if system is none -%}}{{%- set system = {default} -%}}{{%- endif -%}}"
-            "{%- set ns = namespace(turn=0, last_user=0) -%}"
-            "{%- for m in msgs -%}{%- if m['role'] == 'user' -%}"
+            + tool_system
+            + "{%- set ns = namespace(turn=0, last_user=0, tool='', text='') -%}"
+            "{%- for m in msgs -%}{%- if m['role'] in ('user', 'tool') -%}"
             "{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
             "{%- set last_user = ns.last_user -%}"
             f"{{{{- {lit(self.prefix, 'content')} -}}}}"
-            "{%- for m in msgs -%}{%- set content = m['content'] -%}"
-            "{%- if m['role'] == 'user' -%}"
+            "{%- for m in msgs -%}{%- set content = m['content'] -%}{%- set role = m['role'] -%}"
+            + tool_turn
+            + "{%- if role == 'user' -%}"
             "{%- if ns.turn == 0 and system -%}"
             + (
                 f"{{{{- {lit(self.system, 'system')} -}}}}"
@@ -216,7 +317,8 @@ class ChatTemplate:
             )
             + f"{{{{- {lit(self.user, text)} -}}}}"
             "{%- set ns.turn = ns.turn + 1 -%}"
-            "{%- elif m['role'] == 'assistant' -%}"
+            "{%- elif role == 'assistant' -%}"
+            + tool_calls
             + history_strip
             + f"{{{{- {lit(self.assistant, text)} -}}}}"
             "{%- endif -%}{%- endfor -%}"
@@ -227,6 +329,40 @@ class ChatTemplate:
                 else ""
             )
         )
+
+    def _tool_jinja(self) -> tuple[str, str, str]:
+        """The Jinja pieces that write tools into the system prompt, a run of `tool` messages as one
+        user turn of results, and an assistant message's `tool_calls` (as `self.tools` does; "" for
+        a template without a tool format)."""
+        if self.tools is None:
+            return "", "", ""
+        probe = self.tools.system(None, ({"TOOLS": 0},)).split('\n{"TOOLS": 0}')
+        system = (
+            "{%- if tools -%}{%- set listed = namespace(text='') -%}{%- for tool in tools -%}"
+            "{%- set listed.text = listed.text + '\\n' + (tool | tojson) -%}{%- endfor -%}"
+            f"{{%- set system = ((system + '\\n\\n') if system else '') + {probe[0]!r} + listed.text + "
+            f"{probe[1]!r} -%}}{{%- endif -%}}"
+        )
+        turn = (
+            "{%- if role == 'tool' -%}"
+            "{%- set block = '<tool_response>\\n' + content + '\\n</tool_response>' -%}"
+            "{%- set ns.tool = (ns.tool + '\\n' + block) "
+            "if loop.index0 > 0 and msgs[loop.index0 - 1]['role'] == 'tool' else block -%}"
+            "{%- set content = ns.tool -%}"
+            "{%- set role = 'held' "
+            "if not loop.last and msgs[loop.index0 + 1]['role'] == 'tool' else 'user' -%}"
+            "{%- endif -%}"
+        )
+        calls = (
+            "{%- if m['tool_calls'] is defined and m['tool_calls'] -%}{%- set ns.text = content or '' -%}"
+            "{%- for call in m['tool_calls'] -%}"
+            "{%- set f = call['function'] if call['function'] is defined else call -%}"
+            "{%- set block = '<tool_call>\\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' + "
+            "(f['arguments'] | tojson) + '}\\n</tool_call>' -%}"
+            "{%- set ns.text = (ns.text + '\\n' + block) if ns.text else block -%}{%- endfor -%}"
+            "{%- set content = ns.text -%}{%- endif -%}"
+        )
+        return system, turn, calls
 
 
 @dataclass(frozen=True)
@@ -246,34 +382,58 @@ class TokenizerTemplate:
         return tokenizer.eos_token or ""
 
     def _render(
-        self, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], prompt: bool
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        messages: list[dict[str, Any]],
+        prompt: bool,
+        tools: tuple[dict[str, Any], ...] = (),
     ) -> str:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 "data.template is `tokenizer` but this tokenizer has no chat_template; "
                 "name a template instead (e.g. chatml)"
             )
-        if any(IMAGE_PLACEHOLDER in m["content"] for m in messages):
+        if any(IMAGE_PLACEHOLDER in (m["content"] or "") for m in messages):
             raise ValueError(
                 "data.template `tokenizer` cannot place images; use the model's named template "
                 "(e.g. qwen2-vl)"
             )
+        extra = {"tools": list(tools)} if tools else {}
         try:
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=prompt, **extra
+            )
         except Exception as exc:  # jinja2's TemplateError, raised by the template itself
             raise ValueError(f"the tokenizer's chat_template refused this conversation: {exc}") from None
 
     def segments(
         self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase
     ) -> list[tuple[str, str]]:
-        messages = [{"role": "system", "content": conversation.system}] if conversation.system else []
+        """Each turn's prompt (its user message or tool results, with the generation prompt) and
+        response (the answer, tool calls included), from renders of growing message lists."""
+        if conversation.uses_tools and "tools" not in (tokenizer.chat_template or ""):
+            raise ValueError(
+                "this tokenizer's chat_template has no tool format (it never reads `tools`), and this "
+                "data has tools or tool calls (docs/tools.md); use a named template with one (qwen2.5, "
+                "chatml)"
+            )
+        full_messages = Conversation(
+            turns=[(u, a or "x") for u, a in conversation.turns],  # every turn's answer, to split at
+            system=conversation.system,
+            calls=conversation.calls,
+            results=conversation.results,
+        ).messages()
+        messages: list[dict[str, Any]] = []
+        if conversation.system:
+            messages.append(full_messages.pop(0))
         pairs: list[tuple[str, str]] = []
-        done = ""
-        for user, assistant in conversation.turns:
-            messages.append({"role": "user", "content": user})
-            with_prompt = self._render(tokenizer, messages, True)
-            messages.append({"role": "assistant", "content": assistant})
-            full = self._render(tokenizer, messages, False)
+        done, tools = "", conversation.tools
+        for _, assistant in conversation.turns:
+            while full_messages[0]["role"] != "assistant":
+                messages.append(full_messages.pop(0))  # the user message, or the tool results
+            with_prompt = self._render(tokenizer, messages, True, tools)
+            messages.append({**full_messages.pop(0), "content": assistant})
+            full = self._render(tokenizer, messages, False, tools)
             if not (with_prompt.startswith(done) and full.startswith(with_prompt)):
                 raise ValueError(
                     "the tokenizer's chat_template rewrites earlier turns when a turn is added, so "
@@ -361,6 +521,7 @@ CHATML = ChatTemplate(
     assistant="{content}<|im_end|>",
     separator="\n",
     stop="<|im_end|>",
+    tools=HERMES,
 )
 _register(CHATML)
 # Qwen2.5 is ChatML with a default system prompt.
@@ -380,6 +541,7 @@ _register(
         name="qwen2-vl",
         default_system="You are a helpful assistant.",
         image="<|vision_start|><|image_pad|><|vision_end|>",
+        tools=None,  # Qwen2-VL's official template has no tool format
         aliases=("qwen2_vl",),
     )
 )
