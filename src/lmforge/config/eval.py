@@ -10,6 +10,7 @@ tasks:
   - {kind: multiple_choice, benchmark: mmlu, path: /data/mmlu, shots: 5}
   - {kind: generation, data: data/heldout.json, metrics: [exact_match, rouge, bleu]}
   - {kind: reasoning, data: gsm8k_test.jsonl}
+  - {kind: function_calling, data: tool_calls.jsonl}
   - {kind: multimodal, data: vqa/data.json}
   - {kind: suite, suite: general}
   - {kind: harness, tasks: [hellaswag]}
@@ -164,6 +165,17 @@ class ReasoningTask(TaskBase):
     _coerce = field_validator("data", mode="before")(_source)
 
 
+class FunctionCallingTask(TaskBase):
+    """Tool calls against expected ones (docs/tools.md): call/no-call, name, argument accuracy."""
+
+    kind: Literal["function_calling"]
+    data: DatasetSource = Field(
+        ..., description="Tool-use records whose last assistant turn holds the expected calls (or none)."
+    )
+
+    _coerce = field_validator("data", mode="before")(_source)
+
+
 class MultimodalTask(TaskBase):
     """Accuracy on image question/answer records (a vision-language model)."""
 
@@ -199,6 +211,7 @@ Task = Annotated[
     | MultipleChoiceTask
     | GenerationTask
     | ReasoningTask
+    | FunctionCallingTask
     | MultimodalTask
     | SuiteTask
     | HarnessTask,

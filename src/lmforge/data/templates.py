@@ -114,8 +114,35 @@ class ToolFormat:
     def results(self, results: tuple[str, ...]) -> str:
         return "\n".join(f"<tool_response>\n{result}\n</tool_response>" for result in results)
 
+    def parse(self, text: str) -> tuple[str, tuple[ToolCall, ...]]:
+        """(content, calls) of a generated answer: the text before its first `<tool_call>` block and
+        the calls of every block. Text whose blocks are not each a call's JSON (a name and an
+        object of arguments) comes back whole as content, with no calls."""
+        blocks = _TOOL_CALL.findall(text)
+        if not blocks:
+            return text, ()
+        calls = []
+        for block in blocks:
+            call = _json_object(block)
+            arguments = call.get("arguments", {}) if call else None
+            if isinstance(arguments, str):  # some models write the arguments as a JSON string
+                arguments = _json_object(arguments)
+            if call is None or not isinstance(call.get("name"), str) or not isinstance(arguments, dict):
+                return text, ()
+            calls.append(ToolCall(name=call["name"], arguments=arguments))
+        return text.split("<tool_call>", 1)[0].strip(), tuple(calls)
+
+
+def _json_object(text: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
 
 HERMES = ToolFormat()
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", flags=re.DOTALL)
 
 
 def split_encoding(
@@ -199,6 +226,9 @@ class ChatTemplate:
 
     def stop_token(self, tokenizer: PreTrainedTokenizerBase) -> str:
         return self._fill(self.stop, tokenizer)
+
+    def tool_format(self, tokenizer: PreTrainedTokenizerBase | None = None) -> ToolFormat | None:
+        return self.tools
 
     def segments(
         self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase
@@ -377,6 +407,11 @@ class TokenizerTemplate:
 
     name: str = "tokenizer"
     generation_suffix: str = ""  # the Jinja template writes its own generation prompt
+
+    def tool_format(self, tokenizer: PreTrainedTokenizerBase) -> ToolFormat | None:
+        """How the tokenizer's template writes calls, for reading them back from generated text:
+        Hermes-style when it writes `<tool_call>` blocks (Qwen2.5, Hermes, many ChatML models)."""
+        return HERMES if "<tool_call>" in (getattr(tokenizer, "chat_template", None) or "") else None
 
     def stop_token(self, tokenizer: PreTrainedTokenizerBase) -> str:
         return tokenizer.eos_token or ""

@@ -34,7 +34,8 @@ from lmforge.data.formats import Example
 from lmforge.evaluation.report import slug
 
 console = Console(stderr=True)
-GENERATING = ("generation", "reasoning", "multimodal", "suite")  # tasks that read `generation:` settings
+# Tasks that read the `generation:` settings.
+GENERATING = ("generation", "reasoning", "multimodal", "suite", "function_calling")
 
 
 @dataclass
@@ -63,7 +64,7 @@ def read_task_data(source: DatasetSource, dataset_dir: str, limit: int | None, t
                 raise ValueError(
                     f"{example.where}: a plain `text` record has no question for task {task.name}"
                 )
-            if reference_of(example) is None:
+            if reference_of(example) is None and task.kind != "function_calling":  # calls are its reference
                 raise ValueError(
                     f"{example.where}: no reference answer (an answer/output or an `answer` field) "
                     f"for task {task.name} to compare with"
@@ -185,6 +186,12 @@ def run_task(
         metrics = evaluate_reasoning(
             engine, examples, params, settings.batch_size, task.failures, settings.system
         )
+        return metrics, metrics.pop("_rows")
+    if task.kind == "function_calling":
+        from lmforge.evaluation.tools import evaluate_function_calls
+
+        examples = read_task_data(task.data, config.dataset_dir, task.limit, task)
+        metrics = evaluate_function_calls(engine, examples, params, settings.batch_size, settings.system)
         return metrics, metrics.pop("_rows")
     if task.kind == "multimodal":
         from lmforge.evaluation.multimodal import evaluate_multimodal

@@ -173,9 +173,16 @@ def done_lines(out: Path, truncate: bool = True) -> int:
 
 
 def prompt_conversation(example: Example, system: str | None = None) -> Conversation:
-    """The record's conversation up to its last user message (its answer left out); `system` for
-    records that have none."""
-    return Conversation(turns=[*example.turns[:-1], (example.prompt, "")], system=example.system or system)
+    """The record's conversation up to its last user message or tool results (its answer, and the
+    calls it makes, left out), with the record's tools; `system` for records that have none."""
+    last = len(example.turns) - 1
+    return Conversation(
+        turns=[*example.turns[:-1], (example.prompt, "")],
+        system=example.system or system,
+        tools=example.tools,
+        calls={turn: calls for turn, calls in example.calls.items() if turn < last},
+        results=example.results,
+    )
 
 
 def reference_of(example: Example) -> str | None:
