@@ -12,18 +12,11 @@ So arguments are not asserted here.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from lmforge.config import validate_config
+from helpers import train_tool_model
 from lmforge.config.eval import EvalConfig
-from lmforge.data.formats import to_example
-from lmforge.data.templates import get_template
-from lmforge.data.tool_task import eval_records, training_records
 from lmforge.evaluation.runner import evaluate
-from lmforge.methods import run
-from lmforge.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny
 
 
 def function_calling(model_dir, data, out) -> dict:
@@ -39,40 +32,10 @@ def function_calling(model_dir, data, out) -> dict:
 
 @pytest.mark.xdist_group("quickstart")
 def test_sft_on_tool_chats_learns_when_and_which_tool_to_call(tmp_path):
-    train, held = tmp_path / "train.json", tmp_path / "held.json"
-    records = training_records(800, seed=0)
-    train.write_text(json.dumps(records))
-    held.write_text(json.dumps(eval_records(100, seed=1)))
-    # A tokenizer trained on the rendered chats: the tools prompt merges into few tokens.
-    chatml, seed_tokenizer = get_template("chatml"), build_tiny_tokenizer(["x"], vocab_size=300)
-    texts = [
-        chatml.render(to_example(r, "r", "messages").conversation(), seed_tokenizer) for r in records[:300]
-    ]
-    tokenizer = build_tiny_tokenizer(texts, vocab_size=1200)
-    base = save_tiny(
-        build_tiny_llama(tokenizer, hidden_size=128, num_layers=2, num_heads=4, seed=0),
-        tokenizer,
-        tmp_path / "base",
-    )
-    config = {
-        "model": {"name_or_path": str(base)},
-        "adapter": {"method": "none"},
-        "data": {"path": str(train), "template": "chatml", "max_length": 512},
-        "train": {
-            "output_dir": str(tmp_path / "run"),
-            "max_steps": 200,
-            "batch_size": 8,
-            "lr": 3e-3,
-            "warmup_ratio": 0.05,
-            "logging_steps": 10,
-            "save_steps": 0,
-            "progress": False,
-            "tensorboard": False,
-        },
-    }
-    result = run(validate_config(config), quiet=True)
+    trained, held = train_tool_model(tmp_path)
+    base = tmp_path / "base"
     before = function_calling(base, held, tmp_path / "eval-base")
-    after = function_calling(result.artifact, held, tmp_path / "eval-trained")
+    after = function_calling(trained, held, tmp_path / "eval-trained")
     calls = f"call accuracy {before['call_accuracy']:.2f} -> {after['call_accuracy']:.2f}"
     names = f"name accuracy {before['name_accuracy']:.2f} -> {after['name_accuracy']:.2f}"
     print(f"{calls}; {names}; argument accuracy {after['argument_accuracy']:.2f}")

@@ -56,6 +56,7 @@ class Conversation:
     tools: tuple[dict[str, Any], ...] = ()
     calls: dict[int, tuple[ToolCall, ...]] = field(default_factory=dict)
     results: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    prefill: str = ""  # generation only: the text the answer starts with (a forced tool call)
 
     @property
     def uses_tools(self) -> bool:
@@ -113,6 +114,16 @@ class ToolFormat:
 
     def results(self, results: tuple[str, ...]) -> str:
         return "\n".join(f"<tool_response>\n{result}\n</tool_response>" for result in results)
+
+    def call_prefix(self, tokenizer: PreTrainedTokenizerBase, name: str | None = None) -> str:
+        """The start of a call block, to begin an answer with so that it must call (a tool, or the
+        function `name`): cut at the last token boundary of the written call within that start, so
+        the prompt ends where training's tokens did (a prompt ending inside a token reads as a
+        different text)."""
+        text = self.answer("", (ToolCall(name or "f", {}),))
+        wanted = len(f'<tool_call>\n{{"name": "{name}"') if name else len("<tool_call>")
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        return text[: max([end for _, end in offsets if end <= wanted], default=0)]
 
     def parse(self, text: str) -> tuple[str, tuple[ToolCall, ...]]:
         """(content, calls) of a generated answer: the text before its first `<tool_call>` block and
@@ -276,7 +287,8 @@ class ChatTemplate:
     def generation_prompt(self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> str:
         """The text to feed a model so it writes the last turn's answer."""
         segments = self.segments(conversation, tokenizer)
-        return "".join(p + r for p, r in segments[:-1]) + segments[-1][0] + self.generation_suffix
+        prompt = "".join(p + r for p, r in segments[:-1]) + segments[-1][0] + self.generation_suffix
+        return prompt + conversation.prefill
 
     def encode(
         self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase

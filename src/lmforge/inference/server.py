@@ -53,7 +53,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation
+from lmforge.data.templates import IMAGE_PLACEHOLDER, Conversation, ToolCall, ToolFormat, tool_json
 from lmforge.inference.engine import (
     Engine,
     Generation,
@@ -68,6 +68,7 @@ from lmforge.inference.engine import (
 from lmforge.inference.reasoning import MODES, ReasoningStream, prompt_opens_reasoning, split_reasoning
 
 MAX_N = 8  # answers per prompt
+MAX_TOOLS = 128  # functions offered per request (OpenAI's limit)
 MAX_ANSWERS = 64  # answers per request (prompts x n)
 MAX_TOP_LOGPROBS = 20  # chat: the likeliest tokens per position (OpenAI's limit)
 MAX_COMPLETION_LOGPROBS = 5  # completions: the same (OpenAI's limit)
@@ -100,9 +101,45 @@ class ContentPart(BaseModel):
     image_url: dict[str, str] | None = None
 
 
+class ToolFunction(BaseModel):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
 class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+
+
+class FunctionSpec(BaseModel):
+    model_config = {"extra": "allow"}  # strict, ... pass through to the template
+
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    name: str = Field(min_length=1, max_length=256)
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -151,6 +188,9 @@ class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolSpec] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # accepted; the model decides how many calls it writes
 
     def check(self) -> None:
         """The combinations a field's own bounds cannot say."""
@@ -158,6 +198,28 @@ class ChatRequest(SamplingFields):
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         if self.stream and self.logprobs:
             raise APIError(400, "logprobs are not streamed; ask without stream", param="logprobs")
+        choice = self.tool_choice
+        if choice not in (None, "none", "auto") and not self.tools:
+            raise APIError(400, "tool_choice needs tools to choose from", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+            t.function.name for t in self.tools or []
+        }:
+            raise APIError(
+                400, f"tool_choice names {choice.function.name!r}, which is not in tools", param="tool_choice"
+            )
+
+    def calling(self) -> bool:
+        """Whether the answer may call a tool: tools given and tool_choice is not none."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def prefill(self, form: ToolFormat, tokenizer) -> str:
+        """What the answer starts with: a call block for tool_choice required, the named
+        function's call for a named choice (the model cannot answer otherwise), else nothing."""
+        if self.tool_choice == "required":
+            return form.call_prefix(tokenizer)
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return form.call_prefix(tokenizer, self.tool_choice.function.name)
+        return ""
 
 
 class CompletionRequest(SamplingFields):
@@ -385,27 +447,106 @@ def conversation_of(
 def _conversation(
     messages: list[Message], served: Served, limits: Limits, images: list[Path]
 ) -> Conversation:
+    """The chat as lmforge's turns: a user message (or the tool results answering the previous
+    turn's calls), then the assistant's answer and its calls (docs/tools.md)."""
     system = None
     turns: list[tuple[str, str]] = []
+    calls: dict[int, tuple[ToolCall, ...]] = {}
+    results: dict[int, tuple[str, ...]] = {}
     pending: str | None = None
+    answered: list[str] = []  # tool results waiting for the next assistant message
     for i, message in enumerate(messages):
-        text = _text_and_images(message.content, served, limits, images, f"messages[{i}]")
+        where = f"messages[{i}]"
+        if message.content is None and not (message.role == "assistant" and message.tool_calls):
+            raise APIError(400, f"{where} has no content", param=where)
+        text = _text_and_images(message.content or "", served, limits, images, where)
         if message.role == "system":
             if turns or pending is not None:
-                raise APIError(400, "a system message must come first", param=f"messages[{i}]")
+                raise APIError(400, "a system message must come first", param=where)
             system = (system + "\n" if system else "") + text
         elif message.role == "user":
-            if pending is not None:
-                raise APIError(400, "two user messages in a row; merge them", param=f"messages[{i}]")
+            if pending is not None or answered:
+                raise APIError(400, "two user messages in a row; merge them", param=where)
             pending = text
+        elif message.role == "tool":
+            asked = calls.get(len(turns) - 1, ())
+            if pending is not None or len(answered) >= len(asked):
+                raise APIError(
+                    400,
+                    "a tool message must answer a tool call of the assistant message before it",
+                    param=where,
+                )
+            answered.append(text)
         else:
-            if pending is None:
-                raise APIError(400, "an assistant message must follow a user message", param=f"messages[{i}]")
-            turns.append((pending, text))
-            pending = None
-    if pending is None:
-        raise APIError(400, "the last message must be the user's", param="messages")
-    return Conversation(turns=[*turns, (pending, "")], system=system)
+            if pending is None and not answered:
+                raise APIError(400, "an assistant message must follow a user or tool message", param=where)
+            if answered:
+                results[len(turns)] = tuple(answered)
+            if message.tool_calls:
+                calls[len(turns)] = tuple(
+                    _call_of(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(message.tool_calls)
+                )
+            turns.append((pending or "", text))
+            pending, answered = None, []
+    if pending is None and not answered:
+        raise APIError(400, "the last message must be the user's (or tool results)", param="messages")
+    if answered:
+        results[len(turns)] = tuple(answered)
+    return Conversation(turns=[*turns, (pending or "", "")], system=system, calls=calls, results=results)
+
+
+def _call_of(call: ToolCallIn, where: str) -> ToolCall:
+    arguments = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments or "{}")
+        except json.JSONDecodeError:
+            raise APIError(400, f"{where}.function.arguments is not valid JSON", param=where) from None
+    if not isinstance(arguments, dict):
+        raise APIError(400, f"{where}.function.arguments must be a JSON object", param=where)
+    return ToolCall(name=call.function.name, arguments=arguments, id=call.id)
+
+
+def with_tools(
+    conversation: Conversation, request: ChatRequest, served: Served
+) -> tuple[Conversation, ToolFormat | None]:
+    """The conversation with the request's tools (and a forced call's start), and the format its
+    calls are read back in; (conversation, None) when the answer may not call."""
+    uses = request.calling() or conversation.calls or conversation.results
+    if not uses:
+        return conversation, None
+    form = served.engine.template.tool_format(served.engine.tokenizer)
+    if form is None:
+        raise APIError(
+            400,
+            f"the served chat template ({served.engine.template.name}) has no tool format; serve with "
+            "--template qwen2.5 or chatml, or a tokenizer template that writes <tool_call> blocks",
+            param="tools",
+        )
+    if not request.calling():
+        return conversation, None
+    tools = tuple(t.model_dump(exclude_none=True) for t in request.tools or [])
+    prefill = request.prefill(form, served.engine.tokenizer)
+    return dataclasses.replace(conversation, tools=tools, prefill=prefill), form
+
+
+def tool_message(text: str, form: ToolFormat | None) -> tuple[dict[str, Any], bool]:
+    """(the assistant message's content and tool_calls, whether it calls) of an answer; an
+    answer whose call blocks cannot be read stays plain content."""
+    if form is None:
+        return {"content": text}, False
+    content, calls = form.parse(text)
+    if not calls:
+        return {"content": text}, False
+    listed = [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call.name, "arguments": tool_json(call.arguments)},
+        }
+        for call in calls
+    ]
+    return {"content": content or None, "tool_calls": listed}, True
 
 
 def _text_and_images(content, served: Served, limits: Limits, images: list[Path], where: str) -> str:
@@ -647,6 +788,7 @@ def create_app(
         served.check(request.model)
         conversation, images = conversation_of(request.messages, served, limits)
         try:
+            conversation, form = with_tools(conversation, request, served)
             params = request.params(
                 default_max_tokens, (request.top_logprobs or 0) if request.logprobs else None
             )
@@ -660,7 +802,7 @@ def create_app(
         if request.stream:
             job = batcher.submit_stream(request.model, conversation, images, params)
             return StreamingResponse(
-                _stream_chat(served, request, conversation, job, params, created, ident, reasoning),
+                _stream_chat(served, request, conversation, job, params, created, ident, reasoning, form),
                 media_type="text/event-stream",
             )
 
@@ -674,17 +816,20 @@ def create_app(
         opened = prompt_opens_reasoning(prompt)
         choices = []
         for index, result in enumerate(results):
-            message: dict[str, Any] = {"role": "assistant", "content": result.text}
+            text = conversation.prefill + result.text  # a forced call's start is the answer's too
+            message: dict[str, Any] = {"role": "assistant", "content": text}
             if reasoning != "show":
-                trace, message["content"] = split_reasoning(result.text, opened)
+                trace, message["content"] = split_reasoning(text, opened)
                 if trace is not None and reasoning == "separate":
                     message["reasoning_content"] = trace
+            said, calls = tool_message(message["content"], form)
+            message.update(said)
             logprobs = _chat_logprobs(served.engine, result) if request.logprobs else None
             choices.append(
                 {
                     "index": index,
                     "message": message,
-                    "finish_reason": result.finish_reason,
+                    "finish_reason": "tool_calls" if calls else result.finish_reason,
                     "logprobs": logprobs,
                 }
             )
@@ -932,10 +1077,12 @@ async def _stream_chat(
     created,
     ident,
     reasoning: str = "separate",
+    form: ToolFormat | None = None,
 ):
     """Server-sent events: a role chunk per choice, content chunks, a finish chunk per choice, the
     usage if asked for, [DONE]. A disconnect closes this generator, which stops this request's rows
-    of the batched generation."""
+    of the batched generation. An answer that may call a tool (`form`) is sent whole when it ends:
+    its calls as one `delta.tool_calls` (finish_reason tool_calls), or its text as content."""
     base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": request.model}
 
     def chunk(index: int, delta: dict, finish: str | None = None) -> str:
@@ -961,15 +1108,28 @@ async def _stream_chat(
 
     tokenizer = served.engine.tokenizer
     completion_tokens = 0
+    held = [conversation.prefill for _ in job.cancels]  # answers that may call, kept until they end
     try:
         for index in range(len(job.cancels)):
             yield chunk(index, {"role": "assistant", "content": ""})
         async for index, piece, end in _choice_texts(job.sink, job.cancels, params):
-            for event in deltas(index, piece, last=end is not None):
-                yield event
+            finish = end[1] if end is not None else None
+            if form is None:
+                for event in deltas(index, piece, last=end is not None):
+                    yield event
+            else:
+                held[index] += piece
+                if end is not None:
+                    said, calls = tool_message(split_reasoning(held[index], opened)[1], form)
+                    if calls:
+                        finish = "tool_calls"
+                        listed = [{"index": k, **call} for k, call in enumerate(said["tool_calls"])]
+                        yield chunk(index, {"content": said["content"], "tool_calls": listed})
+                    elif said["content"]:
+                        yield chunk(index, {"content": said["content"]})
             if end is not None:
                 completion_tokens += end[0]
-                yield chunk(index, {}, end[1])
+                yield chunk(index, {}, finish)
     except Exception as error:  # the stream ends with the error, never a plain finish
         log.error("a streamed chat completion failed: %s", error, exc_info=error)
         yield _error_event(error)
