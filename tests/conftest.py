@@ -115,3 +115,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tool_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(model, held-out eval records) of the synthetic tool task, trained once per session (its
+    tests share the `quickstart` xdist group, so one worker trains it)."""
+    from helpers import train_tool_model
+
+    return train_tool_model(tmp_path_factory.mktemp("tool-model"))

@@ -392,9 +392,14 @@ def chat(
     image: Annotated[
         list[Path] | None, typer.Option(help="Image(s) for a vision-language model, with the first message.")
     ] = None,
+    tools: Annotated[
+        Path | None,
+        typer.Option(help="A JSON file of tool schemas to offer; you type each call's result."),
+    ] = None,
     traceback: Annotated[bool, TRACEBACK] = False,
 ) -> None:
     """Chat with a model (streaming, KV cache on), using the template it was trained with."""
+    from lmforge.data.tools import read_tools
     from lmforge.inference.chat import DEMO_PROMPTS, answer, interactive, with_images
     from lmforge.inference.engine import Engine, SamplingParams
 
@@ -433,7 +438,8 @@ def chat(
     if not sys.stdin.isatty():
         console.print("[dim]reading prompts from standard input, one per line[/]")
     try:
-        interactive(engine, params, system, images, hide_reasoning)
+        offered = read_tools(tools.read_text(encoding="utf-8"), str(tools), "tools") if tools else ()
+        interactive(engine, params, system, images, hide_reasoning, offered)
     except USER_ERRORS as exc:  # a generation that failed: one line, not a hang or a traceback
         _fail(exc, traceback)
 

@@ -12,7 +12,7 @@ import re
 import openai
 import pytest
 
-from helpers import http, serving, train_tool_model
+from helpers import http, serving
 from lmforge.data.tool_task import TOOLS
 from lmforge.inference.server import create_app, load_served
 
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.xdist_group("quickstart")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model, _ = train_tool_model(tmp_path_factory.mktemp("tool-model"))
+def server(tool_model):
+    model, _ = tool_model
     with serving(create_app(load_served(str(model), {}, name="tools"), KEY, 12)) as url:
         yield url
 
@@ -161,3 +161,35 @@ def test_an_unreadable_call_comes_back_as_content(tmp_path, tokenizer):
         ).choices[0]
     assert reply.message.tool_calls is None and reply.finish_reason == "length"
     assert reply.message.content.startswith('<tool_call>\n{"name": "add')
+
+
+def test_chat_shows_each_call_and_answers_with_the_typed_result(tool_model, tmp_path):
+    """`lmforge chat --tools FILE`: the model's call is shown, the user types its result, and the
+    model answers with it in the history; a greeting is answered without a call."""
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    model, _ = tool_model
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps(TOOLS))
+    command = [
+        "chat",
+        "--model",
+        str(model),
+        "--tools",
+        str(tools),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "48",
+    ]
+    typed = "What colour is a lime?\ngreen\n/reset\nGood morning!\n/exit\n"
+    result = CliRunner().invoke(app, command, input=typed)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.count("tool call: colour(") == 1 and "result of colour:" in out
+    assert out.count("assistant") == 3  # the call, the answer after the result, the greeting's answer
+    assert "Hello! How can I help?" in out
+    refused = CliRunner().invoke(app, [*command, "--template", "llama3"], input="hi\n/exit\n")
+    assert refused.exit_code == 1 and "has no tool format" in refused.output

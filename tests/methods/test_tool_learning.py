@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import pytest
 
-from helpers import train_tool_model
 from lmforge.config.eval import EvalConfig
 from lmforge.evaluation.runner import evaluate
 
@@ -31,9 +30,9 @@ def function_calling(model_dir, data, out) -> dict:
 
 
 @pytest.mark.xdist_group("quickstart")
-def test_sft_on_tool_chats_learns_when_and_which_tool_to_call(tmp_path):
-    trained, held = train_tool_model(tmp_path)
-    base = tmp_path / "base"
+def test_sft_on_tool_chats_learns_when_and_which_tool_to_call(tmp_path, tool_model):
+    trained, held = tool_model
+    base = held.parent / "base"
     before = function_calling(base, held, tmp_path / "eval-base")
     after = function_calling(trained, held, tmp_path / "eval-trained")
     calls = f"call accuracy {before['call_accuracy']:.2f} -> {after['call_accuracy']:.2f}"
