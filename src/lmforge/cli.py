@@ -102,6 +102,7 @@ def train(
     except USER_ERRORS as exc:
         _fail(exc, traceback)
         return
+    distributed.finish()
     if not distributed.is_main():
         return
     if result_file is not None:

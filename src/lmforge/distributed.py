@@ -70,6 +70,17 @@ def start(device: str) -> None:
     PartialState(cpu=device == "cpu")
 
 
+def finish() -> None:
+    """Leave the process group once every process is done: before the interpreter exits, so that
+    no communication thread is left running at shutdown (a process exiting with gloo's threads
+    alive can abort with "terminate called without an active exception")."""
+    if _group_ready():
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _group_ready() -> bool:
     import torch.distributed as dist
 

@@ -130,6 +130,8 @@ def test_only_the_main_process_prints(two_processes) -> None:
     assert "launching: torchrun --nproc-per-node=2 --standalone -m lmforge train" in output
     for line in ("train data:", "parameters:", "saved adapter", "done: 24 steps"):
         assert output.count(line) == 1, line
+    # The global batch: per process x processes x accumulation.
+    assert output.count("batch: 2 per process x 2 processes x 1 accumulation = 4 examples per step") == 1
     assert "error" not in output
 
 
@@ -611,3 +613,69 @@ def test_a_failing_process_ends_the_whole_job_with_its_error(tmp_path, base_dir,
     assert job.returncode != 0
     assert "error (rank 1): reward fails_on_rank_1 raised RuntimeError: rank 1 cannot score" in output
     assert not (tmp_path / "run" / "adapter").exists()
+
+
+def run_both(tmp_path: Path, raw_for) -> dict[str, Path]:
+    """One process of batch 4 and two of batch 2, each run from `raw_for(name, batch)`."""
+    runs = {}
+    for name, batch, launch in (("one", 4, []), ("two", 2, ["--nproc", "2"])):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw_for(name, batch)))
+        finished(lmforge(str(path), *launch))
+        runs[name] = tmp_path / name
+    return runs
+
+
+@pytest.mark.xdist_group("distributed")
+@pytest.mark.parametrize("stage", ["pretrain", "sft_vision", "dpo_vision", "sft_seq2seq"])
+def test_pretraining_vision_and_seq2seq_stages_on_two_processes_train_as_one(
+    tmp_path, base_dir, tokenizer, vlm_dir, stage
+) -> None:
+    """Pre-training on text, a vision-language model's SFT and DPO (images in the batches), and an
+    encoder-decoder's SFT: losses and trained weights of 6 steps, 2 x batch 2 against 1 x 4."""
+    from lmforge.data.shapes import COLOURS, write_shapes_task
+    from lmforge.models.tiny import build_tiny_t5, save_tiny
+
+    folder = tmp_path / "data"
+    if stage == "pretrain":
+        data = folder / "text.json"
+        folder.mkdir()
+        texts = [{"text": f"the cat sat on mat {i} and {i * 7 % 10}"} for i in range(400)]
+        data.write_text(json.dumps(texts))  # more packed blocks than 6 steps take: no epoch wraps
+    elif stage == "sft_seq2seq":
+        data = folder / "pairs.json"
+        folder.mkdir()
+        data.write_text(json.dumps([{"source": f"{i:03d}", "target": f"{i:03d}"} for i in range(48)]))
+    else:
+        data = write_shapes_task(folder, 24)
+        if stage == "dpo_vision":
+            records = json.loads(data.read_text())
+            pairs = [
+                {
+                    "messages": r["messages"][:1],
+                    "chosen": r["messages"][1]["content"],
+                    "rejected": next(c for c in COLOURS if c != r["messages"][1]["content"]),
+                    "images": r["images"],
+                }
+                for r in records
+            ]
+            data = folder / "pairs.json"
+            data.write_text(json.dumps(pairs))
+    model = {"pretrain": base_dir, "sft_seq2seq": None}.get(stage, vlm_dir)
+    if model is None:
+        model = save_tiny(build_tiny_t5(tokenizer), tokenizer, tmp_path / "t5")
+
+    def raw_for(name: str, batch: int) -> dict:
+        raw = sft_config(model, data, tmp_path / name, max_steps=6, lr=5e-3, batch_size=batch)
+        raw["method"] = {"name": {"pretrain": "pretrain", "dpo_vision": "dpo"}.get(stage, "sft")}
+        if stage in ("sft_vision", "dpo_vision"):
+            raw["data"].update(template="qwen2-vl", max_length=128)
+            raw["adapter"].update(method="vision_lora", vision_parts=["vision", "language"])
+        if stage == "sft_seq2seq":
+            del raw["data"]["template"]
+        return raw
+
+    runs = run_both(tmp_path, raw_for)
+    assert len(losses(runs["two"])) == 6
+    assert losses(runs["two"]) == pytest.approx(losses(runs["one"]), rel=TOLERANCE, abs=TOLERANCE)
+    assert_same_weights(runs["two"] / "adapter", runs["one"] / "adapter", 1e-4)

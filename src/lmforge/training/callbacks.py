@@ -387,6 +387,13 @@ PEAK_LABELS = {
 }
 
 
+def batch_summary(train: TrainConfig) -> str:
+    """What one optimizer step takes: train.batch_size per process x processes x grad_accum."""
+    processes, per_step = world_size(), train.batch_size * train.grad_accum * world_size()
+    spread = f" per process x {processes} processes" if processes > 1 else ""
+    return f"{train.batch_size}{spread} x {train.grad_accum} accumulation = {per_step} examples per step"
+
+
 class MemoryReport:
     """The estimated peak memory printed when training starts; the measured peaks (process RSS,
     CUDA/XPU allocations during training) printed when it ends and appended to metrics.jsonl with
@@ -452,6 +459,8 @@ class MemoryReportCallback(TrainerCallback):
         self.report = MemoryReport(*args, **kwargs)
 
     def on_train_begin(self, args, state, control, **kw):
+        if state.is_world_process_zero and not self.report.quiet:  # the global batch, then memory
+            console.print(f"[bold]batch[/]: {batch_summary(self.report.train)}")
         self.report.start(args.device, state.is_world_process_zero)
 
     def on_train_end(self, args, state, control, optimizer=None, **kw):
