@@ -105,12 +105,24 @@ def save_artifact(
     `model-0000i-of-0000n.safetensors` files plus an index; None keeps transformers' default.
     `state_dict`: the weights to write when the model's own are shards (FSDP, ZeRO-3)."""
     with atomic_folder(Path(dest)) as tmp:
-        weights = {"max_shard_size": max_shard_size, "state_dict": state_dict}
-        _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_processor, weights)
+        _fill(
+            tmp,
+            model,
+            tokenizer,
+            template,
+            kind,
+            config,
+            card_extra,
+            image_processor,
+            max_shard_size,
+            state_dict,
+        )
     return Path(dest)
 
 
-def _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_processor, weights: dict) -> None:
+def _fill(
+    tmp, model, tokenizer, template, kind, config, card_extra, image_processor, max_shard_size, state_dict
+) -> None:
     """Write the artifact's files into the temporary folder."""
     stop_id = tokenizer.convert_tokens_to_ids(template.stop_token(tokenizer))
     generation_config = getattr(model, "generation_config", None)
@@ -123,7 +135,10 @@ def _fill(tmp, model, tokenizer, template, kind, config, card_extra, image_proce
         # Convert PiSSA (trained against the residual base) to a LoRA of the original base.
         init = Path(config.train.output_dir) / "pissa_init"
         extra["path_initial_model_for_weight_conversion"] = str(init)
-    extra.update({key: value for key, value in weights.items() if value is not None})
+    if max_shard_size is not None:
+        extra["max_shard_size"] = max_shard_size
+    if state_dict is not None:
+        extra["state_dict"] = state_dict
     model.save_pretrained(tmp, safe_serialization=True, **extra)
     tokenizer.chat_template = template.jinja(tokenizer)
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -174,9 +174,17 @@ def check_data(
                 found = problems(example, needs)
                 for code, message in found:
                     report.note(code, f"{where} {message}")
-                cut = data.max_length, data.train_on
                 try:
-                    _measure(example, report, tokenizer, template, *cut, not found, vision)
+                    _measure(
+                        example,
+                        report,
+                        tokenizer,
+                        template,
+                        data.max_length,
+                        data.train_on,
+                        not found,
+                        vision,
+                    )
                 except ValueError as exc:  # the template cannot write it (tools without a tool format)
                     report.note("template", f"{where}: {exc}")
         except DataError as exc:  # a file that cannot be read on: broken JSON file, bad encoding

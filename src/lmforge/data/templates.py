@@ -378,6 +378,7 @@ class ChatTemplate:
         a template without a tool format)."""
         if self.tools is None:
             return "", "", ""
+        # The fixed text around the tools list, from the Python format itself (one source).
         probe = self.tools.system(None, ({"TOOLS": 0},)).split('\n{"TOOLS": 0}')
         system = (
             "{%- if tools -%}{%- set listed = namespace(text='') -%}{%- for tool in tools -%}"

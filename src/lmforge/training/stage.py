@@ -148,7 +148,7 @@ def _load(config: RunConfig, task: str, quiet: bool, tokenizer, labels) -> tuple
         return model, hardware
     if task in ("causal", "reward"):
         sharded = config.train.distributed.shards_parameters
-        return load_causal_lm(config.model, True, None, quiet, task == "reward", sharded)
+        return load_causal_lm(config.model, quiet=quiet, reward=task == "reward", sharded=sharded)
     if task == "classify":
         assert labels is not None, "a classifier needs its labels"
         return load_classifier(config.model, labels, quiet=quiet)
