@@ -108,8 +108,10 @@ OFFICIAL_TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 OFFICIAL_SPECIAL = {
     "llama2": ("<s>", "</s>"),
     "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
+    "llama3.1": ("<|begin_of_text|>", "<|eot_id|>"),
     "mistral": ("<s>", "</s>"),
     "mistral-2023": ("<s>", "</s>"),
+    "mistral-v0.3": ("<s>", "</s>"),
     "qwen2.5": (None, "<|im_end|>"),
     "qwen2-vl": (None, "<|im_end|>"),
     "deepseek-r1": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),

@@ -69,11 +69,14 @@ def test_named_template_renders_the_official_tokens(tokenizer, name, index):
         conversation = Conversation(turns=conversation.turns)
     tok = official_tokenizer(tokenizer, name)
     template = get_template(name)
-    official = tok.apply_chat_template(as_messages(conversation), tokenize=False)
-    ours = template.render(conversation, tok) + TRAILER.get(name, "")
+    whole = conversation
+    if name == "mistral-v0.3":  # its official template writes the system prompt only when the
+        whole = Conversation(turns=conversation.turns)  # last message is a user's (tested below)
+    official = tok.apply_chat_template(as_messages(whole), tokenize=False)
+    ours = template.render(whole, tok) + TRAILER.get(name, "")
     assert ids(tok, ours) == ids(tok, official)
     # Training encodes segment by segment; the tokens still equal the official ones.
-    segment_ids = [i for prompt, response in template.encode(conversation, tok) for i in prompt + response]
+    segment_ids = [i for prompt, response in template.encode(whole, tok) for i in prompt + response]
     assert segment_ids + ids(tok, TRAILER.get(name, "")) == ids(tok, official)
 
     official_prompt = tok.apply_chat_template(

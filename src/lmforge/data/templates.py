@@ -67,7 +67,11 @@ class Conversation:
         out: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
         for i, (user, assistant) in enumerate(self.turns):
             if i in self.results:
-                out += [{"role": "tool", "content": result} for result in self.results[i]]
+                answered = self.calls.get(i - 1, ())
+                for j, result in enumerate(self.results[i]):
+                    call_id = answered[j].id if j < len(answered) else None
+                    message = {"role": "tool", "content": result}
+                    out.append({**message, "tool_call_id": call_id} if call_id else message)
             else:
                 out.append({"role": "user", "content": user})
             if i in self.calls:
@@ -78,22 +82,35 @@ class Conversation:
         return out
 
 
-def tool_json(value: Any) -> str:
+def tool_json(value: Any, indent: int | None = None) -> str:
     """JSON as chat templates write it (transformers' `tojson`: no ASCII escaping, `, ` and `: `)."""
-    return json.dumps(value, ensure_ascii=False)
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _function(tool: dict[str, Any]) -> dict[str, Any]:
+    """An offered tool's function schema, in either layout (OpenAI's wrapper or bare)."""
+    return tool["function"] if isinstance(tool.get("function"), dict) else tool
 
 
 @dataclass(frozen=True)
 class ToolFormat:
-    """How a chat format writes tools, calls and results (Hermes-style: Qwen2.5's template).
+    """How a chat format writes tools, calls and results. This base is Hermes-style (Qwen2.5's
+    template, ChatML): the offered functions go in the system prompt (after the system text); each
+    call is a `<tool_call>` block of JSON after the answer's text; a turn of tool results is a user
+    turn of `<tool_response>` blocks. The subclasses are Llama 3.1's and Mistral's formats.
 
-    The offered functions go in the system prompt (after the system text); each call is a
-    `<tool_call>` block of JSON after the answer's text; a turn of tool results is a user turn of
-    `<tool_response>` blocks."""
+    A format that cannot write something the data has (text beside a call, several calls in one
+    answer) raises ValueError naming it: the official template would drop it silently."""
 
     name: str = "hermes"
+    opening: str = "<tool_call>"  # how every calling answer starts (a forced call's prefill)
+    tools_at: str = "system"  # where the offered functions go: system, first_user or last_user
 
-    def system(self, system: str | None, tools: tuple[dict[str, Any], ...]) -> str:
+    def prepare(self, conversation: Conversation) -> Conversation:
+        """The conversation as this format writes it (Mistral: every call gets its id)."""
+        return conversation
+
+    def system(self, system: str | None, tools: tuple[dict[str, Any], ...]) -> str | None:
         listed = "".join("\n" + tool_json(tool) for tool in tools)
         return (
             (f"{system}\n\n" if system else "")
@@ -105,6 +122,14 @@ class ToolFormat:
             '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
         )
 
+    def before_user(self, tools: tuple[dict[str, Any], ...]) -> str:
+        """Text before the user turn that carries the tools (`tools_at` a user turn)."""
+        return ""
+
+    def user(self, user: str, tools: tuple[dict[str, Any], ...]) -> str:
+        """The text of the user turn that carries the tools (`tools_at` a user turn)."""
+        return user
+
     def answer(self, content: str, calls: tuple[ToolCall, ...]) -> str:
         blocks = [
             f'<tool_call>\n{{"name": "{call.name}", "arguments": {tool_json(call.arguments)}}}\n</tool_call>'
@@ -112,16 +137,17 @@ class ToolFormat:
         ]
         return "\n".join([content, *blocks] if content else blocks)
 
-    def results(self, results: tuple[str, ...]) -> str:
+    def results(self, results: tuple[str, ...], calls: tuple[ToolCall, ...]) -> str:
+        """A turn of tool results; `calls` are the calls they answer, in order."""
         return "\n".join(f"<tool_response>\n{result}\n</tool_response>" for result in results)
 
     def call_prefix(self, tokenizer: PreTrainedTokenizerBase, name: str | None = None) -> str:
-        """The start of a call block, to begin an answer with so that it must call (a tool, or the
+        """The start of a call, to begin an answer with so that it must call (a tool, or the
         function `name`): cut at the last token boundary of the written call within that start, so
         the prompt ends where training's tokens did (a prompt ending inside a token reads as a
         different text)."""
-        text = self.answer("", (ToolCall(name or "f", {}),))
-        wanted = len(f'<tool_call>\n{{"name": "{name}"') if name else len("<tool_call>")
+        text = self.answer("", (ToolCall(name or "f", {}, id="000000000"),))
+        wanted = text.index(f'"{name}"') + len(name) + 2 if name else len(self.opening)
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         return text[: max([end for _, end in offsets if end <= wanted], default=0)]
 
@@ -130,29 +156,264 @@ class ToolFormat:
         the calls of every block. Text whose blocks are not each a call's JSON (a name and an
         object of arguments) comes back whole as content, with no calls."""
         blocks = _TOOL_CALL.findall(text)
-        if not blocks:
+        calls = [_read_call(_json_value(block), "arguments") for block in blocks]
+        if not calls or None in calls:
             return text, ()
-        calls = []
-        for block in blocks:
-            call = _json_object(block)
-            arguments = call.get("arguments", {}) if call else None
-            if isinstance(arguments, str):  # some models write the arguments as a JSON string
-                arguments = _json_object(arguments)
-            if call is None or not isinstance(call.get("name"), str) or not isinstance(arguments, dict):
-                return text, ()
-            calls.append(ToolCall(name=call["name"], arguments=arguments))
-        return text.split("<tool_call>", 1)[0].strip(), tuple(calls)
+        return text.split("<tool_call>", 1)[0].strip(), tuple(calls)  # type: ignore[arg-type]
+
+    def jinja(self) -> tuple[str, str, str, str]:
+        """The Jinja pieces (system, tool messages, tools user turn, calls) that write what this
+        format does, for `ChatTemplate.jinja`: see `_HERMES_JINJA`."""
+        probe = self.system(None, ({"TOOLS": 0},)).split('\n{"TOOLS": 0}')  # type: ignore[union-attr]
+        system = (
+            "{%- if tools -%}{%- set listed = namespace(text='') -%}{%- for tool in tools -%}"
+            "{%- set listed.text = listed.text + '\\n' + (tool | tojson) -%}{%- endfor -%}"
+            f"{{%- set system = ((system + '\\n\\n') if system else '') + {probe[0]!r} + listed.text + "
+            f"{probe[1]!r} -%}}{{%- endif -%}}"
+        )
+        turn = _results_jinja("'<tool_response>\\n' + content + '\\n</tool_response>'", "'\\n'")
+        calls = (
+            "{%- set ns.text = content or '' -%}{%- for call in m['tool_calls'] -%}"
+            "{%- set f = call['function'] if call['function'] is defined else call -%}"
+            "{%- set block = '<tool_call>\\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' + "
+            "(f['arguments'] | tojson) + '}\\n</tool_call>' -%}"
+            "{%- set ns.text = (ns.text + '\\n' + block) if ns.text else block -%}{%- endfor -%}"
+            "{%- set content = ns.text -%}"
+        )
+        return system, turn, "", calls
+
+
+def _results_jinja(block: str, joiner: str) -> str:
+    """Jinja that gathers a run of `tool` messages into one turn of results (role `results`, the
+    earlier ones of the run `held`); `block` is one result's text."""
+    return (
+        "{%- if role == 'tool' -%}"
+        f"{{%- set block = {block} -%}}"
+        f"{{%- set ns.tool = (ns.tool + {joiner} + block) "
+        "if loop.index0 > 0 and msgs[loop.index0 - 1]['role'] == 'tool' else block -%}"
+        "{%- set ns.j = ns.j + 1 -%}{%- set content = ns.tool -%}"
+        "{%- set role = 'held' if not loop.last and msgs[loop.index0 + 1]['role'] == 'tool' "
+        "else 'results' -%}"
+        "{%- endif -%}"
+    )
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
 
 def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
+    value = _json_value(text)
     return value if isinstance(value, dict) else None
 
 
+def _read_call(value: Any, key: str) -> ToolCall | None:
+    """A generated call's JSON object read into a ToolCall (its arguments under `key`, an object
+    or a JSON string of one); None when it is not a call."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get(key, {})
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        arguments = _json_object(arguments)
+    if not isinstance(arguments, dict):
+        return None
+    call_id = value.get("id")
+    return ToolCall(value["name"], arguments, id=call_id if isinstance(call_id, str) else None)
+
+
+def _one_call(form: str, content: str, calls: tuple[ToolCall, ...], many: bool) -> None:
+    if content:
+        raise ValueError(
+            f"{form}'s format writes an answer that calls as the call alone, and this answer has text "
+            f"beside its call ({content[:40]!r}): drop the text, or use a template that keeps both "
+            "(qwen2.5, chatml)"
+        )
+    if not many and len(calls) != 1:
+        raise ValueError(
+            f"{form}'s format writes one call per answer, and this answer makes {len(calls)}: split "
+            "them over turns, or use a template with parallel calls (qwen2.5, chatml, mistral-v0.3)"
+        )
+
+
+_LLAMA_TOOLS = (
+    "Given the following functions, please respond with a JSON for a function call with its proper "
+    "arguments that best answers the given prompt.\n\n"
+    'Respond in the format {"name": function name, "parameters": dictionary of argument name and its '
+    "value}.Do not use variables.\n\n"
+)
+
+
+@dataclass(frozen=True)
+class LlamaJsonTools(ToolFormat):
+    """Llama 3.1's format: the functions as indented JSON in the first user turn, the system block
+    marked `Environment: ipython`; a call is the whole answer, one JSON object with `parameters`;
+    each result is an `ipython` turn holding the result as a JSON string."""
+
+    name: str = "llama3.1"
+    opening: str = '{"name": "'
+    tools_at: str = "first_user"
+
+    def system(self, system: str | None, tools: tuple[dict[str, Any], ...]) -> str | None:
+        return "Environment: ipython\n" + (system or "")
+
+    def user(self, user: str, tools: tuple[dict[str, Any], ...]) -> str:
+        return _LLAMA_TOOLS + "".join(tool_json(tool, indent=4) + "\n\n" for tool in tools) + user
+
+    def answer(self, content: str, calls: tuple[ToolCall, ...]) -> str:
+        _one_call(self.name, content, calls, many=False)
+        return f'{{"name": "{calls[0].name}", "parameters": {tool_json(calls[0].arguments)}}}'
+
+    def results(self, results: tuple[str, ...], calls: tuple[ToolCall, ...]) -> str:
+        return "".join(
+            f"<|start_header_id|>ipython<|end_header_id|>\n\n{tool_json(result)}<|eot_id|>"
+            for result in results
+        )
+
+    def parse(self, text: str) -> tuple[str, tuple[ToolCall, ...]]:
+        """One call when the whole answer is a call's JSON object (`parameters`, or `arguments`)."""
+        value = _json_object(text.strip()) if text.strip().startswith("{") else None
+        key = "parameters" if value and "parameters" in value else "arguments"
+        call = _read_call(value, key)
+        return ("", (call,)) if call else (text, ())
+
+    def jinja(self) -> tuple[str, str, str, str]:
+        system = "{%- if tools -%}{%- set system = 'Environment: ipython\\n' + system -%}{%- endif -%}"
+        turn = _results_jinja(
+            "'<|start_header_id|>ipython<|end_header_id|>\\n\\n' + (content | tojson) + '<|eot_id|>'", "''"
+        )
+        user = (
+            "{%- if tools and ns.turn == 0 -%}{%- set listed = namespace(text='') -%}"
+            "{%- for tool in tools -%}{%- set listed.text = listed.text + (tool | tojson(indent=4)) + "
+            f"'\\n\\n' -%}}{{%- endfor -%}}{{%- set content = {_LLAMA_TOOLS!r} + listed.text + content -%}}"
+            "{%- endif -%}"
+        )
+        calls = (
+            "{%- if m['tool_calls'] | length != 1 -%}"
+            "{{- raise_exception('Llama 3.1 writes one tool call per answer') -}}{%- endif -%}"
+            "{%- set f = m['tool_calls'][0]['function'] -%}"
+            "{%- set content = '{\"name\": \"' + f['name'] + '\", \"parameters\": ' "
+            "+ (f['arguments'] | tojson) + '}' -%}"
+        )
+        return system, turn, user, calls
+
+
+def mistral_call_id(call_id: str | None, index: int) -> str:
+    """The 9-character id Mistral's format gives a call: the call's own id when it is one,
+    else its last 9 letters and digits (padded with 0s), else the call's index in the conversation."""
+    if call_id is None:
+        return ("000000000" + str(index))[-9:]
+    kept = str(call_id).replace("_", "").replace("-", "")
+    return kept[-9:] if len(kept) >= 9 else (kept + "000000000")[:9]
+
+
+@dataclass(frozen=True)
+class MistralTools(ToolFormat):
+    """Mistral's v3 tokenizer format (Mistral-7B-Instruct-v0.3): `[AVAILABLE_TOOLS] [...]` before the
+    last user turn; calls as `[TOOL_CALLS] [...]` with 9-character ids; each result as
+    `[TOOL_RESULTS] {"content": ..., "call_id": ...}[/TOOL_RESULTS]`."""
+
+    name: str = "mistral-v0.3"
+    opening: str = "[TOOL_CALLS] ["
+    tools_at: str = "last_user"
+
+    def prepare(self, conversation: Conversation) -> Conversation:
+        index, calls = 0, {}
+        for turn in sorted(conversation.calls):
+            named = []
+            for call in conversation.calls[turn]:
+                named.append(replace(call, id=mistral_call_id(call.id, index)))
+                index += 1
+            calls[turn] = tuple(named)
+        return replace(conversation, calls=calls)
+
+    def system(self, system: str | None, tools: tuple[dict[str, Any], ...]) -> str | None:
+        return system
+
+    def before_user(self, tools: tuple[dict[str, Any], ...]) -> str:
+        listed = []
+        for tool in tools:
+            fields = [
+                f'"{key}": "{value}"' if isinstance(value, str) else f'"{key}": {tool_json(value)}'
+                for key, value in _function(tool).items()
+                if key != "return"
+            ]
+            listed.append('{"type": "function", "function": {' + ", ".join(fields) + "}}")
+        return "[AVAILABLE_TOOLS] [" + ", ".join(listed) + "][/AVAILABLE_TOOLS]"
+
+    def answer(self, content: str, calls: tuple[ToolCall, ...]) -> str:
+        _one_call(self.name, content, calls, many=True)
+        written = [
+            tool_json({"name": call.name, "arguments": call.arguments})[:-1] + f', "id": "{call.id}"}}'
+            for call in calls
+        ]
+        return "[TOOL_CALLS] [" + ", ".join(written) + "]"
+
+    def results(self, results: tuple[str, ...], calls: tuple[ToolCall, ...]) -> str:
+        if len(results) > len(calls):
+            raise ValueError(f"{len(results)} tool results answer {len(calls)} call(s): each needs its call")
+        return "".join(
+            f'[TOOL_RESULTS] {{"content": {result}, "call_id": "{call.id}"}}[/TOOL_RESULTS]'
+            for result, call in zip(results, calls, strict=False)
+        )
+
+    def parse(self, text: str) -> tuple[str, tuple[ToolCall, ...]]:
+        """The calls of a `[TOOL_CALLS]` list (the marker is a special token, so decoded text may
+        start at the list itself)."""
+        content, marker, listed = text.partition("[TOOL_CALLS]")
+        if not marker:
+            content, listed = "", text
+        value = _json_value(listed.strip()) if listed.strip().startswith("[") else None
+        calls = [_read_call(item, "arguments") for item in value] if isinstance(value, list) else []
+        if not calls or None in calls:
+            return text, ()
+        return content.strip(), tuple(calls)  # type: ignore[arg-type]
+
+    def jinja(self) -> tuple[str, str, str, str]:
+        call_id = (
+            "{%- set cid = (cid | string) | replace('_', '') | replace('-', '') -%}"
+            "{%- set cid = cid[-9:] if cid | length >= 9 else (cid + '000000000')[:9] -%}"
+        )
+        turn = (
+            "{%- if role == 'tool' -%}"
+            "{%- if m['tool_call_id'] is defined and m['tool_call_id'] is not none -%}"
+            "{%- set cid = m['tool_call_id'] -%}" + call_id + "{%- else -%}"
+            "{%- set cid = ns.ids[ns.j] if ns.j < ns.ids | length else '' -%}{%- endif -%}"
+            '{%- set content = \'[TOOL_RESULTS] {"content": \' + (content | string) + \', "call_id": "\' '
+            "+ cid + '\"}[/TOOL_RESULTS]' -%}{%- endif -%}"
+        ) + _results_jinja("content", "''")
+        user = (
+            "{%- if tools and loop.index0 <= ns.asked and m['content'] == msgs[ns.asked]['content'] -%}"
+            "{%- set listed = namespace(items=[]) -%}{%- for tool in tools -%}"
+            "{%- set f = tool['function'] if tool['function'] is defined else tool -%}"
+            "{%- set fields = namespace(items=[]) -%}{%- for key, val in f.items() if key != 'return' -%}"
+            "{%- set fields.items = fields.items + ['\"' + key + '\": ' + (('\"' + val + '\"') "
+            "if val is string else (val | tojson))] -%}{%- endfor -%}"
+            '{%- set listed.items = listed.items + [\'{"type": "function", "function": {\' + '
+            "fields.items | join(', ') + '}}'] -%}{%- endfor -%}"
+            "{{- '[AVAILABLE_TOOLS] [' + listed.items | join(', ') + '][/AVAILABLE_TOOLS]' -}}"
+            "{%- endif -%}"
+        )
+        calls = (
+            "{%- set ns.ids = [] -%}{%- set ns.j = 0 -%}{%- set written = namespace(items=[]) -%}"
+            "{%- for call in m['tool_calls'] -%}"
+            "{%- set f = call['function'] if call['function'] is defined else call -%}"
+            "{%- if call['id'] is defined and call['id'] is not none -%}{%- set cid = call['id'] -%}"
+            + call_id
+            + "{%- else -%}{%- set cid = ('000000000' + (ns.k | string))[-9:] -%}{%- endif -%}"
+            "{%- set ns.k = ns.k + 1 -%}{%- set ns.ids = ns.ids + [cid] -%}"
+            "{%- set written.items = written.items + [({'name': f['name'], 'arguments': f['arguments']} "
+            "| tojson)[:-1] + ', \"id\": \"' + cid + '\"}'] -%}{%- endfor -%}"
+            "{%- set content = '[TOOL_CALLS] [' + written.items | join(', ') + ']' -%}"
+        )
+        return "", turn, user, calls
+
+
 HERMES = ToolFormat()
+LLAMA_JSON = LlamaJsonTools()
+MISTRAL_TOOLS = MistralTools()
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", flags=re.DOTALL)
 
 
@@ -218,15 +479,19 @@ class ChatTemplate:
     user: str  # one user turn, up to where the assistant starts writing
     assistant: str  # one assistant turn, ending with the token that stops generation
     separator: str = ""  # between an assistant turn and the next user turn
-    system: str = ""  # a system block before the first user turn; "" = fold into first user turn
-    system_in_user: str = "{system}\n\n{content}"  # how a folded system joins the first user turn
+    system: str = ""  # a system block before the first user turn; "" = fold into a user turn
+    system_in_user: str = "{system}\n\n{content}"  # how a folded system joins its user turn
+    system_turn: str = "first"  # the user turn a folded system joins: first, or last (Mistral v0.3)
+    system_head: str = ""  # fixed text the system block always starts with (Llama 3.1's dates)
     stop: str = "{eos}"  # the token whose generation ends a response
     default_system: str | None = None
     strip_history_thinking: bool = False  # drop <think>…</think> from earlier assistant turns
     image: str = IMAGE_PLACEHOLDER  # what a record's <image> placeholder becomes in the prompt
     generation_suffix: str = ""  # written after the prompt only when asking for an answer
-    trim: bool = False  # strip whitespace around every message, as Llama-2's official template does
+    trim: tuple[str, ...] = ()  # the messages stripped of surrounding whitespace, as the official does
     tools: ToolFormat | None = None  # how tools, calls and results are written (None: no tool format)
+    results_user: str = ""  # a turn of tool results, where the user turn would be ("" = `user`)
+    calls_assistant: str = ""  # an answer that calls ("" = `assistant`)
     aliases: tuple[str, ...] = field(default=())
 
     def _fill(self, pattern: str, tokenizer: PreTrainedTokenizerBase, content: str = "") -> str:
@@ -241,44 +506,67 @@ class ChatTemplate:
     def tool_format(self, tokenizer: PreTrainedTokenizerBase | None = None) -> ToolFormat | None:
         return self.tools
 
+    def _system(self, conversation: Conversation) -> str | None:
+        system = conversation.system if conversation.system is not None else self.default_system
+        if system and "system" in self.trim:
+            system = system.strip()
+        if self.system_head:
+            system = self.system_head + (system or "")
+        if self.tools is not None and conversation.tools:
+            system = self.tools.system(system, conversation.tools)
+        return system
+
     def segments(
         self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase
     ) -> list[tuple[str, str]]:
         """(prompt text, response text) per turn; joined they are the full conversation."""
-        system = conversation.system if conversation.system is not None else self.default_system
+        form = self.tools
         if conversation.uses_tools:
-            if self.tools is None:
+            if form is None:
                 raise ValueError(
                     f"data.template {self.name} has no format for tools and tool calls, and this data "
-                    "has them (docs/tools.md); use qwen2.5 or chatml (Hermes-style <tool_call>), or "
-                    "data.template: tokenizer with a tokenizer whose chat_template takes tools"
+                    "has them (docs/tools.md); use qwen2.5 or chatml (Hermes-style <tool_call>), "
+                    "llama3.1, mistral-v0.3, or data.template: tokenizer with a tokenizer whose "
+                    "chat_template takes tools"
                 )
-            if conversation.tools:
-                system = self.tools.system(system, conversation.tools)
+            conversation = form.prepare(conversation)
+        system, tools, turns = self._system(conversation), conversation.tools, conversation.turns
+        asked = [i for i in range(len(turns)) if i not in conversation.results]  # the user turns
+        fold_at = asked[-1] if self.system_turn == "last" else 0
+        tools_at: set[int] = set()
+        if form is not None and tools and form.tools_at == "first_user":
+            tools_at = {asked[0]}
+        elif form is not None and tools and form.tools_at == "last_user":  # as Mistral's: by its text
+            tools_at = {i for i in asked if turns[i][0] == turns[asked[-1]][0]}
         pairs: list[tuple[str, str]] = []
-        last = len(conversation.turns) - 1
-        for i, (user, assistant) in enumerate(conversation.turns):
+        for i, (user, assistant) in enumerate(turns):
+            prompt = self._fill(self.prefix if i == 0 else self.separator, tokenizer)
+            if i == 0 and system and self.system:
+                prompt += self._fill(self.system, tokenizer, system)
             if i in conversation.results:
-                user = self.tools.results(conversation.results[i])  # type: ignore[union-attr]
-            if i in conversation.calls:
-                assistant = self.tools.answer(assistant, conversation.calls[i])  # type: ignore[union-attr]
-            prompt = ""
-            if i == 0:
-                prompt += self._fill(self.prefix, tokenizer)
-                if system and self.system:
-                    prompt += self._fill(self.system, tokenizer, system)
-                elif system:
-                    user = self.system_in_user.replace("{system}", system).replace("{content}", user)
+                written = form.results(conversation.results[i], conversation.calls.get(i - 1, ()))  # type: ignore[union-attr]
+                prompt += self._fill(self.results_user or self.user, tokenizer, written)
             else:
-                prompt += self._fill(self.separator, tokenizer)
-            if self.image != IMAGE_PLACEHOLDER:
-                user = user.replace(IMAGE_PLACEHOLDER, self.image)
-            if self.trim:  # after folding the system in, as the official template strips
-                user, assistant = user.strip(), assistant.strip()
-            prompt += self._fill(self.user, tokenizer, user)
-            if self.strip_history_thinking and i < last and "</think>" in assistant:
-                assistant = assistant.split("</think>")[-1]  # as the official template: keeps what follows
-            pairs.append((prompt, self._fill(self.assistant, tokenizer, assistant)))
+                if i == fold_at and system and not self.system:
+                    user = self.system_in_user.replace("{system}", system).replace("{content}", user)
+                if "user" in self.trim:  # after folding the system in, as Llama-2's official strips
+                    user = user.strip()
+                if i in tools_at:
+                    prompt += form.before_user(tools)  # type: ignore[union-attr]
+                    user = form.user(user, tools)  # type: ignore[union-attr]
+                if self.image != IMAGE_PLACEHOLDER:
+                    user = user.replace(IMAGE_PLACEHOLDER, self.image)
+                prompt += self._fill(self.user, tokenizer, user)
+            if "assistant" in self.trim:
+                assistant = assistant.strip()
+            if i in conversation.calls:
+                written = form.answer(assistant, conversation.calls[i])  # type: ignore[union-attr]
+                answer = self._fill(self.calls_assistant or self.assistant, tokenizer, written)
+            else:
+                if self.strip_history_thinking and i < len(turns) - 1 and "</think>" in assistant:
+                    assistant = assistant.split("</think>")[-1]  # as the official: keeps what follows
+                answer = self._fill(self.assistant, tokenizer, assistant)
+            pairs.append((prompt, answer))
         return pairs
 
     def render(self, conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -297,14 +585,14 @@ class ChatTemplate:
         return split_encoding(self.segments(conversation, tokenizer), tokenizer)
 
     def jinja(self, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
-        """An equivalent Jinja chat template (messages with system/user/assistant roles).
+        """An equivalent Jinja chat template (messages with system/user/assistant/tool roles).
 
         `tokenizer` is not read here: the template names `bos_token`/`eos_token`, which the
         tokenizer fills in when it renders. It is taken so that code holding either kind of
         template (`AnyTemplate`) calls `jinja(tokenizer)` alike; `TokenizerTemplate.jinja` needs it.
         """
 
-        def lit(pattern: str, content_expr: str) -> str:
+        def lit(pattern: str, content_expr: str = "content") -> str:
             out = []
             for piece in re.split(r"(\{content\}|\{bos\}|\{eos\})", pattern):
                 if piece == "{content}":
@@ -315,9 +603,11 @@ class ChatTemplate:
                     out.append("eos_token")
                 elif piece:
                     out.append(repr(piece))
-            return " + ".join(out) if out else "''"
+            return "{{- " + (" + ".join(out) if out else "''") + " -}}"
 
-        text = "(content | trim)" if self.trim else "content"  # trimmed after the system is folded in
+        def trimmed(part: str) -> str:
+            return "{%- set content = (content or '') | trim -%}" if part in self.trim else ""
+
         folded = self.system_in_user.replace("{system}", "' + system + '")
         folded_expr = "'" + folded.replace("\n", "\\n").replace("{content}", "' + content + '") + "'"
         default = repr(self.default_system) if self.default_system is not None else "none"
@@ -327,7 +617,31 @@ class ChatTemplate:
             if self.strip_history_thinking
             else ""
         )
-        tool_system, tool_turn, tool_calls = self._tool_jinja()
+        tool_system, tool_turn, tool_user, tool_calls = self.tools.jinja() if self.tools else ("",) * 4
+        fold_when = "ns.turn == 0" if self.system_turn == "first" else "loop.index0 == ns.asked"
+        separator = f"{{%- if ns.turn > 0 -%}}{lit(self.separator)}{{%- endif -%}}"
+        system_fixes = "{%- if system -%}{%- set system = system | trim -%}{%- endif -%}"
+        system_fixes *= "system" in self.trim
+        if self.system_head:
+            system_fixes += f"{{%- set system = {self.system_head!r} + (system or '') -%}}"
+        if self.system:  # a block of its own before the first user turn
+            place_system = f"{{%- if ns.turn == 0 and system -%}}{lit(self.system, 'system')}{{%- endif -%}}"
+            fold_system = ""
+        else:  # folded into the first (or last) user turn
+            place_system = ""
+            fold_system = f"{{%- if {fold_when} and system -%}}{{%- set content = {folded_expr} -%}}"
+            fold_system += "{%- endif -%}"
+        answer = trimmed("assistant") + history_strip + lit(self.assistant)
+        if self.tools is not None:
+            answer = (
+                "{%- if m['tool_calls'] is defined and m['tool_calls'] -%}"
+                + trimmed("assistant")
+                + tool_calls
+                + lit(self.calls_assistant or self.assistant)
+                + "{%- else -%}"
+                + answer
+                + "{%- endif -%}"
+            )
         return (
             "{%- set system = none -%}"
             "{%- set msgs = messages -%}"
@@ -335,35 +649,36 @@ class ChatTemplate:
             "{%- set system = messages[0]['content'] -%}{%- set msgs = messages[1:] -%}"
             "{%- endif -%}"
             f"{{%- if system is none -%}}{{%- set system = {default} -%}}{{%- endif -%}}"
+            + system_fixes
             + tool_system
-            + "{%- set ns = namespace(turn=0, last_user=0, tool='', text='') -%}"
+            + "{%- set ns = namespace(turn=0, last_user=0, asked=0, tool='', text='', k=0, j=0, ids=[]) -%}"
             "{%- for m in msgs -%}{%- if m['role'] in ('user', 'tool') -%}"
-            "{%- set ns.last_user = loop.index0 -%}{%- endif -%}{%- endfor -%}"
+            "{%- set ns.last_user = loop.index0 -%}{%- endif -%}"
+            "{%- if m['role'] == 'user' -%}{%- set ns.asked = loop.index0 -%}{%- endif -%}{%- endfor -%}"
             "{%- set last_user = ns.last_user -%}"
-            f"{{{{- {lit(self.prefix, 'content')} -}}}}"
-            "{%- for m in msgs -%}{%- set content = m['content'] -%}{%- set role = m['role'] -%}"
+            + lit(self.prefix)
+            + "{%- for m in msgs -%}{%- set content = m['content'] -%}{%- set role = m['role'] -%}"
             + tool_turn
             + "{%- if role == 'user' -%}"
-            "{%- if ns.turn == 0 and system -%}"
-            + (
-                f"{{{{- {lit(self.system, 'system')} -}}}}"
-                if self.system
-                else f"{{%- set content = {folded_expr} -%}}"
-            )
-            + "{%- endif -%}"
-            f"{{%- if ns.turn > 0 -%}}{{{{- {lit(self.separator, 'content')} -}}}}{{%- endif -%}}"
+            + place_system
+            + separator
+            + fold_system
+            + trimmed("user")
+            + tool_user
             + (
                 f"{{%- set content = content.replace({IMAGE_PLACEHOLDER!r}, {self.image!r}) -%}}"
                 if self.image != IMAGE_PLACEHOLDER
                 else ""
             )
-            + f"{{{{- {lit(self.user, text)} -}}}}"
-            "{%- set ns.turn = ns.turn + 1 -%}"
+            + lit(self.user)
+            + "{%- set ns.turn = ns.turn + 1 -%}"
+            "{%- elif role == 'results' -%}"
+            + separator
+            + lit(self.results_user or self.user)
+            + "{%- set ns.turn = ns.turn + 1 -%}"
             "{%- elif role == 'assistant' -%}"
-            + tool_calls
-            + history_strip
-            + f"{{{{- {lit(self.assistant, text)} -}}}}"
-            "{%- endif -%}{%- endfor -%}"
+            + answer
+            + "{%- endif -%}{%- endfor -%}"
             + (
                 "{%- if add_generation_prompt and msgs and msgs[-1]['role'] == 'user' -%}"
                 f"{{{{- {self.generation_suffix!r} -}}}}{{%- endif -%}}"
@@ -371,41 +686,6 @@ class ChatTemplate:
                 else ""
             )
         )
-
-    def _tool_jinja(self) -> tuple[str, str, str]:
-        """The Jinja pieces that write tools into the system prompt, a run of `tool` messages as one
-        user turn of results, and an assistant message's `tool_calls` (as `self.tools` does; "" for
-        a template without a tool format)."""
-        if self.tools is None:
-            return "", "", ""
-        # The fixed text around the tools list, from the Python format itself (one source).
-        probe = self.tools.system(None, ({"TOOLS": 0},)).split('\n{"TOOLS": 0}')
-        system = (
-            "{%- if tools -%}{%- set listed = namespace(text='') -%}{%- for tool in tools -%}"
-            "{%- set listed.text = listed.text + '\\n' + (tool | tojson) -%}{%- endfor -%}"
-            f"{{%- set system = ((system + '\\n\\n') if system else '') + {probe[0]!r} + listed.text + "
-            f"{probe[1]!r} -%}}{{%- endif -%}}"
-        )
-        turn = (
-            "{%- if role == 'tool' -%}"
-            "{%- set block = '<tool_response>\\n' + content + '\\n</tool_response>' -%}"
-            "{%- set ns.tool = (ns.tool + '\\n' + block) "
-            "if loop.index0 > 0 and msgs[loop.index0 - 1]['role'] == 'tool' else block -%}"
-            "{%- set content = ns.tool -%}"
-            "{%- set role = 'held' "
-            "if not loop.last and msgs[loop.index0 + 1]['role'] == 'tool' else 'user' -%}"
-            "{%- endif -%}"
-        )
-        calls = (
-            "{%- if m['tool_calls'] is defined and m['tool_calls'] -%}{%- set ns.text = content or '' -%}"
-            "{%- for call in m['tool_calls'] -%}"
-            "{%- set f = call['function'] if call['function'] is defined else call -%}"
-            "{%- set block = '<tool_call>\\n{\"name\": \"' + f['name'] + '\", \"arguments\": ' + "
-            "(f['arguments'] | tojson) + '}\\n</tool_call>' -%}"
-            "{%- set ns.text = (ns.text + '\\n' + block) if ns.text else block -%}{%- endfor -%}"
-            "{%- set content = ns.text -%}{%- endif -%}"
-        )
-        return system, turn, calls
 
 
 @dataclass(frozen=True)
@@ -423,8 +703,14 @@ class TokenizerTemplate:
 
     def tool_format(self, tokenizer: PreTrainedTokenizerBase) -> ToolFormat | None:
         """How the tokenizer's template writes calls, for reading them back from generated text:
-        Hermes-style when it writes `<tool_call>` blocks (Qwen2.5, Hermes, many ChatML models)."""
-        return HERMES if "<tool_call>" in (getattr(tokenizer, "chat_template", None) or "") else None
+        Hermes-style when it writes `<tool_call>` blocks (Qwen2.5, Hermes, many ChatML models),
+        Mistral's `[TOOL_CALLS]` lists, or Llama 3.1's JSON calls with `ipython` results."""
+        text = getattr(tokenizer, "chat_template", None) or ""
+        if "<tool_call>" in text:
+            return HERMES
+        if "[TOOL_CALLS]" in text:
+            return MISTRAL_TOOLS
+        return LLAMA_JSON if "ipython" in text and '"parameters": ' in text else None
 
     def stop_token(self, tokenizer: PreTrainedTokenizerBase) -> str:
         return tokenizer.eos_token or ""
@@ -463,7 +749,7 @@ class TokenizerTemplate:
             raise ValueError(
                 "this tokenizer's chat_template has no tool format (it never reads `tools`), and this "
                 "data has tools or tool calls (docs/tools.md); use a named template with one (qwen2.5, "
-                "chatml)"
+                "chatml, llama3.1, mistral-v0.3)"
             )
         full_messages = Conversation(
             turns=[(u, a or "x") for u, a in conversation.turns],  # every turn's answer, to split at
@@ -515,7 +801,7 @@ _register(
         # Llama-2-chat: every user turn opens with BOS; system folded into the first one.
         # Message text is stripped of surrounding whitespace, as the official template's `| trim`.
         name="llama2",
-        trim=True,
+        trim=("user", "assistant"),
         prefix="",
         user="<s>[INST] {content} [/INST]",
         assistant=" {content} </s>",
@@ -535,7 +821,28 @@ _register(
         ),
         assistant="{content}<|eot_id|>",
         stop="<|eot_id|>",
+        trim=("system", "user", "assistant"),
         aliases=("llama-3", "llama3.0"),
+    )
+)
+_register(
+    ChatTemplate(
+        # Llama-3.1-Instruct: Llama 3's header blocks with a system block that is always written
+        # (its knowledge and "today" dates first) and Llama 3.1's JSON tool calls with `ipython` results.
+        name="llama3.1",
+        prefix="<|begin_of_text|>",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        system_head="Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n",
+        user=(
+            "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+        assistant="{content}<|eot_id|>",
+        stop="<|eot_id|>",
+        trim=("system", "user", "assistant"),
+        tools=LLAMA_JSON,
+        results_user="{content}<|start_header_id|>assistant<|end_header_id|>\n\n",
+        aliases=("llama-3.1", "llama3_1"),
     )
 )
 _register(
@@ -547,6 +854,24 @@ _register(
         user=" [INST] {content} [/INST]",
         assistant=" {content}</s>",
         stop="</s>",
+    )
+)
+_register(
+    ChatTemplate(
+        # Mistral-7B-Instruct v0.3 (the v3 tokenizer): no space before [INST] or [/INST], the answer
+        # stripped after one space; the system prompt and the tools join the last user turn, and
+        # calls and results are control-token blocks (MistralTools).
+        name="mistral-v0.3",
+        prefix="<s>",
+        user="[INST] {content}[/INST]",
+        assistant=" {content}</s>",
+        system_turn="last",
+        stop="</s>",
+        trim=("assistant",),
+        tools=MISTRAL_TOOLS,
+        results_user="{content}",
+        calls_assistant="{content}</s>",
+        aliases=("mistral-v3", "mistral_v0.3"),
     )
 )
 _register(
@@ -656,9 +981,11 @@ def guess_template(model_name: str) -> str | None:
     if "qwen" in lowered:
         return "qwen2.5"
     if "mistral" in lowered:
-        return "mistral"
+        return "mistral-v0.3" if "v0.3" in lowered else "mistral"
     if "llama-2" in lowered or "llama2" in lowered:
         return "llama2"
+    if "llama-3.1" in lowered or "llama3.1" in lowered:
+        return "llama3.1"
     if "llama-3" in lowered or "llama3" in lowered:
         return "llama3"
     return None

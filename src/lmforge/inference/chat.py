@@ -78,7 +78,7 @@ def interactive(
     if tools and form is None:
         raise ValueError(
             f"--tools: the chat template {engine.template.name} has no tool format; use --template "
-            "qwen2.5 or chatml (docs/tools.md)"
+            "qwen2.5, chatml, llama3.1 or mistral-v0.3 (docs/tools.md)"
         )
     console.print(f"[dim]template {engine.template.name} · {HELP}[/]")
     history = Conversation(turns=[], tools=tools)

@@ -520,7 +520,7 @@ def with_tools(
         raise APIError(
             400,
             f"the served chat template ({served.engine.template.name}) has no tool format; serve with "
-            "--template qwen2.5 or chatml, or a tokenizer template that writes <tool_call> blocks",
+            "--template qwen2.5, chatml, llama3.1 or mistral-v0.3 (docs/tools.md)",
             param="tools",
         )
     if not request.calling():
@@ -540,7 +540,7 @@ def tool_message(text: str, form: ToolFormat | None) -> tuple[dict[str, Any], bo
         return {"content": text}, False
     listed = [
         {
-            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "id": call.id or f"call_{uuid.uuid4().hex[:24]}",  # Mistral's calls carry their own
             "type": "function",
             "function": {"name": call.name, "arguments": tool_json(call.arguments)},
         }
@@ -792,7 +792,10 @@ def create_app(
             params = request.params(
                 default_max_tokens, (request.top_logprobs or 0) if request.logprobs else None
             )
-            prompt = served.engine.prompt_text(conversation)
+            try:
+                prompt = served.engine.prompt_text(conversation)
+            except ValueError as exc:  # the template cannot write these messages (docs/tools.md)
+                raise APIError(400, str(exc), param="messages") from None
             prompt_tokens = len(served.engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
             params = fitted(params, prompt_tokens, "messages")
         except BaseException:
