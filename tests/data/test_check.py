@@ -190,3 +190,40 @@ def test_check_counts_tool_calls_and_reports_malformed_tool_records(tmp_path, ba
     assert "line 5: messages has a tool result with no tool call before it" in flat
     line = next(line for line in out.splitlines() if "calls to a tool not in" in line)
     assert "1" in line.split()
+
+
+def test_records_a_tool_format_cannot_write_are_reported_and_refused_by_name(tmp_path, base_dir):
+    """Llama 3.1's format writes a calling answer as the call alone: a record with text beside its call
+    is reported by `data check` and refused by training, naming the record (never trained without
+    its text)."""
+    from lmforge.data.files import DataError
+    from lmforge.data.formats import to_example
+    from lmforge.data.templates import get_template
+    from lmforge.data.tokenize import tokenize_examples
+    from lmforge.models.tiny import build_tiny_tokenizer
+
+    call = {"function": {"name": "add", "arguments": {"a": 2}}}
+    records = [
+        {
+            "tools": [{"name": "add"}],
+            "messages": [
+                {"role": "user", "content": "2+3?"},
+                {"role": "assistant", "content": c, "tool_calls": [call]},
+            ],
+        }
+        for c in ("", "Let me add.")
+    ]
+    path = tmp_path / "tools.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    result = runner.invoke(
+        app, ["data", "check", str(path), "--model", str(base_dir), "--template", "llama3.1"]
+    )
+    flat = " ".join(result.output.split())
+    assert (
+        result.exit_code == 1
+        and "line 2: llama3.1's format writes an answer that calls as the call alone" in flat
+    )
+    assert "line 1" not in flat
+    examples = [to_example(r, f"tools.jsonl line {i + 1}", "messages") for i, r in enumerate(records)]
+    with pytest.raises(DataError, match="tools.jsonl line 2: llama3.1's format writes .* drop the text"):
+        tokenize_examples(examples, get_template("llama3.1"), build_tiny_tokenizer(["x"], 300), 512)

@@ -257,3 +257,25 @@ def test_the_tokenizer_template_takes_tools_from_llama_31s_official_jinja(tokeni
     tok = official(tokenizer, "mistral-v0.3")
     with pytest.raises(ValueError, match="rewrites earlier turns.*use a named template"):
         get_template("tokenizer").segments(SINGLE[0], tok)
+
+
+def test_served_calls_keep_mistrals_ids_and_forced_calls_start_in_each_format(tokenizer):
+    """What `lmforge serve` returns for each format's generated text, and the prefill a
+    tool_choice of `required` or a named function starts the answer with."""
+    from lmforge.inference.server import tool_message
+
+    message, called = tool_message(
+        '[TOOL_CALLS] [{"name": "add", "arguments": {"a": 1}, "id": "abcdefghi"}]', MISTRAL_TOOLS
+    )
+    assert called and message["content"] is None
+    assert message["tool_calls"] == [
+        {"id": "abcdefghi", "type": "function", "function": {"name": "add", "arguments": '{"a": 1}'}}
+    ]
+    message, called = tool_message('{"name": "add", "parameters": {"a": 1}}', LLAMA_JSON)
+    assert called and message["tool_calls"][0]["id"].startswith("call_")
+    assert tool_message("Rain.", LLAMA_JSON) == ({"content": "Rain."}, False)
+    tok = official(tokenizer, "mistral-v0.3")
+    assert MISTRAL_TOOLS.call_prefix(tok, "add").startswith("[TOOL_CALLS]")
+    assert MISTRAL_TOOLS.call_prefix(tok, "add").endswith('"add"')
+    assert LLAMA_JSON.call_prefix(tok, "add") == '{"name": "add"'
+    assert '{"name": "'.startswith(LLAMA_JSON.call_prefix(tok))

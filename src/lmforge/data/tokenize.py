@@ -15,6 +15,7 @@ from typing import Any
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from lmforge.data.files import DataError
 from lmforge.data.formats import Example, class_label
 from lmforge.data.templates import AnyTemplate, Conversation
 
@@ -95,7 +96,12 @@ def tokenize_examples(
     stats = TokenizeStats()
     rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     for example in examples:
-        encoded, truncated = encode_example(example, template, tokenizer, max_length, train_on)
+        try:
+            encoded, truncated = encode_example(example, template, tokenizer, max_length, train_on)
+        except DataError:
+            raise
+        except ValueError as exc:  # the template cannot write this record (docs/tools.md)
+            raise DataError(f"{example.where}: {exc} (`lmforge data check` lists all such records)") from None
         if truncated:
             stats.truncated += 1
             stats.note("truncated", example.where)

@@ -49,13 +49,25 @@ TEMPLATE_SPECIAL_TOKENS = [
 THINK_TOKENS = ["<think>", "</think>"]
 
 
-def build_tiny_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on `corpus`; digits are always split one per token."""
+def build_tiny_tokenizer(
+    corpus: Iterable[str], vocab_size: int = 512, split_words: bool = True
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `corpus`; digits are always split one per token.
+
+    `split_words=False` lets tokens span words and spaces (not lines), so text repeated across the
+    corpus, such as a fixed tools prompt, becomes a few tokens: a model trained from scratch then
+    sees short sequences."""
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    # Lines, and a token start at every quote: a JSON call's name and values stay tokens of their own.
+    lines = [] if split_words else [
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Split('"', behavior="merged_with_next"),
+    ]
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            *lines,
             pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split_words),
         ]
     )
     tokenizer.decoder = decoders.ByteLevel()
