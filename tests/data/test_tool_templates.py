@@ -279,3 +279,23 @@ def test_served_calls_keep_mistrals_ids_and_forced_calls_start_in_each_format(to
     assert MISTRAL_TOOLS.call_prefix(tok, "add").endswith('"add"')
     assert LLAMA_JSON.call_prefix(tok, "add") == '{"name": "add"'
     assert '{"name": "'.startswith(LLAMA_JSON.call_prefix(tok))
+
+
+def test_streamed_answers_hold_back_only_what_may_start_a_call():
+    from lmforge.data.templates import HERMES
+
+    def streamed(form, text):
+        """What streaming sends as content token by token (here: character by character)."""
+        return max((form.streamable(text[:n]) for n in range(len(text) + 1)), default=0)
+
+    answer = "Let me check.\n<tool_call>\n{...}\n</tool_call>"
+    assert all(HERMES.streamable(answer[:n]) <= len("Let me check.") for n in range(len(answer) + 1))
+    assert streamed(HERMES, answer) == len("Let me check.")
+    assert HERMES.streamable("Sure <tool_") == len("Sure")  # may begin a call: held
+    assert HERMES.streamable("a < b") == len("a < b")
+    for form, call in (
+        (LLAMA_JSON, '{"name": "add", "parameters": {}}'),
+        (MISTRAL_TOOLS, ' [{"name": "add"}]'),
+    ):
+        assert streamed(form, call) == 0
+        assert streamed(form, "It rains.") == len("It rains.")

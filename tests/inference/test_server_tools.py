@@ -68,6 +68,14 @@ def test_streamed_calls_arrive_as_delta_tool_calls(client):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_a_streamed_answer_without_a_call_streams_as_it_comes(client):
+    """Text that cannot be part of a call is sent as it is generated, not held to the end."""
+    chunks = list(ask(client, [{"role": "user", "content": "Good morning!"}], stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == "Hello! How can I help?"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_tool_choice_none_required_and_named(client):
     """none: the tools are not offered (no call comes back); required: the answer starts with a
     call block; a named function: the call block starts with its name, so that tool is called

@@ -105,6 +105,7 @@ class ToolFormat:
     name: str = "hermes"
     opening: str = "<tool_call>"  # how every calling answer starts (a forced call's prefill)
     tools_at: str = "system"  # where the offered functions go: system, first_user or last_user
+    leads: str = ""  # the character a call answer's decoded text starts with, when calls are whole answers
 
     def prepare(self, conversation: Conversation) -> Conversation:
         """The conversation as this format writes it (Mistral: every call gets its id)."""
@@ -150,6 +151,21 @@ class ToolFormat:
         wanted = text.index(f'"{name}"') + len(name) + 2 if name else len(self.opening)
         offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         return text[: max([end for _, end in offsets if end <= wanted], default=0)]
+
+    def streamable(self, text: str) -> int:
+        """How much of a partly generated answer is surely content, to stream before it ends: the
+        text before a call could start, less trailing space. A format whose calls are the whole
+        answer (`leads`) holds an answer that starts like one; Hermes holds from `<tool_call>` (or
+        a tail that may begin it)."""
+        if not text.strip():
+            return 0
+        if self.leads:
+            return 0 if text.lstrip().startswith(self.leads) else len(text.rstrip())
+        found = text.find(self.opening)
+        if found >= 0:
+            return len(text[:found].rstrip())
+        tail = next((k for k in range(len(self.opening) - 1, 0, -1) if text.endswith(self.opening[:k])), 0)
+        return len(text[: len(text) - tail].rstrip())
 
     def parse(self, text: str) -> tuple[str, tuple[ToolCall, ...]]:
         """(content, calls) of a generated answer: the text before its first `<tool_call>` block and
@@ -255,6 +271,7 @@ class LlamaJsonTools(ToolFormat):
     name: str = "llama3.1"
     opening: str = '{"name": "'
     tools_at: str = "first_user"
+    leads: str = "{"
 
     def system(self, system: str | None, tools: tuple[dict[str, Any], ...]) -> str | None:
         return "Environment: ipython\n" + (system or "")
@@ -318,6 +335,7 @@ class MistralTools(ToolFormat):
     name: str = "mistral-v0.3"
     opening: str = "[TOOL_CALLS] ["
     tools_at: str = "last_user"
+    leads: str = "["  # [TOOL_CALLS] is a special token, so decoded text starts at the list
 
     def prepare(self, conversation: Conversation) -> Conversation:
         index, calls = 0, {}

@@ -1084,8 +1084,9 @@ async def _stream_chat(
 ):
     """Server-sent events: a role chunk per choice, content chunks, a finish chunk per choice, the
     usage if asked for, [DONE]. A disconnect closes this generator, which stops this request's rows
-    of the batched generation. An answer that may call a tool (`form`) is sent whole when it ends:
-    its calls as one `delta.tool_calls` (finish_reason tool_calls), or its text as content."""
+    of the batched generation. An answer that may call a tool (`form`) streams the text that
+    cannot be part of a call as it comes (`ToolFormat.streamable`); when it ends, its calls come
+    as one `delta.tool_calls` (finish_reason tool_calls) after the rest of its content."""
     base = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": request.model}
 
     def chunk(index: int, delta: dict, finish: str | None = None) -> str:
@@ -1112,6 +1113,7 @@ async def _stream_chat(
     tokenizer = served.engine.tokenizer
     completion_tokens = 0
     held = [conversation.prefill for _ in job.cancels]  # answers that may call, kept until they end
+    sent = [0 for _ in job.cancels]  # how much of each held answer went out as content
     try:
         for index in range(len(job.cancels)):
             yield chunk(index, {"role": "assistant", "content": ""})
@@ -1122,14 +1124,21 @@ async def _stream_chat(
                     yield event
             else:
                 held[index] += piece
-                if end is not None:
-                    said, calls = tool_message(split_reasoning(held[index], opened)[1], form)
-                    if calls:
-                        finish = "tool_calls"
-                        listed = [{"index": k, **call} for k, call in enumerate(said["tool_calls"])]
-                        yield chunk(index, {"content": said["content"], "tool_calls": listed})
-                    elif said["content"]:
-                        yield chunk(index, {"content": said["content"]})
+                answer = split_reasoning(held[index], opened)[1]
+                if end is None:
+                    ready = form.streamable(answer)
+                    if ready > sent[index]:
+                        yield chunk(index, {"content": answer[sent[index] : ready]})
+                        sent[index] = ready
+                    continue
+                said, calls = tool_message(answer, form)
+                if calls:
+                    finish = "tool_calls"
+                    listed = [{"index": k, **call} for k, call in enumerate(said["tool_calls"])]
+                    rest = (said["content"] or "")[len(answer[: sent[index]].lstrip()) :]
+                    yield chunk(index, {"content": rest or None, "tool_calls": listed})
+                elif answer[sent[index] :]:
+                    yield chunk(index, {"content": answer[sent[index] :]})
             if end is not None:
                 completion_tokens += end[0]
                 yield chunk(index, {}, finish)

@@ -59,10 +59,14 @@ def build_tiny_tokenizer(
     sees short sequences."""
     tokenizer = Tokenizer(models.BPE(unk_token=UNK))
     # Lines, and a token start at every quote: a JSON call's name and values stay tokens of their own.
-    lines = [] if split_words else [
-        pre_tokenizers.Split("\n", behavior="isolated"),
-        pre_tokenizers.Split('"', behavior="merged_with_next"),
-    ]
+    lines = (
+        []
+        if split_words
+        else [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Split('"', behavior="merged_with_next"),
+        ]
+    )
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             *lines,
