@@ -93,3 +93,24 @@ def test_unknown_template_lists_known():
 def test_user_braces_are_not_format_fields(tokenizer):
     text = get_template("chatml").render(Conversation(turns=[("{content} {eos}", "ok")]), tokenizer)
     assert "{content} {eos}" in text
+
+
+@pytest.mark.parametrize(
+    ("model", "template"),
+    [
+        ("meta-llama/Llama-2-7b-chat-hf", "llama2"),
+        ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3"),
+        ("meta-llama/Llama-3.1-8B-Instruct", "llama3.1"),
+        ("meta-llama/Meta-Llama-3.1-70B-Instruct", "llama3.1"),
+        ("deepseek-ai/DeepSeek-R1-Distill-Llama-8B", "deepseek-r1"),
+        ("mistralai/Mistral-7B-Instruct-v0.2", "mistral"),
+        ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-v0.3"),
+        ("Qwen/Qwen2.5-7B-Instruct", "qwen2.5"),
+        ("Qwen/Qwen2-VL-7B-Instruct", "qwen2-vl"),
+        ("/models/my-own-model", None),
+    ],
+)
+def test_the_family_template_is_guessed_from_the_model_name(model, template):
+    from lmforge.data.templates import guess_template
+
+    assert guess_template(model) == template
