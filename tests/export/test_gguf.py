@@ -661,7 +661,7 @@ def test_go_templates_render_lmforge_generation_prompts(tmp_path, tokenizer):
     rendered = json.loads(result.stdout)
     mismatches = [(case, got) for case, got in zip(expected, rendered, strict=True) if case[2] != got]
     assert not mismatches
-    assert len(rendered) >= 9 * 2 * 3  # nine templates, both BOS modes, three conversations
+    assert len(rendered) >= 11 * 2 * 3  # eleven templates, both BOS modes, three conversations
 
 
 def test_the_cli_refuses_in_one_line_and_exports_with_pre_tokenizer(tmp_path, base_dir):

@@ -660,8 +660,10 @@ def _go_fill(pattern: str, bos: str, eos: str, **content: str) -> str:
 def go_template(template: ChatTemplate, bos: str, eos: str, drop_leading_bos: bool = False) -> str:
     """An Ollama TEMPLATE (Go text/template over .System and .Messages) equivalent to an lmforge
     ChatTemplate's generation prompt. Written without `{{-` trimming, which would eat the
-    templates' own newlines. `drop_leading_bos`: the runtime adds BOS itself (the GGUF says
-    add_bos_token), so the template must not write it again at the very start."""
+    templates' own newlines; messages are not stripped of surrounding whitespace (Go templates
+    have no such function), and tools, calls and results are not written. `drop_leading_bos`: the
+    runtime adds BOS itself (the GGUF says add_bos_token), so the template must not write it again
+    at the very start."""
     prefix = template.prefix.replace("{bos}", bos)
     user = template.user.replace("{bos}", bos)
     bos_between_turns = False  # llama2 opens every user turn with BOS: keep it on later turns
@@ -670,12 +672,16 @@ def go_template(template: ChatTemplate, bos: str, eos: str, drop_leading_bos: bo
     elif drop_leading_bos and bos and not prefix and user.startswith(bos):
         user, bos_between_turns = user[len(bos) :], True
     out = _go_fill(prefix, bos, eos)
-    if template.system:
+    if template.system_head:  # a system block always written (Llama 3.1's dates first)
+        head = _go_text(template.system_head) + "{{ .System }}"
+        out += _go_fill(template.system, bos, eos, content=head)
+    elif template.system:
         out += "{{ if .System }}" + _go_fill(template.system, bos, eos, content="{{ .System }}") + "{{ end }}"
     content = "{{ $m.Content }}"
-    if not template.system:  # a system prompt is folded into the first user turn, as lmforge renders it
+    if not template.system:  # a system prompt folded into the first (or last) user turn, as lmforge does
         folded = _go_fill(template.system_in_user, bos, eos, system="{{ $.System }}", content=content)
-        content = "{{ if and $first $.System }}" + folded + "{{ else }}{{ $m.Content }}{{ end }}"
+        turn = "$first" if template.system_turn == "first" else "$last"
+        content = f"{{{{ if and {turn} $.System }}}}" + folded + "{{ else }}{{ $m.Content }}{{ end }}"
     head, _, tail = template.assistant.partition("{content}")
     out += (
         "{{ $first := true }}{{ range $i, $m := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}"
