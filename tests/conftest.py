@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,9 @@ import torch
 
 from helpers import addition_records
 from lmforge.models.tiny import build_tiny_llama, build_tiny_tokenizer, save_tiny
+
+# The tokenized-data cache (data.cache) of this test process, never the user's ~/.cache/lmforge.
+os.environ["LMFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmforge-test-cache-")
 
 WORDS = "the cat sat on a mat and dog ran to hat red blue green add sum of is what".split()
 

@@ -35,6 +35,8 @@ ALIASES = {
     "cutoff_len": "max_length",
     "max_seq_length": "max_length",
     "dataset": "path",
+    "preprocessing_num_workers": "num_proc",
+    "dataset_num_proc": "num_proc",
 }
 
 

@@ -124,6 +124,20 @@ class DataConfig(Section):
         False,
         description="Read and tokenize records lazily (large files); needs train.max_steps and no val_size.",
     )
+    num_proc: int | None = Field(
+        None,
+        gt=0,
+        description="Worker processes that tokenize the data (from 2,000 examples); default: the cores "
+        "available.",
+    )
+    cache: bool = Field(
+        True,
+        description="Keep the tokenized data on disk, keyed on the data files, tokenizer, template and data "
+        "settings, so a rerun starts training without tokenizing again (local files only).",
+    )
+    cache_dir: str | None = Field(
+        None, description="Where data.cache keeps it: default $LMFORGE_CACHE_DIR, else ~/.cache/lmforge."
+    )
     eval_path: str | None = Field(None, description="Separate evaluation data (same kinds of source).")
     val_size: float = Field(
         0.0, ge=0.0, lt=1.0, description="Fraction of the training data held out for evaluation."

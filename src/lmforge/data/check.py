@@ -25,7 +25,7 @@ from lmforge.data.loader import normalised, prepare
 from lmforge.data.multimodal import VisionProcessor, encode_multimodal
 from lmforge.data.registry import resolve
 from lmforge.data.templates import AnyTemplate
-from lmforge.data.tokenize import IGNORE, encode_conversation
+from lmforge.data.tokenize import IGNORE, fit_segments
 
 PROBLEM_NAMES = {
     "malformed": "malformed records",
@@ -107,8 +107,9 @@ def _measure(
     longest = 0
     for response_index, response in enumerate(responses):
         conversation = example.conversation(response)
-        full, _ = encode_conversation(conversation, template, tokenizer, 10**9, train_on)
-        cut, truncated = encode_conversation(conversation, template, tokenizer, max_length, train_on)
+        segments = template.encode(conversation, tokenizer)  # once: the whole and the cut rows
+        full, _ = fit_segments(segments, 10**9, train_on)
+        cut, truncated = fit_segments(segments, max_length, train_on)
         longest = max(longest, len(full["input_ids"]) if full else 0)
         report.truncated += int(truncated)
         if cut is None and example.kind != "prompt":

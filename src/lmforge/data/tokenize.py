@@ -8,7 +8,11 @@ EOS id still trains EOS.
 
 from __future__ import annotations
 
+import math
+import multiprocessing
+import os
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +42,13 @@ class TokenizeStats:
         if len(bucket) < 5:
             bucket.append(where)
 
+    def absorb(self, other: TokenizeStats) -> None:
+        """Add the counts of `other` (the next part of the same examples) to these."""
+        for name in ("examples", "truncated", "dropped", "tokens", "label_tokens", "image_cut"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.truncated_where = (self.truncated_where + other.truncated_where)[:5]
+        self.dropped_where = (self.dropped_where + other.dropped_where)[:5]
+
 
 def encode_conversation(
     conversation: Conversation,
@@ -50,10 +61,16 @@ def encode_conversation(
 
     `train_on="last_turn"` masks every assistant turn but the last.
     """
+    return fit_segments(template.encode(conversation, tokenizer), max_length, train_on)
+
+
+def fit_segments(
+    segments: list[tuple[list[int], list[int]]], max_length: int, train_on: str = "all_turns"
+) -> tuple[dict[str, list[int]] | None, bool]:
+    """`encode_conversation` of a conversation's encoded (prompt, response) segments."""
     input_ids: list[int] = []
     labels: list[int] = []
     truncated = False
-    segments = template.encode(conversation, tokenizer)
     for index, (prompt_ids, response_ids) in enumerate(segments):
         learn = train_on == "all_turns" or index == len(segments) - 1
         room = max_length - len(input_ids)
@@ -84,15 +101,51 @@ def encode_example(
     return (None if truncated and example.images else encoded), truncated
 
 
+PARALLEL_FROM = 2000  # fewer examples tokenize sooner in this process than in workers
+
+
+def workers(num_proc: int | None) -> int:
+    """Processes for data preparation: `num_proc` (data.num_proc), or the cores this process may use."""
+    if num_proc is not None:
+        return num_proc
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def tokenize_examples(
     examples: list[Example],
     template: AnyTemplate,
     tokenizer: PreTrainedTokenizerBase,
     max_length: int,
     train_on: str = "all_turns",
+    num_proc: int = 1,
 ) -> tuple[Dataset, TokenizeStats]:
     """SFT rows (input_ids + labels). Examples whose answer or image would be cut off are dropped
-    and counted, never trained on silently."""
+    and counted, never trained on silently. With `num_proc` > 1 a large set is tokenized in that
+    many worker processes, in order: the rows are those of one process."""
+    job = (template, tokenizer, max_length, train_on)
+    if num_proc > 1 and len(examples) >= PARALLEL_FROM:
+        parts = _in_workers(examples, job, num_proc)
+    else:
+        parts = [_rows(examples, *job)]
+    rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
+    stats = TokenizeStats()
+    for part_rows, part_stats in parts:
+        rows["input_ids"] += part_rows["input_ids"]
+        rows["labels"] += part_rows["labels"]
+        stats.absorb(part_stats)
+    return Dataset.from_dict(rows), stats
+
+
+def _rows(
+    examples: list[Example],
+    template: AnyTemplate,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    train_on: str,
+) -> tuple[dict[str, list[list[int]]], TokenizeStats]:
     stats = TokenizeStats()
     rows: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     for example in examples:
@@ -115,7 +168,31 @@ def tokenize_examples(
         stats.label_tokens += sum(label != IGNORE for label in encoded["labels"])
         rows["input_ids"].append(encoded["input_ids"])
         rows["labels"].append(encoded["labels"])
-    return Dataset.from_dict(rows), stats
+    return rows, stats
+
+
+_JOB: tuple = ()  # a worker's (template, tokenizer, max_length, train_on)
+
+
+def _begin_worker(*job: Any) -> None:
+    global _JOB
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the workers are the parallelism
+    _JOB = job
+
+
+def _worker_rows(examples: list[Example]) -> tuple[dict[str, list[list[int]]], TokenizeStats]:
+    return _rows(examples, *_JOB)
+
+
+def _in_workers(examples: list[Example], job: tuple, num_proc: int) -> list:
+    """`_rows` of consecutive chunks in `num_proc` processes (forked where the OS can: nothing is
+    pickled but the chunks), results in order; a worker's DataError is raised here."""
+    size = math.ceil(len(examples) / (num_proc * 4))
+    chunks = [examples[i : i + size] for i in range(0, len(examples), size)]
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    with ProcessPoolExecutor(num_proc, mp_context=context, initializer=_begin_worker, initargs=job) as pool:
+        return list(pool.map(_worker_rows, chunks))
 
 
 def text_blocks(

@@ -27,9 +27,9 @@ from lmforge import distributed
 from lmforge.artifacts import write_resolved_config
 from lmforge.config import RunConfig
 from lmforge.config.model import ModelConfig
-from lmforge.data.loader import load_eval, load_examples
+from lmforge.data.cache import sft_rows
+from lmforge.data.loader import load_examples
 from lmforge.data.templates import Conversation
-from lmforge.data.tokenize import tokenize_examples
 from lmforge.models.loading import load_tokenizer
 from lmforge.models.location import model_location
 from lmforge.training.checkpoints import start_run
@@ -142,15 +142,9 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     vocab = shared_vocabulary(tokenizer, load_tokenizer(ModelConfig(name_or_path=options.teacher)), options)
     template = resolve_template(config, tokenizer)
 
-    def tokenize(examples):
-        return tokenize_examples(examples, template, tokenizer, config.data.max_length, config.data.train_on)
-
-    data = load_examples(config.data, "sft")
-    train_ds, stats = tokenize(data.train)
+    (train_ds, eval_ds, stats), _ = sft_rows(config.data, template, tokenizer)
     if stats.examples == 0:
         raise ValueError("no training example has a response token within data.max_length")
-    eval_examples = data.eval or (load_eval(config.data, "sft") if config.data.eval_path else [])
-    eval_ds = tokenize(eval_examples)[0] if eval_examples else None
 
     model, hardware = load_model_for_training(config, quiet, optimizer_steps(config, len(train_ds)))
     teacher = load_teacher(config, hardware)

@@ -12,7 +12,8 @@ from datasets import IterableDataset
 from rich.console import Console
 
 from lmforge.config import RunConfig
-from lmforge.data.loader import iter_examples, load_eval, load_examples, peek
+from lmforge.data.cache import sft_rows
+from lmforge.data.loader import iter_examples, load_eval, peek
 from lmforge.data.tokenize import TokenizeStats, iter_tokenized, pack, tokenize_examples
 from lmforge.models.loading import load_tokenizer
 from lmforge.training.stage import (
@@ -82,20 +83,19 @@ def run(config: RunConfig, quiet: bool = False) -> StageResult:
     tokenizer = load_tokenizer(config.model)
     template = resolve_template(config, tokenizer)
 
-    def tokenize(examples):
-        return tokenize_examples(examples, template, tokenizer, config.data.max_length, config.data.train_on)
-
     eval_ds = None
     if config.data.streaming:
         train_ds, stats = _streamed(config, template, tokenizer), TokenizeStats()
         if config.data.eval_path:
-            eval_ds, _ = tokenize(load_eval(config.data, "sft"))
+            data = config.data
+            eval_ds, _ = tokenize_examples(
+                load_eval(data, "sft"), template, tokenizer, data.max_length, data.train_on
+            )
     else:
-        data = load_examples(config.data, "sft")
-        train_ds, stats = tokenize(data.train)
-        if data.eval:
-            eval_ds, _ = tokenize(data.eval)
+        (train_ds, eval_ds, stats), cached = sft_rows(config.data, template, tokenizer)
         if not quiet:
+            if cached is not None:
+                console.print(f"[bold]tokenized data[/] from the cache: {cached} (data.cache: false to redo)")
             _report(stats, config.data.max_length, "train")
         if stats.examples == 0:
             raise ValueError("no training example has a response token within data.max_length")
