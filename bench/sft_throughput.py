@@ -33,6 +33,12 @@ with ``--repeats N`` each step's time is its minimum over N interleaved runs (th
 filters out other processes on a small shared machine: an oversubscribed 2-core box can slow
 2-thread torch by 10x). Tokens/s counts real (unpadded) tokens and padded tokens fed to the model.
 
+Achieved FLOP/s: real tokens/s x the job's training FLOPs per token (``train_flops_per_token``:
+counted as ``lmforge lab info`` counts a forward pass, with the frozen base's backward pass to
+activations and LoRA's own gradients), and its share of an fp32 matmul peak measured in the same
+run, in a child process with the variants' threads, at the model's own GEMM shapes (a batch's
+tokens x hidden x intermediate): "% peak" is what is left to gain on this machine.
+
 Usage::
 
     .venv/bin/python bench/sft_throughput.py --out bench/sft_throughput.json
@@ -534,6 +540,8 @@ def run_variant(name: str, cfg: BenchConfig) -> dict[str, Any]:
         "sec_per_step": seconds / (n - w),
         "real_tokens": real,
         "padded_tokens": padded,
+        "rows": cfg.batch_size * (n - w),
+        "vocab": len(tokenizer),
         "real_tok_s": real / seconds,
         "padded_tok_s": padded / seconds,
         "rss_before_train_mib": rss_before,
@@ -542,6 +550,63 @@ def run_variant(name: str, cfg: BenchConfig) -> dict[str, Any]:
         "step_losses": step_losses,
         "step_seconds": step_seconds,
         "loadavg_1m": [load_before, os.getloadavg()[0]],
+    }
+
+
+def train_flops_per_token(cfg: BenchConfig, vocab: int, context: float) -> float:
+    """Training FLOPs per real token of this LoRA job, counted as `lmforge lab info` counts a
+    forward pass (2 per weight of every matrix multiply, the output head included; attention's
+    scores and weighted values, 2 x 2 x context x hidden per layer), with the base frozen: its
+    matrices cost the forward pass and the backward pass to their inputs (2 x forward), attention
+    3 x (gradients to q, k and v), and LoRA's factors 3 x (their weight gradients too)."""
+    d, inter, r = cfg.hidden, cfg.intermediate, cfg.lora_r
+    linear = cfg.layers * (4 * d * d + 3 * d * inter) + d * vocab
+    lora = cfg.layers * r * (4 * 2 * d + 3 * (d + inter))  # q, k, v, o; gate, up, down
+    attention = cfg.layers * 2 * 2 * context * d
+    return 2 * (2 * linear) + 3 * attention + 3 * (2 * lora)
+
+
+def matmul_peak(cfg: BenchConfig) -> dict[str, Any]:
+    """fp32 matrix-multiply GFLOP/s at this model's own GEMM shapes (a step's tokens x hidden x
+    intermediate, and hidden x hidden), with the threads a variant gets: the limit the "% of peak"
+    column is measured against."""
+    import torch
+
+    tokens = cfg.batch_size * (cfg.max_length + cfg.min_length) // 2  # a padding-free batch, roughly
+    shapes = {
+        "tokens x hidden x intermediate": (tokens, cfg.hidden, cfg.intermediate),
+        "tokens x intermediate x hidden": (tokens, cfg.intermediate, cfg.hidden),
+        "tokens x hidden x hidden": (tokens, cfg.hidden, cfg.hidden),
+    }
+    measured = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        best = float("inf")
+        for _ in range(20):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        measured[name] = 2 * m * k * n / best / 1e9
+    return {
+        "variant": "peak",
+        "gflops": measured,
+        "peak_gflops": max(measured.values()),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def with_flops(result: dict[str, Any], cfg: BenchConfig, peak: float | None) -> dict[str, Any]:
+    if "error" in result:
+        return result
+    context = result["real_tokens"] / result["rows"]
+    gflops = result["real_tok_s"] * train_flops_per_token(cfg, result["vocab"], context) / 1e9
+    return {
+        **result,
+        "mean_length": context,
+        "gflops": gflops,
+        "share_of_peak": gflops / peak if peak else None,
     }
 
 
@@ -636,7 +701,7 @@ def _print_table(results: list[dict[str, Any]], baseline: str) -> None:
     base = next((r for r in results if r.get("variant") == baseline and "error" not in r), None)
     header = (
         f"{'variant':<34} {'s/step':>7} {'real tok/s':>11} {'padded tok/s':>13} "
-        f"{'peak RSS MiB':>13} {'final loss':>11} {'vs trl':>7}"
+        f"{'GFLOP/s':>8} {'% peak':>7} {'peak RSS MiB':>13} {'final loss':>11} {'vs trl':>7}"
     )
     print(header)
     print("-" * len(header))
@@ -648,8 +713,8 @@ def _print_table(results: list[dict[str, Any]], baseline: str) -> None:
         ratio = r["real_tok_s"] / base["real_tok_s"] if base else float("nan")
         print(
             f"{label:<34} {r['sec_per_step']:>7.3f} {r['real_tok_s']:>11.0f} "
-            f"{r['padded_tok_s']:>13.0f} {r['peak_rss_mib']:>13.0f} {r['final_loss']:>11.4f} "
-            f"{ratio:>6.2f}x"
+            f"{r['padded_tok_s']:>13.0f} {r['gflops']:>8.1f} {100 * (r['share_of_peak'] or 0):>6.1f}% "
+            f"{r['peak_rss_mib']:>13.0f} {r['final_loss']:>11.4f} {ratio:>6.2f}x"
         )
 
 
@@ -677,7 +742,12 @@ def main() -> None:
 
     if a._child:
         cfg = BenchConfig(**json.loads(a._config))
-        out = check_equivalence(cfg) if a._child == "check" else run_variant(a._child, cfg)
+        if a._child == "check":
+            out = check_equivalence(cfg)
+        elif a._child == "peak":
+            out = matmul_peak(cfg)
+        else:
+            out = run_variant(a._child, cfg)
         Path(a._result).write_text(json.dumps(out, indent=2))
         return
 
@@ -713,7 +783,13 @@ def main() -> None:
                 took = time.perf_counter() - t0
                 print(f"[{rep + 1}/{a.repeats}] {name}: {took:.1f}s", flush=True)
                 runs[name].append(res)
-        report["results"] = [aggregate(runs[name]) for name in names]
+        peak = _spawn(cfg, "peak", Path(workdir) / "peak.json")
+        report["matmul_peak"] = peak
+        limit = peak.get("peak_gflops")
+        print(
+            f"fp32 matmul peak at the model's shapes: {limit:.1f} GFLOP/s ({peak.get('gflops')})", flush=True
+        )
+        report["results"] = [with_flops(aggregate(runs[name]), cfg, limit) for name in names]
     print()
     _print_table(report["results"], baseline="trl_defaults")
     if a.out:

@@ -109,6 +109,17 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass to save memory."
     )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="Fused training kernels: auto = Liger's (fused linear cross-entropy, RMSNorm, SwiGLU, "
+        "RoPE) on CUDA when liger-kernel is installed and covers the model, else none; liger = require "
+        "them (refused with the reason where they cannot run).",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model (inductor, on CPU and CUDA); the first steps are slower while "
+        "it compiles.",
+    )
     logging_steps: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
     save_steps: int = Field(
         0,

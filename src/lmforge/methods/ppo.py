@@ -65,6 +65,11 @@ def check(config: RunConfig) -> None:
     method, ppo = config.method, config.method.ppo
     if method.name != "ppo":
         raise ValueError(f"methods.ppo cannot run method.name={method.name}")
+    if config.train.kernels == "liger" or config.train.compile:
+        raise ValueError(
+            "ppo's own loop does not use train.kernels: liger or train.compile (they apply to the "
+            "Trainer stages); leave them at their defaults (auto, false)"
+        )
     if config.train.distributed.strategy != "ddp":
         raise ValueError(
             "ppo's own loop runs on several processes as DDP (a copy of the adapted model on each): "

@@ -46,6 +46,7 @@ from lmforge.training.callbacks import (
 )
 from lmforge.training.checkpoints import CompleteCheckpointCallback, run_id
 from lmforge.training.compat import log_metric, model_loss, shard_on_cpu
+from lmforge.training.kernels import set_kernels
 
 
 class ForgeTrainer(SFTTrainer):
@@ -334,6 +335,8 @@ def stage_trainer(
     (`callbacks` added after them) and `kwargs`; the Trainer's printer is off: metrics go to
     metrics.jsonl and the progress bar."""
     args = kwargs.get("args")
+    if args is not None:
+        set_kernels(args, config.train, model)
     if args is not None and world_size() > 1:
         # DDP's search for parameters a step did not use costs a graph walk per step and warns on
         # every process when there are none; only MoE-DoRA's top-k routing leaves some unused.
