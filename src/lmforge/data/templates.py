@@ -827,37 +827,28 @@ _register(
         stop="</s>",
     )
 )
-_register(
-    ChatTemplate(
-        # Llama-3-Instruct (3.0): header blocks per role, each turn closed by <|eot_id|>.
-        name="llama3",
-        prefix="<|begin_of_text|>",
-        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-        user=(
-            "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        ),
-        assistant="{content}<|eot_id|>",
-        stop="<|eot_id|>",
-        trim=("system", "user", "assistant"),
-        aliases=("llama-3", "llama3.0"),
-    )
+LLAMA3 = ChatTemplate(
+    # Llama-3-Instruct (3.0): header blocks per role, each turn closed by <|eot_id|>.
+    name="llama3",
+    prefix="<|begin_of_text|>",
+    system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+    user=(
+        "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    ),
+    assistant="{content}<|eot_id|>",
+    stop="<|eot_id|>",
+    trim=("system", "user", "assistant"),
+    aliases=("llama-3", "llama3.0"),
 )
+_register(LLAMA3)
+# Llama-3.1-Instruct: Llama 3's with a system block that is always written (its knowledge and
+# "today" dates first) and Llama 3.1's JSON tool calls with `ipython` results.
 _register(
-    ChatTemplate(
-        # Llama-3.1-Instruct: Llama 3's header blocks with a system block that is always written
-        # (its knowledge and "today" dates first) and Llama 3.1's JSON tool calls with `ipython` results.
+    replace(
+        LLAMA3,
         name="llama3.1",
-        prefix="<|begin_of_text|>",
-        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
         system_head="Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n",
-        user=(
-            "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n"
-        ),
-        assistant="{content}<|eot_id|>",
-        stop="<|eot_id|>",
-        trim=("system", "user", "assistant"),
         tools=LLAMA_JSON,
         results_user="{content}<|start_header_id|>assistant<|end_header_id|>\n\n",
         aliases=("llama-3.1", "llama3_1"),
