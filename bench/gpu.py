@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sft_throughput import train_flops_per_token  # bench/ is this script's folder, on sys.path
+
 ONE_B = {"hidden": 2048, "layers": 16, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 32000}
 SEVEN_B = {"hidden": 4096, "layers": 32, "heads": 32, "kv_heads": 32, "intermediate": 11008, "vocab": 32000}
 TINY = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 512}
@@ -85,18 +87,11 @@ def write_records(path: Path, count: int, words: int, seed: int = 0) -> None:
             out.write(json.dumps({"instruction": f"Task {i}: write.", "input": "", "output": answer}) + "\n")
 
 
-def train_flops_per_token(shape: dict, context: float, r: int = 16) -> float:
-    """As bench/sft_throughput.py counts them: a frozen base's matrices 2 x forward, attention 3 x,
-    LoRA's factors 3 x; 2 FLOPs per weight of every matrix multiply in the forward pass."""
-    d, inter, kv = (
-        shape["hidden"],
-        shape["intermediate"],
-        shape["kv_heads"] * shape["hidden"] // shape["heads"],
-    )
-    linear = shape["layers"] * (2 * d * d + 2 * d * kv + 3 * d * inter) + d * shape["vocab"]
-    lora = shape["layers"] * r * (2 * 2 * d + 2 * (d + kv) + 3 * (d + inter))
-    attention = shape["layers"] * 2 * 2 * context * d
-    return 2 * (2 * linear) + 3 * attention + 3 * (2 * lora)
+def flops_per_token(shape: dict, context: float) -> float:
+    """Training FLOPs per real token, counted as bench/sft_throughput.py counts them."""
+    kv_dim = shape["kv_heads"] * shape["hidden"] // shape["heads"]
+    dims = (shape["hidden"], shape["intermediate"], shape["layers"], shape["vocab"], kv_dim)
+    return train_flops_per_token(*dims, context, r=16)
 
 
 def device_peak() -> tuple[str, float]:
@@ -267,7 +262,7 @@ def run_variant(variant: str, model: Path, data: Path, work: Path, args: dict) -
     tokens = timer.tokens[-1] - timer.tokens[warm - 1]
     shape = args["shape"]
     rows = args["batch_size"] * (len(timer.stamps) - warm)
-    flops = tokens / seconds * train_flops_per_token(shape, tokens / max(rows, 1))
+    flops = tokens / seconds * flops_per_token(shape, tokens / max(rows, 1))
     name, peak = device_peak()
     result = {
         "variant": variant,

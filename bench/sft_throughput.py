@@ -553,16 +553,20 @@ def run_variant(name: str, cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
-def train_flops_per_token(cfg: BenchConfig, vocab: int, context: float) -> float:
-    """Training FLOPs per real token of this LoRA job, counted as `lmforge lab info` counts a
-    forward pass (2 per weight of every matrix multiply, the output head included; attention's
-    scores and weighted values, 2 x 2 x context x hidden per layer), with the base frozen: its
-    matrices cost the forward pass and the backward pass to their inputs (2 x forward), attention
-    3 x (gradients to q, k and v), and LoRA's factors 3 x (their weight gradients too)."""
-    d, inter, r = cfg.hidden, cfg.intermediate, cfg.lora_r
-    linear = cfg.layers * (4 * d * d + 3 * d * inter) + d * vocab
-    lora = cfg.layers * r * (4 * 2 * d + 3 * (d + inter))  # q, k, v, o; gate, up, down
-    attention = cfg.layers * 2 * 2 * context * d
+def train_flops_per_token(
+    hidden: int, intermediate: int, layers: int, vocab: int, kv_dim: int, context: float, r: int
+) -> float:
+    """Training FLOPs per real token of a LoRA job on a Llama, counted as `lmforge lab info`
+    counts a forward pass (2 per weight of every matrix multiply, the output head included;
+    attention's scores and weighted values, 2 x 2 x context x hidden per layer), with the base
+    frozen: its matrices cost the forward pass and the backward pass to their inputs (2 x
+    forward), attention 3 x (gradients to q, k and v), and LoRA's factors (rank `r` on q, k, v, o,
+    gate, up, down) 3 x (their weight gradients too). `kv_dim`: the k and v projections' width.
+    bench/gpu.py counts with it too."""
+    d, inter = hidden, intermediate
+    linear = layers * (2 * d * d + 2 * d * kv_dim + 3 * d * inter) + d * vocab
+    lora = layers * r * (2 * 2 * d + 2 * (d + kv_dim) + 3 * (d + inter))
+    attention = layers * 2 * 2 * context * d
     return 2 * (2 * linear) + 3 * attention + 3 * (2 * lora)
 
 
@@ -601,7 +605,10 @@ def with_flops(result: dict[str, Any], cfg: BenchConfig, peak: float | None) -> 
     if "error" in result:
         return result
     context = result["real_tokens"] / result["rows"]
-    gflops = result["real_tok_s"] * train_flops_per_token(cfg, result["vocab"], context) / 1e9
+    per_token = train_flops_per_token(
+        cfg.hidden, cfg.intermediate, cfg.layers, result["vocab"], cfg.hidden, context, cfg.lora_r
+    )
+    gflops = result["real_tok_s"] * per_token / 1e9
     return {
         **result,
         "mean_length": context,

@@ -104,7 +104,6 @@ class ToolFormat:
 
     name: str = "hermes"
     opening: str = "<tool_call>"  # how every calling answer starts (a forced call's prefill)
-    tools_at: str = "system"  # where the offered functions go: system, first_user or last_user
     leads: str = ""  # the character a call answer's decoded text starts with, when calls are whole answers
 
     def prepare(self, conversation: Conversation) -> Conversation:
@@ -123,12 +122,17 @@ class ToolFormat:
             '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
         )
 
+    def tools_turns(self, turns: list[tuple[str, str]], asked: list[int]) -> set[int]:
+        """The user turns (of `asked`, those not of tool results) that carry the offered tools;
+        none here: Hermes puts them in the system prompt."""
+        return set()
+
     def before_user(self, tools: tuple[dict[str, Any], ...]) -> str:
-        """Text before the user turn that carries the tools (`tools_at` a user turn)."""
+        """Text before a user turn that carries the tools (`tools_turns`)."""
         return ""
 
     def user(self, user: str, tools: tuple[dict[str, Any], ...]) -> str:
-        """The text of the user turn that carries the tools (`tools_at` a user turn)."""
+        """The text of a user turn that carries the tools (`tools_turns`)."""
         return user
 
     def answer(self, content: str, calls: tuple[ToolCall, ...]) -> str:
@@ -270,8 +274,10 @@ class LlamaJsonTools(ToolFormat):
 
     name: str = "llama3.1"
     opening: str = '{"name": "'
-    tools_at: str = "first_user"
     leads: str = "{"
+
+    def tools_turns(self, turns: list[tuple[str, str]], asked: list[int]) -> set[int]:
+        return {asked[0]}  # the first user turn
 
     def system(self, system: str | None, tools: tuple[dict[str, Any], ...]) -> str | None:
         return "Environment: ipython\n" + (system or "")
@@ -334,7 +340,6 @@ class MistralTools(ToolFormat):
 
     name: str = "mistral-v0.3"
     opening: str = "[TOOL_CALLS] ["
-    tools_at: str = "last_user"
     leads: str = "["  # [TOOL_CALLS] is a special token, so decoded text starts at the list
 
     def prepare(self, conversation: Conversation) -> Conversation:
@@ -346,6 +351,10 @@ class MistralTools(ToolFormat):
                 index += 1
             calls[turn] = tuple(named)
         return replace(conversation, calls=calls)
+
+    def tools_turns(self, turns: list[tuple[str, str]], asked: list[int]) -> set[int]:
+        """Every user turn whose text is the last one's, as Mistral's template compares them."""
+        return {i for i in asked if turns[i][0] == turns[asked[-1]][0]}
 
     def system(self, system: str | None, tools: tuple[dict[str, Any], ...]) -> str | None:
         return system
@@ -551,11 +560,7 @@ class ChatTemplate:
         system, tools, turns = self._system(conversation), conversation.tools, conversation.turns
         asked = [i for i in range(len(turns)) if i not in conversation.results]  # the user turns
         fold_at = asked[-1] if self.system_turn == "last" else 0
-        tools_at: set[int] = set()
-        if form is not None and tools and form.tools_at == "first_user":
-            tools_at = {asked[0]}
-        elif form is not None and tools and form.tools_at == "last_user":  # as Mistral's: by its text
-            tools_at = {i for i in asked if turns[i][0] == turns[asked[-1]][0]}
+        tools_at = form.tools_turns(turns, asked) if form is not None and tools else set()
         pairs: list[tuple[str, str]] = []
         for i, (user, assistant) in enumerate(turns):
             prompt = self._fill(self.prefix if i == 0 else self.separator, tokenizer)
